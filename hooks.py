@@ -1,0 +1,490 @@
+"""Model-independent hook machinery: visual spans, sequence layouts, running a method on every span, the
+per-forward token-count record, lazily computed attention signals, and the decoder-layer hooks that drop
+tokens inside the language model.
+
+A model family (``custom_<family>.py``) supplies a :class:`FamilyAdapter` that knows its internals
+(positions, masks, extra per-token tensors, how to project queries and keys); this module knows nothing
+about any particular model, and nothing about which method runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import methods
+from methods import INTRA_LLM, PRE_LLM, PruneContext, PruneResult, SignalSource
+from utils import PruneConfig, Stage, keep_count
+
+TEXT = -1  # span id of a text token in a Layout
+PAD = -2  # span id of a padding slot
+
+
+# --------------------------------------------------------------------------------------------------
+# Spans, layouts, records
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Span:
+    """One image, video or frame of one sample, and its visual-token count after each stage."""
+
+    modality: str
+    grid: tuple[int, int, int] | None
+    counts: dict[str, int] = field(default_factory=dict)  # stage label -> tokens left ('input', 'pre_llm', 'layer_2')
+
+    @property
+    def llm_input(self) -> int:
+        """Tokens the language model received (after the pre-LLM stage, if any)."""
+        return self.counts.get(PRE_LLM, self.counts["input"])
+
+    @property
+    def current(self) -> int:
+        return list(self.counts.values())[-1]
+
+
+@dataclass
+class Layout:
+    """What each position of the current (B, L) sequence is: text, padding, or a token of span s."""
+
+    span_id: torch.Tensor  # (B, L) long: TEXT, PAD or a span index into spans[b]
+    attention_mask: torch.Tensor | None  # (B, L) 2-D padding mask of this layout, None = no padding
+    spans: list[list[Span]]
+
+    @property
+    def length(self) -> int:
+        return self.span_id.shape[1]
+
+
+@dataclass
+class ForwardRecord:
+    """Visual tokens per span before and after each stage, for one prefill; read by runners and profilers."""
+
+    spans: list[list[Span]]  # per sample
+
+    def as_dict(self) -> list[list[dict]]:
+        return [[{"modality": s.modality, "grid": s.grid, "tokens": dict(s.counts)} for s in sample]
+                for sample in self.spans]
+
+    def totals(self) -> dict[str, int]:
+        """Visual tokens summed over every span of the batch, per stage label."""
+        out: dict[str, int] = {}
+        for sample in self.spans:
+            for span in sample:
+                for label, n in span.counts.items():
+                    out[label] = out.get(label, 0) + n
+        return out
+
+
+def find_layout(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    visual_ids: dict[int, str],
+    grids: dict[str, list[tuple[int, int, int]]],
+) -> Layout:
+    """Find every contiguous run of visual placeholder tokens in every sample.
+
+    ``grids[modality]`` lists the (t, h, w) of each span of that modality in order of appearance, batch-major
+    (the order in which the model scatters features). A run gets the next grid whose token count matches.
+    """
+    batch, length = input_ids.shape
+    span_id = torch.full((batch, length), TEXT, dtype=torch.long)
+    if attention_mask is not None:
+        span_id[attention_mask.cpu() == 0] = PAD
+    queues = {modality: list(g) for modality, g in grids.items()}
+    spans: list[list[Span]] = []
+    ids = input_ids.cpu()
+    for b in range(batch):
+        sample: list[Span] = []
+        row = ids[b].tolist()
+        i = 0
+        while i < length:
+            modality = visual_ids.get(row[i])
+            if modality is None or span_id[b, i] == PAD:
+                i += 1
+                continue
+            j = i
+            while j < length and row[j] == row[i]:
+                j += 1
+            n = j - i
+            queue = queues.get(modality) or []
+            grid = None
+            if queue and queue[0][0] * queue[0][1] * queue[0][2] == n:
+                grid = tuple(int(v) for v in queue.pop(0))
+            span_id[b, i:j] = len(sample)
+            sample.append(Span(modality, grid, {"input": n}))
+            i = j
+        spans.append(sample)
+    return Layout(span_id.to(input_ids.device), attention_mask, spans)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing tokens and applying the choice
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """The outcome of one pruning stage on a batch.
+
+    index: (B, L') positions into the sequence before the stage, ascending; -1 marks a new left padding
+           slot (samples that keep fewer tokens than the longest are left-padded with masked slots).
+    """
+
+    index: torch.Tensor
+    replacements: list[tuple[int, torch.Tensor, torch.Tensor]]  # (sample, positions in L', new features)
+    layout: Layout
+    prefill_length: int  # L, the sequence length before the stage
+
+    @property
+    def is_identity(self) -> bool:
+        return self.index.shape[1] == self.prefill_length and not self.replacements
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Gather a per-token tensor along ``dim`` (its batch dim is dim - 1); padding slots copy position 0."""
+        index = self.index.clamp(min=0).to(x.device)
+        shape = [1] * x.dim()
+        shape[dim - 1], shape[dim] = index.shape
+        index = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:])
+        return torch.gather(x, dim, index)
+
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather (B, L, D) token states and put merged features in place."""
+        out = self.gather(x)
+        for b, positions, features in self.replacements:
+            out[b, positions.to(out.device)] = features.to(out.device, out.dtype)
+        return out
+
+
+def remap_mask(mask: torch.Tensor | None, index: torch.Tensor, prefill_length: int) -> torch.Tensor | None:
+    """Carry a 2-D padding mask of the pre-stage layout (prefill tokens + later tokens) to the kept layout."""
+    has_slots = bool((index < 0).any())
+    if mask is None and not has_slots:
+        return None
+    if mask is None:
+        mask = torch.ones(index.shape[0], prefill_length, dtype=torch.long, device=index.device)
+    index = index.to(mask.device)
+    kept = torch.gather(mask[:, :prefill_length], 1, index.clamp(min=0)) * (index >= 0)
+    return torch.cat([kept.to(mask.dtype), mask[:, prefill_length:]], dim=1)
+
+
+def select_tokens(
+    stage: Stage,
+    config: PruneConfig,
+    layout: Layout,
+    tokens: torch.Tensor,
+    signals: Callable[[int], SignalSource] | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> Selection:
+    """Run the stage's method on every span of every sample and return the kept positions.
+
+    ``tokens`` (B, L, D) are the states the method sees: the LLM input embeddings before the language model,
+    the hidden states entering the layer inside it.
+    """
+    spec = methods.registered_methods()[stage.method]
+    params = config.params.get(stage.method, {})
+    label = PRE_LLM if spec.stage == PRE_LLM else f"layer_{stage.layer}"
+    batch, length = layout.span_id.shape
+    span_id = layout.span_id.cpu()
+    kept_rows: list[torch.Tensor] = []
+    merged: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, original positions, features)
+    for b in range(batch):
+        keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text and padding always stay
+        text_positions = torch.nonzero(span_id[b] == TEXT).flatten()
+        for s, span in enumerate(layout.spans[b]):
+            positions = torch.nonzero(span_id[b] == s).flatten()
+            n = positions.numel()
+            if n == 0:
+                span.counts[label] = 0
+                continue
+            base = span.counts["input"] if spec.stage == PRE_LLM else span.llm_input
+            budget = min(n, keep_count(base, stage.ratio))
+            ctx = PruneContext(
+                features=tokens[b, positions.to(tokens.device)],
+                keep=budget,
+                grid=span.grid,
+                modality=span.modality,
+                stage=spec.stage,
+                params=params,
+                span_key=s * 1009 + (stage.layer or 0),
+                layer=stage.layer,
+                hidden_states=None if hidden_states is None else hidden_states[b],
+                span_positions=positions,
+                text_positions=text_positions,
+                _signals=None if signals is None else signals(b),
+            )
+            local, features = _check_result(spec, spec.fn(ctx), n, budget)
+            keep.append(positions[local])
+            if features is not None:
+                merged.append((b, positions[local], features))
+            span.counts[label] = local.numel()
+        kept_rows.append(torch.cat(keep).sort().values)
+
+    new_length = max(row.numel() for row in kept_rows)
+    index = torch.full((batch, new_length), -1, dtype=torch.long)
+    for b, row in enumerate(kept_rows):
+        index[b, new_length - row.numel():] = row  # left-pad shorter samples
+    replacements = []
+    for b, original, features in merged:
+        new_positions = torch.searchsorted(index[b], original)
+        replacements.append((b, new_positions, features))
+
+    device = layout.span_id.device
+    index = index.to(device)
+    new_span_id = torch.gather(layout.span_id, 1, index.clamp(min=0)).masked_fill(index < 0, PAD)
+    mask = remap_mask(layout.attention_mask, index, length)
+    return Selection(index, replacements, Layout(new_span_id, mask, layout.spans), length)
+
+
+def _check_result(spec, result, n: int, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    features = None
+    if isinstance(result, PruneResult):
+        result, features = result.indices, result.features
+    if not isinstance(result, torch.Tensor) or result.dim() != 1:
+        raise TypeError(f"pruning method {spec.name} must return a 1-D index tensor or a PruneResult")
+    local = result.to("cpu", torch.long)
+    order = local.argsort()
+    local = local[order]
+    if local.numel() and (local[0] < 0 or local[-1] >= n or bool((local[1:] == local[:-1]).any())):
+        raise ValueError(f"pruning method {spec.name} returned out-of-range or repeated indices for a span of {n}")
+    if spec.exact_count and local.numel() != budget:
+        raise ValueError(f"pruning method {spec.name} kept {local.numel()} tokens of {n}; the keep rule asks {budget}")
+    if features is not None:
+        if features.shape[0] != local.numel():
+            raise ValueError(f"pruning method {spec.name} returned {features.shape[0]} merged tokens for {local.numel()} indices")
+        features = features[order.to(features.device)]
+    return local, features
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention signals without an L x L matrix
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionInput:
+    """What a layer's attention module receives: normed hidden states, (cos, sin) and its mask."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    position_embeddings: Any
+    attention_mask: Any
+
+
+class LayerSignals(SignalSource):
+    """Signals of one sample at pruning layer K: attention rows of layer K-1 (captured) or K (computed)."""
+
+    def __init__(self, adapter: "FamilyAdapter", text_model, sample: int, inputs: dict[int, Callable[[], AttentionInput]],
+                 hidden: torch.Tensor):
+        self.adapter, self.text_model, self.sample, self.inputs, self.hidden = adapter, text_model, sample, inputs, hidden
+        self._cache: dict = {}
+
+    def _input(self, layer: int) -> AttentionInput:
+        if layer not in self.inputs:
+            raise ValueError(f"attention signals are available for layers {sorted(self.inputs)} here, not {layer}")
+        if layer not in self._cache:
+            self._cache[layer] = self.inputs[layer]()
+        return self._cache[layer]
+
+    def _query_key(self, layer: int, rows: torch.Tensor):
+        key = ("qk", layer, tuple(rows.tolist()))
+        if key not in self._cache:
+            inp = self._input(layer)
+            attn = self.text_model.layers[layer].self_attn
+            self._cache[key] = self.adapter.query_key(attn, inp.hidden[self.sample], inp.position_embeddings,
+                                                      self.sample, rows)
+        return self._cache[key]
+
+    def attention(self, query_rows: torch.Tensor, layer: int) -> torch.Tensor:
+        rows = query_rows.to("cpu", torch.long)
+        q, k = self._query_key(layer, rows)  # (H, r, d), (H_kv, L, d)
+        attn = self.text_model.layers[layer].self_attn
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.adapter.attention_scale(attn)  # (H, r, L)
+        allowed = self.adapter.allowed_keys(attn, self._input(layer).attention_mask, self.sample, rows, k.shape[1],
+                                            scores.device)
+        scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def key_states(self, layer: int) -> torch.Tensor:
+        _, k = self._query_key(layer, torch.zeros(0, dtype=torch.long))
+        return k.transpose(0, 1)
+
+    def final_normed_hidden_states(self) -> torch.Tensor:
+        return self.text_model.norm(self.hidden[self.sample])
+
+
+def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
+    """(r, kv) bool: which keys each query row may attend to, read from the mask the attention module got.
+
+    4-D masks (eager: additive floats, sdpa: bools) are used as given; a 2-D padding mask (flash attention)
+    or None (sdpa's causal fast path) means causal plus padding.
+    """
+    rows = rows.to(device)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        block = mask[sample, 0].to(device)[rows][:, -kv_length:]
+        return block if block.dtype == torch.bool else block == 0
+    # Prefill: the layer's cache was empty, so query row i sits at key index i.
+    allowed = torch.arange(kv_length, device=device).unsqueeze(0) <= rows.unsqueeze(1)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        allowed = allowed & mask[sample, -kv_length:].to(device).bool().unsqueeze(0)
+    return allowed
+
+
+# --------------------------------------------------------------------------------------------------
+# The family adapter and the per-model pruning state
+# --------------------------------------------------------------------------------------------------
+class FamilyAdapter:
+    """What the machinery needs to know about one model family. ``custom_<family>.py`` subclasses it."""
+
+    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, sample: int, rows: torch.Tensor):
+        """Post-RoPE queries (H, r, d) of ``rows`` and keys (H_kv, L, d) of one sample, model dtype."""
+        raise NotImplementedError
+
+    def attention_scale(self, attn) -> float:
+        return attn.scaling
+
+    def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
+        return causal_allowed(mask, sample, rows, kv_length, device)
+
+    def layer_masks(self, text_model, hidden: torch.Tensor, mask_2d, cache, layer: int) -> dict[str, Any]:
+        """Attention masks per layer type for layers >= ``layer``, sized on that layer's cache."""
+        raise NotImplementedError
+
+    def layer_type(self, text_model, layer: int) -> str:
+        return text_model.config.layer_types[layer]
+
+    def gather_layer_kwargs(self, selection: Selection, kwargs: dict) -> dict:
+        """Decoder-layer kwargs that are per token (position embeddings, text positions), gathered."""
+        raise NotImplementedError
+
+    def on_intra_selection(self, text_model, selection: Selection, layer: int) -> None:
+        """Shorten family-specific per-token state that later layers read (e.g. Qwen3-VL deepstack)."""
+
+
+@dataclass
+class StageMap:
+    """How one prefill stage shortened the sequence, kept for the decode steps that follow."""
+
+    layer: int  # 0 for pre-LLM
+    index: torch.Tensor  # Selection.index
+    prefill_length: int
+
+
+@dataclass
+class PruningState:
+    """Per-model runtime state: the last prefill's record and the stage maps its decode steps need."""
+
+    config: PruneConfig
+    record: ForwardRecord | None = None
+    pre_map: StageMap | None = None
+    intra_maps: list[StageMap] = field(default_factory=list)
+    decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
+    pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
+    listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.record, self.pre_map, self.intra_maps, self.decoded = None, None, [], 0
+
+    def finish_record(self, spans: list[list[Span]]) -> None:
+        self.record = ForwardRecord(spans)
+        for listener in self.listeners:
+            listener(self.record)
+
+    def decode_mask(self, mask: torch.Tensor | None, maps: list[StageMap]) -> torch.Tensor | None:
+        """Carry generate's original-layout 2-D mask through ``maps`` (in stage order)."""
+        for stage_map in maps:
+            if mask is None and bool((stage_map.index < 0).any()):
+                first = stage_map.prefill_length + self.decoded
+                mask = torch.ones(stage_map.index.shape[0], first, dtype=torch.long, device=stage_map.index.device)
+            mask = remap_mask(mask, stage_map.index, stage_map.prefill_length)
+        return mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Intra-LLM: decoder-layer hooks installed for the duration of one language-model call
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, layout: Layout | None,
+                    attention_mask_2d, cache):
+    """Install the decoder-layer pre-hooks for one call of the language model (prefill or decode step).
+
+    Prefill: before each configured layer K, choose tokens from the hidden states, shorten them, and hand every
+    layer >= K the gathered position embeddings and masks rebuilt for the shorter sequence (sized on layer
+    K's cache, since earlier layers hold the full prompt). Decode: layers >= K get masks built from the
+    remapped 2-D mask and sized on layer K's cache.
+    """
+    config = state.config
+    stages = {s.layer: s for s in config.intra_llm}
+    layers = text_model.layers
+    handles = []
+    overrides: dict[str, Any] = {}
+    current = {"layout": layout, "mask": attention_mask_2d}
+    captured: dict[int, AttentionInput] = {}
+    prefill = layout is not None
+
+    def capture_attention_input(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[layer] = AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+        return hook
+
+    def layer_pre_hook(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            stage = stages.get(layer)
+            if stage is not None:
+                if prefill:
+                    hidden = prune_here(layer, stage, hidden, kwargs)
+                else:
+                    mask = state.decode_mask(attention_mask_2d, state_maps_until(layer))
+                    masks = adapter.layer_masks(text_model, hidden, mask, cache, layer)
+                    overrides["masks"] = masks
+            if "masks" in overrides:
+                kwargs["attention_mask"] = overrides["masks"][adapter.layer_type(text_model, layer)]
+            for key in ("position_embeddings", "position_ids"):
+                if key in overrides:
+                    kwargs[key] = overrides[key]
+            if args:
+                args = (hidden,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+        return hook
+
+    def state_maps_until(layer):
+        return ([state.pre_map] if state.pre_map else []) + [m for m in state.intra_maps if m.layer <= layer]
+
+    def prune_here(layer, stage, hidden, kwargs):
+        own = AttentionInput(None, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+
+        def own_input():
+            return AttentionInput(layers[layer].input_layernorm(hidden), own.position_embeddings, own.attention_mask)
+
+        inputs = {layer: own_input}
+        if layer - 1 in captured:
+            inputs[layer - 1] = (lambda c=captured[layer - 1]: c)
+
+        selection = select_tokens(
+            stage, config, current["layout"], hidden,
+            signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden),
+            hidden_states=hidden,
+        )
+        captured.pop(layer - 1, None)
+        current["layout"] = selection.layout
+        state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length))
+        new_hidden = selection.gather_tokens(hidden)
+        overrides.update(adapter.gather_layer_kwargs(selection, kwargs))
+        overrides["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache, layer)
+        adapter.on_intra_selection(text_model, selection, layer)
+        return new_hidden
+
+    first = min(stages)
+    try:
+        for i in range(first, len(layers)):
+            handles.append(layers[i].register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
+        if prefill:
+            for k in stages:
+                if k >= 1:
+                    handles.append(layers[k - 1].self_attn.register_forward_pre_hook(
+                        capture_attention_input(k - 1), with_kwargs=True))
+        yield current
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,194 @@
+"""The method contract: the context a method receives, what it returns, and the registry.
+
+A pruning method is a function ``fn(ctx: PruneContext) -> indices | PruneResult`` registered with
+``@register_prune('<name>_pre_llm')`` or ``@register_prune('<name>_intra_llm')``. It sees tensors only:
+no model classes, no environment variables (its hyper-parameters arrive validated in ``ctx.params``).
+See ``methods/_template.py`` for a commented example.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+PRE_LLM = "pre_llm"
+INTRA_LLM = "intra_llm"
+STAGES = (PRE_LLM, INTRA_LLM)
+
+
+@dataclass(frozen=True)
+class HyperParam:
+    """One method hyper-parameter, read from the environment variable ``env`` when patches are applied."""
+
+    env: str
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+    # Optional check on the parsed value; returns an error text or None.
+    check: Callable[[Any], str | None] | None = None
+
+
+class SignalSource:
+    """What the hook machinery provides for lazily computed intra-LLM signals (one per sample and layer).
+
+    Implemented by the hook machinery; a method only calls the ``PruneContext`` helpers below.
+    """
+
+    def attention(self, query_rows: torch.Tensor, layer: int) -> torch.Tensor:  # [H, r, L] probabilities
+        raise NotImplementedError
+
+    def key_states(self, layer: int) -> torch.Tensor:  # [L, H_kv, d], post-RoPE
+        raise NotImplementedError
+
+    def final_normed_hidden_states(self) -> torch.Tensor:  # [L, D]
+        raise NotImplementedError
+
+
+@dataclass
+class PruneContext:
+    """Everything a method may use to choose the visual tokens of ONE span (one image, video or frame).
+
+    features:  [N, D] the span's visual tokens. Pre-LLM: the vision encoder + merger output, exactly what
+               the language model would receive. Intra-LLM: the hidden states entering decoder layer ``layer``.
+    keep:      how many tokens to keep (the toolkit's keep-count rule has already been applied).
+    grid:      (t, h, w) of the span in LLM tokens (after the spatial merge), raster order; None if unknown.
+    """
+
+    features: torch.Tensor
+    keep: int
+    grid: tuple[int, int, int] | None
+    modality: str
+    stage: str
+    params: Mapping[str, Any]
+    # Stable integer naming this span within its sample and stage (span ordinal, layer); seeds random choices
+    # so that a sample gives the same selection alone or inside a batch.
+    span_key: int
+    # Intra-LLM only (None before the language model).
+    layer: int | None = None
+    hidden_states: torch.Tensor | None = None  # [L, D] whole sample (text, all spans, padding)
+    span_positions: torch.Tensor | None = None  # [N] indices of this span inside hidden_states
+    text_positions: torch.Tensor | None = None  # indices of the sample's real text tokens (no padding)
+    _signals: SignalSource | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    def _need_signals(self, what: str) -> SignalSource:
+        if self._signals is None:
+            raise RuntimeError(f"{what} is only available to intra-LLM methods")
+        return self._signals
+
+    def last_query_row(self) -> torch.Tensor:
+        """Index of the sample's last real token (the end of the generation prompt)."""
+        return self.text_positions[-1:].clone()
+
+    def attention_to_span(self, query_rows: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
+        """Attention probabilities [H, r, N] from ``query_rows`` (default: the last prompt token) to this span.
+
+        Computed in fp32 from the query/key states of decoder layer ``layer`` (default ``self.layer - 1``, the
+        layer just before pruning, as in FastV), with the model's own scale and mask, softmax over every key the
+        query may attend to. Never materialises an L x L matrix.
+        """
+        rows = self.last_query_row() if query_rows is None else query_rows
+        layer = self.layer - 1 if layer is None else layer
+        probs = self._need_signals("attention").attention(rows, layer)
+        return probs[..., self.span_positions]
+
+    def key_states(self, layer: int | None = None) -> torch.Tensor:
+        """Post-RoPE key states [L, H_kv, d] of decoder layer ``layer`` (default ``self.layer - 1``)."""
+        layer = self.layer - 1 if layer is None else layer
+        return self._need_signals("key states").key_states(layer)
+
+    def final_normed_hidden_states(self) -> torch.Tensor:
+        """``hidden_states`` passed through the language model's final norm, [L, D]."""
+        return self._need_signals("normed hidden states").final_normed_hidden_states()
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A CPU generator for this span derived from the method's ``seed``: reproducible run to run."""
+        return torch.Generator().manual_seed(seed * 1_000_003 + self.span_key)
+
+
+@dataclass
+class PruneResult:
+    """What a merging method returns.
+
+    indices:  [K] original (span-local) indices; for a merged token, the representative whose position the
+              merged token takes.
+    features: [K, D] replacement tokens in the same order as ``indices``, or None to keep the originals.
+    """
+
+    indices: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stage: str
+    fn: Callable[[PruneContext], torch.Tensor | PruneResult]
+    description: str
+    params: tuple[HyperParam, ...] = ()
+    default_layer: int | None = None  # intra-LLM: the layer it runs before when named alone
+    min_layer: int = 0  # intra-LLM: e.g. 1 for methods that read the previous layer's attention
+    exact_count: bool = True  # False: the method may keep fewer or more than ctx.keep (documented by it)
+    source: str = ""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def stage_of(name: str) -> str | None:
+    for stage in STAGES:
+        if name.endswith("_" + stage):
+            return stage
+    return None
+
+
+def register_prune(
+    name: str,
+    *,
+    params: Sequence[HyperParam] = (),
+    default_layer: int | None = None,
+    min_layer: int = 0,
+    exact_count: bool = True,
+):
+    """Register a pruning method. The name's suffix (``_pre_llm`` / ``_intra_llm``) fixes its stage."""
+    stage = stage_of(name)
+    if stage is None:
+        raise ValueError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'")
+    if stage == INTRA_LLM and default_layer is None:
+        raise ValueError(f"intra-LLM method {name!r} needs a default_layer")
+    if stage == PRE_LLM and default_layer is not None:
+        raise ValueError(f"pre-LLM method {name!r} takes no default_layer")
+
+    def decorator(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            previous = _REGISTRY[name].source
+            raise ValueError(f"pruning method {name!r} is registered twice ({previous} and {fn.__module__})")
+        doc = (fn.__doc__ or "").strip()
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            stage=stage,
+            fn=fn,
+            description=doc.splitlines()[0] if doc else "",
+            params=tuple(params),
+            default_layer=default_layer,
+            min_layer=min_layer,
+            exact_count=exact_count,
+            source=fn.__module__,
+        )
+        return fn
+
+    return decorator
+
+
+def registered_methods() -> dict[str, MethodSpec]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+def closest_names(name: str, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, list(_REGISTRY), n=n, cutoff=0.3)

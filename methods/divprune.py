@@ -1,0 +1,42 @@
+"""DivPrune (Alvar et al., CVPR 2025; official code vbdi/divprune, ``DivPrune`` in llava_arch.py).
+
+Max-min diversity on the cosine distance ``D = 1 - cos`` of the span's projected visual tokens:
+the first token is the most isolated one (largest distance to its nearest *other* token, i.e. the
+second-smallest entry of its column of D), then greedily the token whose distance to the already chosen
+set is largest. Ties go to the lowest index (``argmax``). The official loop re-takes the minimum over all
+chosen rows at every step (O(K^2 N)); a running minimum gives the identical choice in O(K N).
+Computed in fp32. Differences from the official code: the toolkit's keep-count rule (see README) and
+per-span pruning (each image or video is its own set). No hyper-parameters.
+"""
+
+import torch
+
+from methods._base import PruneContext, register_prune
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    unit = features / features.norm(dim=1, keepdim=True)
+    return 1.0 - unit @ unit.T
+
+
+def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of ``keep`` tokens in selection order (unsorted)."""
+    distance = cosine_distance(features.float())
+    chosen = torch.empty(keep, dtype=torch.long)
+    if distance.shape[0] == 1:
+        chosen[0] = 0
+        return chosen
+    # Seed: column-wise second-smallest distance = distance to the nearest other token.
+    nearest_other = distance.kthvalue(2, dim=0).values
+    chosen[0] = torch.argmax(nearest_other)
+    min_to_chosen = distance[chosen[0]].clone()
+    for i in range(1, keep):
+        chosen[i] = torch.argmax(min_to_chosen)
+        min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
+    return chosen
+
+
+@register_prune("divprune_pre_llm")
+def divprune_pre_llm(ctx: PruneContext) -> torch.Tensor:
+    """DivPrune: greedy max-min cosine diversity on the projected visual tokens."""
+    return divprune_select(ctx.features, ctx.keep).sort().values

@@ -1,0 +1,134 @@
+"""Configuration from the environment: every bad input raises one clear message, before a model loads."""
+
+import textwrap
+
+import pytest
+
+import custom_qwenvl
+from utils import PruneConfig, PruneConfigError, Stage, keep_count
+
+
+def parse(**env):
+    return PruneConfig.from_env({k: str(v) for k, v in env.items()})
+
+
+def test_no_configuration_means_no_pruning():
+    config = parse()
+    assert not config.active and config.stages == ()
+
+
+def test_pre_llm_method_with_ratio():
+    config = parse(KEEP_RATIO=0.25, PRUNE_METHOD="divprune_pre_llm")
+    assert config.pre_llm == Stage("divprune_pre_llm", 0.25) and config.intra_llm == ()
+
+
+def test_intra_llm_method_alone_runs_at_its_default_layer():
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="fastv_intra_llm")
+    assert config.intra_llm == (Stage("fastv_intra_llm", 0.5, 2),)
+
+
+def test_stage_specific_variables_combine():
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD_PRE_LLM="random_pre_llm", PRUNE_METHOD_INTRA_LLM="fastv_intra_llm")
+    assert config.pre_llm.method == "random_pre_llm" and config.intra_llm[0].method == "fastv_intra_llm"
+
+
+def test_layer_specs_sorted_with_default_ratio_and_both_separators():
+    config = parse(KEEP_RATIO=0.4, INTRA_LLM_LAYER_SPECS="6:random_intra_llm:0.2, 2:fastv_intra_llm")
+    assert config.intra_llm == (Stage("fastv_intra_llm", 0.4, 2), Stage("random_intra_llm", 0.2, 6))
+    config = parse(INTRA_LLM_LAYER_SPECS="2:fastv_intra_llm:0.5;6:random_intra_llm:0.3")
+    assert [s.layer for s in config.intra_llm] == [2, 6]
+
+
+def test_hyper_parameters_are_read_and_defaulted():
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="random_pre_llm", PRUNE_RANDOM_SEED=7)
+    assert config.params["random_pre_llm"] == {"PRUNE_RANDOM_SEED": 7}
+    assert parse(KEEP_RATIO=0.5, PRUNE_METHOD="random_pre_llm").params["random_pre_llm"]["PRUNE_RANDOM_SEED"] == 0
+
+
+@pytest.mark.parametrize("n, ratio, expected", [
+    (576, 0.111, 64), (10, 0.25, 2), (10, 0.05, 1), (3, 0.5, 2), (5, 0.5, 2), (7, 1.0, 7), (1, 0.01, 1), (0, 0.5, 0),
+])
+def test_keep_count_rule(n, ratio, expected):
+    assert keep_count(n, ratio) == expected
+
+
+@pytest.mark.parametrize("env, fragments", [
+    ({"KEEP_RATIO": "0", "PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO='0'", "(0, 1]"]),
+    ({"KEEP_RATIO": "1.5", "PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO='1.5'", "(0, 1]"]),
+    ({"KEEP_RATIO": "-0.2", "PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO='-0.2'", "(0, 1]"]),
+    ({"KEEP_RATIO": "nan", "PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO='nan'", "(0, 1]"]),
+    ({"KEEP_RATIO": "half", "PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO='half'", "not a number"]),
+    ({"PRUNE_METHOD": "random_pre_llm"}, ["KEEP_RATIO", "required"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "divprun_pre_llm"}, ["PRUNE_METHOD='divprun_pre_llm'", "divprune_pre_llm"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "fastv"}, ["PRUNE_METHOD='fastv'", "fastv_intra_llm"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD_PRE_LLM": "fastv_intra_llm"}, ["PRUNE_METHOD_PRE_LLM", "intra-llm method", "divprune_pre_llm"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD_INTRA_LLM": "divprune_pre_llm"}, ["PRUNE_METHOD_INTRA_LLM", "pre-llm method"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "random_pre_llm", "PRUNE_METHOD_PRE_LLM": "divprune_pre_llm"}, ["conflicts"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:divprune_pre_llm:0.5"}, ["INTRA_LLM_LAYER_SPECS", "pre-llm method"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2-fastv_intra_llm"}, ["INTRA_LLM_LAYER_SPECS", "malformed", "LAYER:METHOD[:RATIO]"]),
+    ({"INTRA_LLM_LAYER_SPECS": "two:fastv_intra_llm:0.5"}, ["INTRA_LLM_LAYER_SPECS", "'two'", "not a non-negative integer"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.5:9"}, ["INTRA_LLM_LAYER_SPECS", "malformed"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:big"}, ["INTRA_LLM_LAYER_SPECS", "'big'", "not a number"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.5;2:random_intra_llm:0.3"}, ["layer 2 appears more than once"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm"}, ["no ratio", "KEEP_RATIO is not set"]),
+    ({"INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm:0.3;4:random_intra_llm:0.5"}, ["exceeds", "do not increase"]),
+    ({"INTRA_LLM_LAYER_SPECS": ";"}, ["no layer entries"]),
+    ({"INTRA_LLM_LAYER_SPECS": "0:fastv_intra_llm:0.5"}, ["fastv_intra_llm cannot run before layer 0", "layer >= 1"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "fastv_intra_llm", "INTRA_LLM_LAYER_SPECS": "3:fastv_intra_llm"}, ["conflicts"]),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "random_pre_llm", "PRUNE_RANDOM_SEED": "x"}, ["PRUNE_RANDOM_SEED='x'", "int"]),
+    ({"PRUNE_METHODS_PATH": "/nonexistent/methods"}, ["PRUNE_METHODS_PATH", "does not exist"]),
+])
+def test_bad_input_names_variable_value_and_allowed(env, fragments):
+    with pytest.raises(PruneConfigError) as err:
+        PruneConfig.from_env(env)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), message
+
+
+def test_layer_beyond_depth_is_refused_when_the_model_is_known():
+    config = parse(INTRA_LLM_LAYER_SPECS="9:fastv_intra_llm:0.5")
+    config.check_depth(10)
+    with pytest.raises(PruneConfigError, match=r"layer 9 .* beyond the model's depth; allowed: 0\.\.7"):
+        config.check_depth(8)
+
+
+def test_bad_configuration_fails_in_apply_patches_and_installs_nothing(monkeypatch):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    before = m.Qwen2_5_VLModel.forward
+    monkeypatch.setenv("KEEP_RATIO", "2")
+    monkeypatch.setenv("PRUNE_METHOD", "divprune_pre_llm")
+    with pytest.raises(PruneConfigError, match="KEEP_RATIO='2'"):
+        custom_qwenvl.apply_patches()
+    assert m.Qwen2_5_VLModel.forward is before
+
+
+def test_apply_and_remove_are_idempotent(monkeypatch):
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    original = m.Qwen2_5_VLTextModel.forward
+    monkeypatch.setenv("KEEP_RATIO", "0.5")
+    monkeypatch.setenv("PRUNE_METHOD", "random_pre_llm")
+    try:
+        custom_qwenvl.apply_patches()
+        patched = m.Qwen2_5_VLTextModel.forward
+        custom_qwenvl.apply_patches()
+        assert m.Qwen2_5_VLTextModel.forward is patched is not original
+    finally:
+        custom_qwenvl.remove_patches()
+        custom_qwenvl.remove_patches()
+    assert m.Qwen2_5_VLTextModel.forward is original
+
+
+def test_method_from_a_file_outside_the_package(tmp_path):
+    (tmp_path / "norm_keep.py").write_text(textwrap.dedent('''
+        from methods import register_prune
+
+        @register_prune("outside_norm_pre_llm")
+        def outside_norm_pre_llm(ctx):
+            """Keep the largest-norm tokens."""
+            return ctx.features.norm(dim=-1).topk(ctx.keep).indices
+    '''))
+    config = parse(PRUNE_METHODS_PATH=tmp_path, KEEP_RATIO=0.5, PRUNE_METHOD="outside_norm_pre_llm")
+    assert config.pre_llm.method == "outside_norm_pre_llm"

@@ -1,0 +1,236 @@
+"""Configuration from environment variables, the keep-count rule, and the transformers version guard.
+
+Environment variables are read once, by :func:`PruneConfig.from_env`, when patches are applied (before a
+model is loaded). Everything below the entry point receives the resulting immutable object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import methods
+from methods import INTRA_LLM, PRE_LLM, MethodSpec
+
+TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
+
+_NONE_VALUES = {"", "none", "null", "off", "0", "false"}
+
+
+class PruneConfigError(ValueError):
+    """Bad pruning configuration: the message names the variable, the value and what is allowed."""
+
+
+def keep_count(num_tokens: int, ratio: float) -> int:
+    """The one keep-count rule for every method: K = max(1, round(ratio * N)), never more than N.
+
+    ``round`` is Python's (half to even), as in DivPrune's official code.
+    """
+    if num_tokens <= 0:
+        return 0
+    return min(num_tokens, max(1, round(ratio * num_tokens)))
+
+
+def check_transformers_version() -> None:
+    """Refuse a transformers release the patches were not tested on (override: PRUNE_ALLOW_UNTESTED_TRANSFORMERS=1)."""
+    import transformers
+
+    version = transformers.__version__
+    if version == TESTED_TRANSFORMERS or version.startswith(TESTED_TRANSFORMERS + "."):
+        return
+    message = (
+        f"transformers {version} is not supported: the pruning patches depend on transformers internals and "
+        f"were tested on {TESTED_TRANSFORMERS}.x only. Install it with `pip install -r requirements.txt`"
+    )
+    if os.environ.get("PRUNE_ALLOW_UNTESTED_TRANSFORMERS", "").lower() in {"1", "true", "yes"}:
+        warnings.warn(message + " (continuing because PRUNE_ALLOW_UNTESTED_TRANSFORMERS is set)", stacklevel=2)
+        return
+    raise RuntimeError(message + ", or set PRUNE_ALLOW_UNTESTED_TRANSFORMERS=1 to try anyway.")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning step: a method, its keep ratio and (intra-LLM) the decoder layer it runs before."""
+
+    method: str
+    ratio: float
+    layer: int | None = None  # None for pre-LLM
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    pre_llm: Stage | None = None
+    intra_llm: tuple[Stage, ...] = ()  # sorted by layer, ratios non-increasing
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method name -> hyper-parameters
+
+    @property
+    def active(self) -> bool:
+        return self.pre_llm is not None or bool(self.intra_llm)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return ((self.pre_llm,) if self.pre_llm else ()) + self.intra_llm
+
+    def method(self, name: str) -> MethodSpec:
+        return methods.registered_methods()[name]
+
+    def check_depth(self, num_layers: int) -> None:
+        """Called once the model is known: every layer spec must name an existing decoder layer."""
+        for stage in self.intra_llm:
+            if stage.layer >= num_layers:
+                raise PruneConfigError(
+                    f"INTRA_LLM_LAYER_SPECS: layer {stage.layer} ({stage.method}) is beyond the model's depth; "
+                    f"allowed: 0..{num_layers - 1} for this model with {num_layers} decoder layers"
+                )
+
+    def describe(self) -> dict:
+        """JSON-friendly form, e.g. to namespace and record a run."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "PruneConfig":
+        return _parse(os.environ if env is None else env)
+
+
+def _fail(var: str, value: str, reason: str, allowed: str) -> PruneConfigError:
+    return PruneConfigError(f"{var}={value!r}: {reason}; allowed: {allowed}")
+
+
+def _parse_ratio(var: str, text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise _fail(var, text, "not a number", "a number in (0, 1], e.g. 0.25") from None
+    if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+        raise _fail(var, text, "keep ratio out of range", "a number in (0, 1], e.g. 0.25")
+    return ratio
+
+
+def _lookup_method(var: str, name: str, registry: Mapping[str, MethodSpec], stage: str | None = None) -> MethodSpec:
+    if name not in registry:
+        close = methods.closest_names(name)
+        hint = f"closest registered names: {', '.join(close)}" if close else "see `python -m methods`"
+        raise _fail(var, name, "unknown pruning method", f"a registered method name ({hint})")
+    spec = registry[name]
+    if stage is not None and spec.stage != stage:
+        allowed = sorted(n for n, s in registry.items() if s.stage == stage)
+        raise _fail(var, name, f"is a {spec.stage.replace('_', '-')} method", f"{stage.replace('_', '-')} methods: {', '.join(allowed)}")
+    return spec
+
+
+def _parse_layer_specs(text: str, default_ratio: float | None, registry) -> list[Stage]:
+    var = "INTRA_LLM_LAYER_SPECS"
+    allowed = "'LAYER:METHOD[:RATIO]' entries separated by ';' or ',', e.g. '2:fastv_intra_llm:0.5;6:pdrop_intra_llm:0.3'"
+    stages: list[Stage] = []
+    for entry in filter(None, (e.strip() for e in re.split(r"[;,]", text))):
+        parts = [p.strip() for p in entry.split(":")]
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise _fail(var, text, f"malformed entry {entry!r}", allowed)
+        if not re.fullmatch(r"\d+", parts[0]):
+            raise _fail(var, text, f"layer {parts[0]!r} in {entry!r} is not a non-negative integer", allowed)
+        spec = _lookup_method(var, parts[1], registry, INTRA_LLM)
+        if len(parts) == 3:
+            ratio = _parse_ratio(f"{var} (entry {entry!r})", parts[2])
+        elif default_ratio is None:
+            raise _fail(var, text, f"entry {entry!r} has no ratio and KEEP_RATIO is not set", allowed)
+        else:
+            ratio = default_ratio
+        stages.append(Stage(spec.name, ratio, int(parts[0])))
+    if not stages:
+        raise _fail(var, text, "no layer entries", allowed)
+    return stages
+
+
+def _parse_params(spec: MethodSpec, env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for param in spec.params:
+        raw = env.get(param.env)
+        if raw is None or raw == "":
+            values[param.env] = param.default
+            continue
+        try:
+            value = param.type(raw)
+        except (TypeError, ValueError):
+            raise _fail(param.env, raw, f"not a valid {param.type.__name__} ({spec.name}: {param.help})",
+                        f"a {param.type.__name__}, default {param.default!r}") from None
+        problem = param.check(value) if param.check else None
+        if problem:
+            raise _fail(param.env, raw, f"{problem} ({spec.name}: {param.help})", f"default {param.default!r}")
+        values[param.env] = value
+    return values
+
+
+def _parse(env: Mapping[str, str]) -> PruneConfig:
+    extra = [p for p in env.get("PRUNE_METHODS_PATH", "").split(os.pathsep) if p.strip()]
+    try:
+        registry = methods.load_methods(extra)
+    except FileNotFoundError as err:
+        raise PruneConfigError(str(err)) from None
+
+    keep_text = env.get("KEEP_RATIO", "").strip()
+    keep_ratio = _parse_ratio("KEEP_RATIO", keep_text) if keep_text else None
+
+    def named(var: str) -> str | None:
+        value = env.get(var, "").strip()
+        return None if value.lower() in _NONE_VALUES else value
+
+    pre_name, intra_name = named("PRUNE_METHOD_PRE_LLM"), named("PRUNE_METHOD_INTRA_LLM")
+    if pre_name:
+        _lookup_method("PRUNE_METHOD_PRE_LLM", pre_name, registry, PRE_LLM)
+    if intra_name:
+        _lookup_method("PRUNE_METHOD_INTRA_LLM", intra_name, registry, INTRA_LLM)
+    generic = named("PRUNE_METHOD")
+    if generic:
+        spec = _lookup_method("PRUNE_METHOD", generic, registry)
+        var = "PRUNE_METHOD_PRE_LLM" if spec.stage == PRE_LLM else "PRUNE_METHOD_INTRA_LLM"
+        other = pre_name if spec.stage == PRE_LLM else intra_name
+        if other and other != generic:
+            raise _fail("PRUNE_METHOD", generic, f"conflicts with {var}={other!r}", f"set only one of PRUNE_METHOD and {var}")
+        if spec.stage == PRE_LLM:
+            pre_name = generic
+        else:
+            intra_name = generic
+
+    specs_text = env.get("INTRA_LLM_LAYER_SPECS", "").strip()
+    if specs_text and intra_name:
+        raise _fail("INTRA_LLM_LAYER_SPECS", specs_text, f"conflicts with the intra-LLM method {intra_name!r} set by "
+                    "PRUNE_METHOD/PRUNE_METHOD_INTRA_LLM", "either a layer spec or a single intra-LLM method")
+
+    if (pre_name or intra_name) and keep_ratio is None:
+        raise _fail("KEEP_RATIO", keep_text, "required when a pruning method is set", "a number in (0, 1], e.g. 0.25")
+
+    pre = Stage(pre_name, keep_ratio) if pre_name else None
+    if specs_text:
+        intra = _parse_layer_specs(specs_text, keep_ratio, registry)
+    elif intra_name:
+        intra = [Stage(intra_name, keep_ratio, registry[intra_name].default_layer)]
+    else:
+        intra = []
+
+    layers = [s.layer for s in intra]
+    duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if duplicates:
+        raise _fail("INTRA_LLM_LAYER_SPECS", specs_text, f"layer {duplicates[0]} appears more than once",
+                    "each layer at most once")
+    intra.sort(key=lambda s: s.layer)
+    for stage in intra:
+        spec = registry[stage.method]
+        if stage.layer < spec.min_layer:
+            raise _fail("INTRA_LLM_LAYER_SPECS" if specs_text else "PRUNE_METHOD", specs_text or stage.method,
+                        f"{stage.method} cannot run before layer {stage.layer}",
+                        f"layer >= {spec.min_layer} for {stage.method}")
+    for earlier, later in zip(intra, intra[1:]):
+        if later.ratio > earlier.ratio:
+            raise _fail("INTRA_LLM_LAYER_SPECS", specs_text,
+                        f"ratio {later.ratio} at layer {later.layer} exceeds {earlier.ratio} at layer {earlier.layer}",
+                        "ratios that do not increase with depth (each is a fraction of the tokens that entered "
+                        "the language model)")
+
+    used = {s.method for s in ([pre] if pre else []) + intra}
+    params = {name: _parse_params(registry[name], env) for name in sorted(used)}
+    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params)
