@@ -145,6 +145,9 @@ def test_pre_llm_equals_language_model_on_shortened_sequence(family, attn, kind,
     assert torch.equal(logits, ref_prefill)
     assert torch.equal(steps, ref_steps)
     assert torch.equal(ids, ref_steps.argmax(-1).T)
+    if not with_mask:  # no mask and no cache: gaps in the kept positions must not read as packed sequences
+        with patched(KEEP_RATIO=0.5, PRUNE_METHOD="divprune_pre_llm"), torch.no_grad():
+            assert torch.equal(model(**inputs, use_cache=False).logits, ref_prefill)
 
 
 def test_rope_deltas_continue_decoding_without_explicit_positions():
@@ -266,7 +269,7 @@ def test_fastv_scores_equal_eager_attention_weights():
 # Spans, batches, text-only prompts, records
 # ------------------------------------------------------------------------------------------------------
 def single(inputs, b):
-    """Sample b of a left-padded batch, as the processor would make it alone."""
+    """Sample b of a left-padded batch (one image per sample), as the processor would make it alone."""
     keep = inputs["attention_mask"][b].bool()
     grid = inputs["image_grid_thw"]
     sizes = grid.prod(-1).tolist()
@@ -279,16 +282,37 @@ def single(inputs, b):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("env", [dict(PRUNE_METHOD="divprune_pre_llm"), dict(PRUNE_METHOD="fastv_intra_llm"),
                                  dict(PRUNE_METHOD_PRE_LLM="random_pre_llm", PRUNE_METHOD_INTRA_LLM="fastv_intra_llm")])
-def test_left_padded_batch_equals_each_sample_alone(family, env):
+@pytest.mark.parametrize("kind", ["batch", "ragged_batch"])
+def test_left_padded_batch_equals_each_sample_alone(family, env, kind):
     model = build_model(family)
-    inputs = inputs_for(family, "batch")
+    inputs = inputs_for(family, kind)
     with patched(KEEP_RATIO=0.5, **env):
         batch_logits = forward_logits(model, inputs)[:, -1]
+        state = custom_qwenvl.pruning_state(model)
+        maps = ([state.pre_map] if state.pre_map else []) + state.intra_maps
+        # In the ragged batch the sample with fewer visual tokens is re-padded with masked slots.
+        assert any(bool((m.index < 0).any()) for m in maps) == (kind == "ragged_batch")
         batch_ids, _ = greedy(model, inputs)
         for b in range(2):
             alone = single(inputs, b)
             torch.testing.assert_close(forward_logits(model, alone)[0, -1], batch_logits[b], rtol=1e-5, atol=1e-5)
             assert torch.equal(greedy(model, alone)[0][0], batch_ids[b])
+
+
+def test_decode_mask_follows_the_kept_layout():
+    """generate's 2-D mask stays in the original layout; layers after a stage must see the kept layout."""
+    from hooks import PruningState, StageMap
+
+    state = PruningState(PruneConfig())
+    state.pre_map = StageMap(0, torch.tensor([[-1, 0, 2, 3], [0, 1, 2, 4]]), prefill_length=5)
+    state.intra_maps = [StageMap(2, torch.tensor([[0, 1, 3], [0, 2, 3]]), prefill_length=4)]
+    original = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])  # prefill 5 + 2 decoded tokens
+    after_pre = state.decode_mask(original, [state.pre_map])
+    assert after_pre.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    after_both = state.decode_mask(original, [state.pre_map] + state.intra_maps)
+    assert after_both.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    state.decoded = 2  # generate dropped an all-ones mask: the padding slots must still be masked
+    assert state.decode_mask(None, [state.pre_map]).tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

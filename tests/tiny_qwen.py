@@ -40,7 +40,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
-KINDS = ("image", "two_images", "video", "image_video", "text", "batch")
+KINDS = ("image", "two_images", "video", "image_video", "text", "batch", "ragged_batch")
 
 # Same order as the real Qwen2/2.5/3-VL added tokens (151643..151656), so that the
 # relative layout of special ids matches the released checkpoints.
@@ -418,6 +418,11 @@ def make_inputs(processor, kind: str, *, seed: int = 0):
             [image, text("Please answer with a long and detailed explanation of what the picture shows.")],
         ]
         images = [make_image(seed), make_image(seed + 1)]
+    elif kind == "ragged_batch":
+        # Equal prompt lengths (no padding) but 12 vs 6 visual tokens: after pruning, sample 0 is the shorter one
+        # and must be re-padded with masked slots although it had no padding of its own.
+        conversations = [[image, text("Describe it.")], [image, text("Describe it, please.")]]
+        images = [make_image(seed, size=(112, 84)), make_image(seed + 1)]
     else:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 
@@ -430,7 +435,7 @@ def make_inputs(processor, kind: str, *, seed: int = 0):
     kwargs = {}
     if videos:
         kwargs["video_metadata"] = [_video_metadata(v) for v in videos]
-    if kind == "batch":
+    if kind in ("batch", "ragged_batch"):
         kwargs.update(padding=True, padding_side="left")
     inputs = processor(
         text=prompts,
