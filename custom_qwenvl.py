@@ -71,7 +71,7 @@ class QwenAdapter(FamilyAdapter):
         d = attn.head_dim
 
         def project(proj, norm, x, c, s):
-            states = proj(x).view(x.shape[0], -1, d)
+            states = proj(x).view(x.shape[0], proj.out_features // d, d)
             if norm is not None:
                 states = norm(states)
             states = states.transpose(0, 1)  # (heads, n, d)

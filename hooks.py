@@ -414,8 +414,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
     stages = {s.layer: s for s in config.intra_llm}
     layers = text_model.layers
     handles = []
-    overrides: dict[str, Any] = {}
-    current = {"layout": layout, "mask": attention_mask_2d}
+    overrides: dict[str, Any] = {}  # kwargs every later layer gets instead of the loop's full-length ones
+    current = {"layout": layout}
     captured: dict[int, AttentionInput] = {}
     prefill = layout is not None
 
@@ -452,14 +452,11 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         return ([state.pre_map] if state.pre_map else []) + [m for m in state.intra_maps if m.layer <= layer]
 
     def prune_here(layer, stage, hidden, kwargs):
-        own = AttentionInput(None, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
-
-        def own_input():
-            return AttentionInput(layers[layer].input_layernorm(hidden), own.position_embeddings, own.attention_mask)
-
-        inputs = {layer: own_input}
+        position_embeddings, mask = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
+        # Layer K's own attention input is computed only if a method asks for it (PyramidDrop-style).
+        inputs = {layer: lambda: AttentionInput(layers[layer].input_layernorm(hidden), position_embeddings, mask)}
         if layer - 1 in captured:
-            inputs[layer - 1] = (lambda c=captured[layer - 1]: c)
+            inputs[layer - 1] = lambda c=captured[layer - 1]: c
 
         selection = select_tokens(
             stage, config, current["layout"], hidden,
@@ -484,7 +481,7 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                 if k >= 1:
                     handles.append(layers[k - 1].self_attn.register_forward_pre_hook(
                         capture_attention_input(k - 1), with_kwargs=True))
-        yield current
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -132,3 +132,17 @@ def test_method_from_a_file_outside_the_package(tmp_path):
     '''))
     config = parse(PRUNE_METHODS_PATH=tmp_path, KEEP_RATIO=0.5, PRUNE_METHOD="outside_norm_pre_llm")
     assert config.pre_llm.method == "outside_norm_pre_llm"
+
+
+def test_untested_transformers_version_is_refused_loudly(monkeypatch):
+    import transformers
+
+    from utils import check_transformers_version
+
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    monkeypatch.delenv("PRUNE_ALLOW_UNTESTED_TRANSFORMERS", raising=False)
+    with pytest.raises(RuntimeError, match=r"transformers 5\.24\.0 is not supported.*5\.23\.x"):
+        custom_qwenvl.apply_patches(PruneConfig())
+    monkeypatch.setenv("PRUNE_ALLOW_UNTESTED_TRANSFORMERS", "1")
+    with pytest.warns(UserWarning, match="5.24.0"):
+        check_transformers_version()

@@ -368,3 +368,54 @@ def test_layer_beyond_depth_raises_at_first_forward():
     with patched(INTRA_LLM_LAYER_SPECS="4:fastv_intra_llm:0.5"):
         with pytest.raises(PruneConfigError, match=r"layer 4 .*allowed: 0\.\.3"):
             forward_logits(model, inputs_for("qwen2_5_vl", "image"))
+
+
+PROBED = []
+
+
+@pytest.fixture
+def probe_method():
+    """A test-only intra-LLM method that keeps everything and records the signals it was offered."""
+    import methods
+
+    @methods.register_prune("signal_probe_intra_llm", default_layer=2, min_layer=1)
+    def signal_probe_intra_llm(ctx):
+        """Test probe."""
+        PROBED.append({"previous": ctx.attention_to_span(), "own": ctx.attention_to_span(layer=ctx.layer),
+                       "keys": ctx.key_states(), "normed": ctx.final_normed_hidden_states(),
+                       "hidden": ctx.hidden_states, "span": ctx.span_positions})
+        return torch.arange(ctx.num_tokens)
+
+    PROBED.clear()
+    yield
+    methods._base._REGISTRY.pop("signal_probe_intra_llm")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTN)
+def test_attention_signals_equal_eager_attention_weights(family, attn, probe_method):
+    """Rows recomputed from q/k (layer K-1 captured, layer K computed) equal eager `output_attentions`."""
+    layer_k = 2
+    eager = build_model(family, attn_implementation="eager")
+    inputs = inputs_for(family, "ragged_batch")
+    layer_inputs = []
+    handle = eager.model.language_model.layers[layer_k].register_forward_pre_hook(
+        lambda module, args: layer_inputs.append(args[0]))
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    handle.remove()
+    model = build_model(family, attn_implementation=attn)
+    with patched(INTRA_LLM_LAYER_SPECS=f"{layer_k}:signal_probe_intra_llm:1.0"):
+        forward_logits(model, inputs)
+    spans_per_sample = [len(s) for s in custom_qwenvl.last_record(model).spans]
+    assert len(PROBED) == sum(spans_per_sample) == 2
+    for b, probe in enumerate(PROBED):
+        span = probe["span"]
+        for key, layer in (("previous", layer_k - 1), ("own", layer_k)):
+            expected = out.attentions[layer][b, :, -1:, span]
+            torch.testing.assert_close(probe[key], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probe["hidden"], layer_inputs[0][b], rtol=1e-5, atol=1e-5)
+        tm = model.model.language_model
+        torch.testing.assert_close(probe["normed"], tm.norm(layer_inputs[0][b]), rtol=1e-5, atol=1e-5)
+        assert probe["keys"].shape == (inputs["input_ids"].shape[1], tm.config.num_key_value_heads,
+                                       tm.layers[0].self_attn.head_dim)
