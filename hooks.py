@@ -173,12 +173,12 @@ def select_tokens(
     layout: Layout,
     tokens: torch.Tensor,
     signals: Callable[[int], SignalSource] | None = None,
-    hidden_states: torch.Tensor | None = None,
 ) -> Selection:
     """Run the stage's method on every span of every sample and return the kept positions.
 
     ``tokens`` (B, L, D) are the states the method sees: the LLM input embeddings before the language model,
-    the hidden states entering the layer inside it.
+    the hidden states entering the layer inside it. Methods also get the whole sample's row of ``tokens``
+    (e.g. the instruction's embeddings, for instruction-aware pre-LLM methods).
     """
     spec = methods.registered_methods()[stage.method]
     params = config.params.get(stage.method, {})
@@ -207,7 +207,7 @@ def select_tokens(
                 params=params,
                 span_key=s * 1009 + (stage.layer or 0),
                 layer=stage.layer,
-                hidden_states=None if hidden_states is None else hidden_states[b],
+                hidden_states=tokens[b],
                 span_positions=positions,
                 text_positions=text_positions,
                 _signals=None if signals is None else signals(b),
@@ -461,7 +461,6 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         selection = select_tokens(
             stage, config, current["layout"], hidden,
             signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden),
-            hidden_states=hidden,
         )
         captured.pop(layer - 1, None)
         current["layout"] = selection.layout

@@ -66,11 +66,12 @@ class PruneContext:
     # Stable integer naming this span within its sample and stage (span ordinal, layer); seeds random choices
     # so that a sample gives the same selection alone or inside a batch.
     span_key: int
-    # Intra-LLM only (None before the language model).
-    layer: int | None = None
-    hidden_states: torch.Tensor | None = None  # [L, D] whole sample (text, all spans, padding)
+    # The whole sample (text, every span, padding) at this stage: pre-LLM the language model's input
+    # embeddings, intra-LLM the hidden states entering ``layer``.
+    hidden_states: torch.Tensor | None = None  # [L, D]
     span_positions: torch.Tensor | None = None  # [N] indices of this span inside hidden_states
     text_positions: torch.Tensor | None = None  # indices of the sample's real text tokens (no padding)
+    layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before
     _signals: SignalSource | None = field(default=None, repr=False)
 
     @property

@@ -13,8 +13,10 @@ The contract
     - ``PruneResult(indices, features)`` to merge: ``features[i]`` replaces the token at ``indices[i]`` and
       takes that token's original position.
 * Useful fields: ``ctx.features`` [N, D], ``ctx.keep``, ``ctx.grid`` (t, h, w in LLM tokens), ``ctx.modality``,
-  ``ctx.params`` (your hyper-parameters, parsed and validated), ``ctx.generator(seed)`` for randomness.
-  Intra-LLM only: ``ctx.layer``, ``ctx.hidden_states`` [L, D], ``ctx.span_positions``, ``ctx.text_positions``,
+  ``ctx.params`` (your hyper-parameters, parsed and validated), ``ctx.generator(seed)`` for randomness,
+  ``ctx.hidden_states`` [L, D] (the whole sample: the LLM input embeddings pre-LLM, the hidden states at the
+  layer intra-LLM), ``ctx.span_positions`` and ``ctx.text_positions`` (indices into it).
+  Intra-LLM only: ``ctx.layer``,
   ``ctx.attention_to_span(query_rows=None, layer=None)`` -> [H, r, N] probabilities (default: the last
   prompt token at layer K-1), ``ctx.key_states(layer)``, ``ctx.final_normed_hidden_states()``.
   Signals are computed lazily, only when asked for, without an L x L attention matrix.

@@ -13,7 +13,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 import custom_qwenvl
-from tests.tiny_qwen import FAMILIES, build_model, build_processor, make_inputs
+from scripts.tiny_models import FAMILIES, build_model, build_processor, make_inputs
 from utils import PruneConfig, PruneConfigError, keep_count
 
 ATTN = ("eager", "sdpa")

@@ -1,4 +1,6 @@
-"""Tiny, offline, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL fixtures.
+"""Tiny, offline, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and processors.
+
+Used by the tests (exactness oracles) and by the offline demo (tiny local checkpoints).
 
 Everything here is built in-process (no Hub access): a byte-level BPE tokenizer is
 trained on a small in-code corpus, wrapped in the real ``Qwen2Tokenizer`` and
