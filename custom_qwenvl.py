@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import hooks
-from hooks import FamilyAdapter, PruningState, Selection
+from hooks import FamilyAdapter, PruningState, Selection, gather_positions
 from utils import PruneConfig, check_transformers_version
 
 __all__ = ["apply_patches", "remove_patches", "pruning_state", "last_record"]
@@ -98,13 +98,12 @@ class QwenAdapter(FamilyAdapter):
             return text_model.config.layer_types[layer]
         return "full_attention"
 
-    def gather_layer_kwargs(self, selection: Selection, kwargs):
+    def shorten_layer_call(self, args, kwargs, index, mask_2d):
         cos, sin = kwargs["position_embeddings"]
-        out: dict[str, Any] = {"position_embeddings": (selection.gather(cos), selection.gather(sin))}
-        if kwargs.get("position_ids") is not None:
-            batch, length = selection.index.shape
-            out["position_ids"] = text_positions_for(selection.layout.attention_mask, batch, length, cos.device)
-        return out
+        kwargs["position_embeddings"] = (gather_positions(cos, index), gather_positions(sin, index))
+        if kwargs.get("position_ids") is not None:  # the text row: only masks / flash-attention read it
+            kwargs["position_ids"] = text_positions_for(mask_2d, *index.shape, cos.device)
+        return args, kwargs
 
     def shorten_lm_inputs(self, selection: Selection, kwargs: dict, model) -> None:
         """Pre-LLM: shorten the language model's per-token inputs (embeddings are done by the caller)."""

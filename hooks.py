@@ -122,6 +122,24 @@ def find_layout(
 # --------------------------------------------------------------------------------------------------
 # Choosing tokens and applying the choice
 # --------------------------------------------------------------------------------------------------
+def gather_positions(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather a per-token tensor along ``dim`` (its batch dim is dim - 1) with a (B, L') index; -1 slots copy
+    position 0 (they are masked out)."""
+    index = index.clamp(min=0).to(x.device)
+    shape = [1] * x.dim()
+    shape[dim - 1], shape[dim] = index.shape
+    index = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:])
+    return torch.gather(x, dim, index)
+
+
+def compose(outer: torch.Tensor | None, inner: torch.Tensor) -> torch.Tensor:
+    """Index of two successive selections (``inner`` picks from what ``outer`` kept); -1 slots propagate."""
+    if outer is None:
+        return inner
+    composed = torch.gather(outer, 1, inner.clamp(min=0))
+    return composed.masked_fill(inner < 0, -1)
+
+
 @dataclass
 class Selection:
     """The outcome of one pruning stage on a batch.
@@ -140,12 +158,7 @@ class Selection:
         return self.index.shape[1] == self.prefill_length and not self.replacements
 
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Gather a per-token tensor along ``dim`` (its batch dim is dim - 1); padding slots copy position 0."""
-        index = self.index.clamp(min=0).to(x.device)
-        shape = [1] * x.dim()
-        shape[dim - 1], shape[dim] = index.shape
-        index = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:])
-        return torch.gather(x, dim, index)
+        return gather_positions(x, self.index, dim)
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Gather (B, L, D) token states and put merged features in place."""
@@ -350,8 +363,10 @@ class FamilyAdapter:
     def layer_type(self, text_model, layer: int) -> str:
         return text_model.config.layer_types[layer]
 
-    def gather_layer_kwargs(self, selection: Selection, kwargs: dict) -> dict:
-        """Decoder-layer kwargs that are per token (position embeddings, text positions), gathered."""
+    def shorten_layer_call(self, args: tuple, kwargs: dict, index: torch.Tensor, mask_2d) -> tuple[tuple, dict]:
+        """Gather the per-token inputs of one decoder-layer call (everything but the hidden states and the
+        mask: position embeddings, text positions, per-layer inputs...) from the loop's full-length values.
+        ``index`` (B, L') points into the language model's input sequence; ``mask_2d`` is the kept layout's."""
         raise NotImplementedError
 
     def on_intra_selection(self, text_model, selection: Selection, layer: int) -> None:
@@ -405,17 +420,18 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                     attention_mask_2d, cache):
     """Install the decoder-layer pre-hooks for one call of the language model (prefill or decode step).
 
-    Prefill: before each configured layer K, choose tokens from the hidden states, shorten them, and hand every
-    layer >= K the gathered position embeddings and masks rebuilt for the shorter sequence (sized on layer
-    K's cache, since earlier layers hold the full prompt). Decode: layers >= K get masks built from the
-    remapped 2-D mask and sized on layer K's cache.
+    Prefill: before each configured layer K, choose tokens from the hidden states and shorten them; every
+    layer >= K gets its per-token inputs gathered from the loop's full-length ones and masks rebuilt for the
+    shorter sequence (sized on layer K's cache, since earlier layers hold the full prompt). Decode: layers >= K
+    get masks built from the remapped 2-D mask and sized on layer K's cache.
     """
     config = state.config
     stages = {s.layer: s for s in config.intra_llm}
     layers = text_model.layers
     handles = []
-    overrides: dict[str, Any] = {}  # kwargs every later layer gets instead of the loop's full-length ones
-    current = {"layout": layout}
+    # Prefill: the current layout, the index of the kept tokens into the language model's input sequence
+    # (the loop's per-token tensors stay full length), and the masks rebuilt at the last stage.
+    current: dict[str, Any] = {"layout": layout, "index": None, "masks": None}
     captured: dict[int, AttentionInput] = {}
     prefill = layout is not None
 
@@ -425,27 +441,31 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             captured[layer] = AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
         return hook
 
+    def shortened(layer, loop_args, loop_kwargs):
+        if current["index"] is None:
+            return loop_args, loop_kwargs
+        args, kwargs = adapter.shorten_layer_call(loop_args, dict(loop_kwargs), current["index"],
+                                                  current["layout"].attention_mask)
+        kwargs["attention_mask"] = current["masks"][adapter.layer_type(text_model, layer)]
+        return args, kwargs
+
     def layer_pre_hook(layer):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            stage = stages.get(layer)
-            if stage is not None:
-                if prefill:
-                    hidden = prune_here(layer, stage, hidden, kwargs)
-                else:
-                    mask = state.decode_mask(attention_mask_2d, state_maps_until(layer))
-                    masks = adapter.layer_masks(text_model, hidden, mask, cache, layer)
-                    overrides["masks"] = masks
-            if "masks" in overrides:
-                kwargs["attention_mask"] = overrides["masks"][adapter.layer_type(text_model, layer)]
-            for key in ("position_embeddings", "position_ids"):
-                if key in overrides:
-                    kwargs[key] = overrides[key]
-            if args:
-                args = (hidden,) + tuple(args[1:])
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            loop_args, loop_kwargs = tuple(args[1:]), kwargs
+            if prefill:
+                rest, kwargs = shortened(layer, loop_args, loop_kwargs)
+                if layer in stages:
+                    hidden = prune_here(layer, stages[layer], hidden, kwargs)
+                    rest, kwargs = shortened(layer, loop_args, loop_kwargs)
             else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
+                rest = loop_args
+                if layer in stages:
+                    mask = state.decode_mask(attention_mask_2d, state_maps_until(layer))
+                    current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
+                if current["masks"] is not None:
+                    kwargs["attention_mask"] = current["masks"][adapter.layer_type(text_model, layer)]
+            return (hidden,) + rest, kwargs
         return hook
 
     def state_maps_until(layer):
@@ -463,11 +483,11 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden),
         )
         captured.pop(layer - 1, None)
-        current["layout"] = selection.layout
         state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length))
         new_hidden = selection.gather_tokens(hidden)
-        overrides.update(adapter.gather_layer_kwargs(selection, kwargs))
-        overrides["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache, layer)
+        current["layout"] = selection.layout
+        current["index"] = compose(current["index"], selection.index)
+        current["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache, layer)
         adapter.on_intra_selection(text_model, selection, layer)
         return new_hidden
 

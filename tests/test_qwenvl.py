@@ -169,17 +169,20 @@ def test_rope_deltas_continue_decoding_without_explicit_positions():
 # Intra-LLM: a hand-written loop over the decoder layers
 # ------------------------------------------------------------------------------------------------------
 def reference_intra(model, lm, keep, layer_k):
-    """No cache: full sequence through layers < K, gather the kept tokens, layers >= K on the short sequence."""
+    """No cache: full sequence through layers < K, gather the kept tokens, layers >= K on the short sequence.
+    ``keep``/``layer_k`` may be lists for several stages (each keep indexes what the previous stage kept)."""
+    stages = dict(zip(layer_k, keep)) if isinstance(layer_k, list) else {layer_k: keep}
     tm = model.model.language_model
     hidden, mask = lm["inputs_embeds"], lm.get("attention_mask")
     positions = lm["position_ids"][-3:]
     cos, sin = tm.rotary_emb(hidden, positions)
     deepstack = {k: lm[k] for k in ("visual_pos_masks", "deepstack_visual_embeds") if lm.get(k) is not None}
     for i, layer in enumerate(tm.layers):
-        if i == layer_k:
+        if i in stages:
+            keep = stages[i]
             hidden, cos, sin = gather(hidden, keep), gather(cos, keep), gather(sin, keep)
             mask = None if mask is None else gather(mask, keep)
-            deepstack = shorten_deepstack(lm, keep) if deepstack else {}
+            deepstack = shorten_deepstack(deepstack, keep) if deepstack else {}
         causal = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None)
         hidden = layer(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None)
         if deepstack and i < len(deepstack["deepstack_visual_embeds"]):
@@ -225,6 +228,25 @@ def test_intra_llm_equals_hand_written_layer_loop(family, attn, method, layer_k,
             ref = reference_intra(model, extend(lm, ids[:, :t], model), ext_keep, layer_k)[:, -1]
             torch.testing.assert_close(steps[t], ref, rtol=1e-5, atol=1e-5)
             assert torch.equal(ids[:, t], ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ATTN)
+def test_two_intra_llm_stages_equal_hand_written_layer_loop(family, attn):
+    model = build_model(family, attn_implementation=attn)
+    inputs = inputs_for(family, "batch")
+    lm = capture_lm_inputs(model, inputs)
+    with patched(INTRA_LLM_LAYER_SPECS="1:random_intra_llm:0.6;3:fastv_intra_llm:0.3"):
+        logits = forward_logits(model, inputs)
+        maps = custom_qwenvl.pruning_state(model).intra_maps
+        ids, steps = greedy(model, inputs)
+    assert [m.layer for m in maps] == [1, 3] and maps[1].index.shape[1] < maps[0].index.shape[1]
+    with torch.no_grad():
+        assert torch.equal(logits, reference_intra(model, lm, [m.index for m in maps], [1, 3]))
+        ref = reference_intra(model, extend(lm, ids[:, :2], model),
+                              [torch.cat([m.index, torch.arange(m.prefill_length, m.prefill_length + 2).expand(2, 2)], 1)
+                               for m in maps], [1, 3])[:, -1]
+    torch.testing.assert_close(steps[2], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_intra_llm_cache_lengths_per_layer():
