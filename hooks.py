@@ -346,16 +346,44 @@ def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, d
 class FamilyAdapter:
     """What the machinery needs to know about one model family. ``custom_<family>.py`` subclasses it."""
 
-    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, sample: int, rows: torch.Tensor):
-        """Post-RoPE queries (H, r, d) of ``rows`` and keys (H_kv, L, d) of one sample, model dtype."""
+    # -- spans ---------------------------------------------------------------------------------------
+    def visual_ids(self, config) -> dict[int, str]:
+        """Placeholder token id -> modality."""
+        return {config.image_token_id: "image", config.video_token_id: "video"}
+
+    def span_grids(self, model, modality: str, features_args: dict) -> list[tuple[int, int, int]] | None:
+        """(t, h, w) in LLM tokens of each span, from the arguments of a get_<modality>_features call."""
+        return None
+
+    def check_model(self, config: PruneConfig, model) -> None:
+        """Refuse, with a PruneConfigError, a configuration this model cannot run exactly."""
+
+    # -- the language-model entry ---------------------------------------------------------------------
+    def mask_2d(self, kwargs: dict, call) -> torch.Tensor | None:
+        """The call's 2-D padding mask (original layout)."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise NotImplementedError("visual-token pruning needs a 2-D attention mask and a DynamicCache "
+                                      "(static caches and pre-built 4-D masks are not supported)")
+        return mask
+
+    def shorten_lm_inputs(self, selection: Selection, kwargs: dict, call) -> None:
+        """Pre-LLM: shorten every per-token input of the language model (the embeddings are done)."""
         raise NotImplementedError
 
-    def attention_scale(self, attn) -> float:
-        return attn.scaling
+    def decode_lm_inputs(self, kwargs: dict, mask_2d: torch.Tensor | None, call) -> None:
+        """A decode step after pre-LLM pruning: give the language model the kept-layout 2-D mask."""
+        kwargs["attention_mask"] = mask_2d
 
-    def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
-        return causal_allowed(mask, sample, rows, kv_length, device)
+    def lm_call_context(self, text_model, call, kwargs: dict, prefill: bool):
+        """A context manager around an intra-LLM language-model call (family-specific redirections);
+        ``kwargs`` are the (already pre-LLM-shortened) language-model arguments of the call."""
+        return contextlib.nullcontext()
 
+    def finish_lm_output(self, output, kwargs: dict, pruned: bool):
+        return output
+
+    # -- inside the language model ---------------------------------------------------------------------
     def layer_masks(self, text_model, hidden: torch.Tensor, mask_2d, cache, layer: int) -> dict[str, Any]:
         """Attention masks per layer type for layers >= ``layer``, sized on that layer's cache."""
         raise NotImplementedError
@@ -371,6 +399,17 @@ class FamilyAdapter:
 
     def on_intra_selection(self, text_model, selection: Selection, layer: int) -> None:
         """Shorten family-specific per-token state that later layers read (e.g. Qwen3-VL deepstack)."""
+
+    # -- signals ---------------------------------------------------------------------------------------
+    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, sample: int, rows: torch.Tensor):
+        """Post-RoPE queries (H, r, d) of ``rows`` and keys (H_kv, L, d) of one sample, model dtype."""
+        raise NotImplementedError
+
+    def attention_scale(self, attn) -> float:
+        return attn.scaling
+
+    def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
+        return causal_allowed(mask, sample, rows, kv_length, device)
 
 
 @dataclass

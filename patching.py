@@ -1,0 +1,222 @@
+"""Installing the pruning hooks on transformers model classes: the part every model family shares.
+
+Each family (``custom_<family>.py``) names its classes and supplies a :class:`hooks.FamilyAdapter`; this module
+wraps, at class level and with ``functools.wraps`` (``generate`` inspects signatures),
+
+* ``<Model>.get_image_features`` / ``get_video_features``: note each span's grid (``generate`` runs these
+  before ``forward`` and then drops their arguments);
+* ``<Model>.forward``: open a :class:`Call` holding the call's arguments (token ids, 2-D mask, ...);
+* ``<TextModel>.forward``, the language-model entry: pre-LLM pruning, intra-LLM layer hooks, decode steps.
+
+Runtime state lives in a per-model :class:`hooks.PruningState` and in context variables scoped to one call;
+nothing goes through environment variables or files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import hooks
+from hooks import FamilyAdapter, PruningState
+from utils import PruneConfig, check_transformers_version
+
+STATE_ATTR = "_visual_token_pruning"
+
+
+@dataclass
+class Call:
+    """One ``Model.forward`` call, as the language-model entry sees it."""
+
+    model: Any
+    state: PruningState
+    adapter: FamilyAdapter
+    args: dict  # the bound arguments of Model.forward (input_ids, attention_mask, mm_token_type_ids, ...)
+    extras: dict = field(default_factory=dict)  # family-specific per-call state
+
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        return self.args.get("input_ids")
+
+
+ACTIVE_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar("pruning_call", default=None)
+_IN_FEATURES: contextvars.ContextVar[bool] = contextvars.ContextVar("pruning_in_features", default=False)
+
+
+def pruning_state(model) -> PruningState | None:
+    """The pruning state of a patched model (the ``*ForConditionalGeneration`` or its ``.model``)."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, STATE_ATTR, None)
+
+
+def last_record(model) -> hooks.ForwardRecord | None:
+    """Visual tokens per span before and after each stage, for the model's last prefill."""
+    state = pruning_state(model)
+    return None if state is None else state.record
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model family: where its classes live and its adapter."""
+
+    module: str
+    model_class: str
+    text_class: str
+    adapter: FamilyAdapter
+
+
+class FamilyPatch:
+    """The wrappers of one or more model families, installed by :meth:`apply` and removed by :meth:`remove`."""
+
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+        self.config: PruneConfig | None = None
+        self.originals: dict[tuple[type, str], Any] = {}
+
+    def apply(self, config: PruneConfig | None = None) -> PruneConfig:
+        """Read (or take) the configuration and install the wrappers. A second call only replaces the
+        configuration. Raises before touching any class if the configuration is bad."""
+        check_transformers_version()
+        self.config = PruneConfig.from_env() if config is None else config
+        if self.originals:
+            return self.config
+        for target in self.targets:
+            module = importlib.import_module(target.module)
+            model_cls, text_cls = getattr(module, target.model_class), getattr(module, target.text_class)
+            wrappers = [(model_cls, "forward", self._wrap_model_forward(model_cls.forward, target.adapter)),
+                        (text_cls, "forward", self._wrap_text_forward(text_cls.forward))]
+            for modality in ("image", "video"):
+                name = f"get_{modality}_features"
+                wrappers.append((model_cls, name, self._wrap_features(getattr(model_cls, name), modality,
+                                                                      target.adapter)))
+            for cls, name, wrapper in wrappers:
+                self.originals[(cls, name)] = cls.__dict__[name]
+                setattr(cls, name, wrapper)
+        return self.config
+
+    def remove(self) -> None:
+        """Restore every wrapped method. Idempotent."""
+        for (cls, name), original in self.originals.items():
+            setattr(cls, name, original)
+        self.originals.clear()
+        self.config = None
+
+    # -- per-model state ---------------------------------------------------------------------------
+    def state_for(self, model, adapter: FamilyAdapter) -> PruningState:
+        state = getattr(model, STATE_ATTR, None)
+        if state is None or state.config is not self.config:
+            self.config.check_depth(model.config.get_text_config().num_hidden_layers)
+            adapter.check_model(self.config, model)
+            state = PruningState(self.config)
+            setattr(model, STATE_ATTR, state)
+        return state
+
+    # -- wrappers ----------------------------------------------------------------------------------
+    def _wrap_features(self, original, modality: str, adapter: FamilyAdapter):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_features(model, *args, **kwargs):
+            if _IN_FEATURES.get():  # e.g. Qwen3-VL's get_video_features calls get_image_features: note the outer
+                return original(model, *args, **kwargs)
+            bound = signature.bind_partial(model, *args, **kwargs).arguments
+            grids = adapter.span_grids(model, modality, bound)
+            if grids is not None:
+                self.state_for(model, adapter).pending_grids[modality] = grids
+            token = _IN_FEATURES.set(True)
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                _IN_FEATURES.reset(token)
+
+        return get_features
+
+    def _wrap_model_forward(self, original, adapter: FamilyAdapter):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward(model, *args, **kwargs):
+            bound = dict(signature.bind_partial(model, *args, **kwargs).arguments)
+            token = ACTIVE_CALL.set(Call(model, self.state_for(model, adapter), adapter, bound))
+            try:
+                return original(model, *args, **kwargs)
+            finally:
+                ACTIVE_CALL.reset(token)
+
+        return forward
+
+    def _wrap_text_forward(self, original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward(text_model, *args, **kwargs):
+            call = ACTIVE_CALL.get()
+            if call is None or call.model.language_model is not text_model:
+                return original(text_model, *args, **kwargs)  # called on its own: spans unknown, nothing to prune
+            bound = signature.bind_partial(text_model, *args, **kwargs).arguments
+            extra = bound.pop("kwargs", {})
+            bound.pop("self", None)
+            return run_language_model(original, text_model, call, {**bound, **extra})
+
+        return forward
+
+
+def _is_empty(cache) -> bool:
+    return cache is None or cache.get_seq_length() == 0
+
+
+def run_language_model(original, text_model, call: Call, kwargs: dict):
+    """The language-model entry: prune (prefill) or follow the pruned layout (decode), then run the model."""
+    state, adapter, config = call.state, call.adapter, call.state.config
+    embeds, cache = kwargs["inputs_embeds"], kwargs.get("past_key_values")
+    mask = adapter.mask_2d(kwargs, call)
+
+    prefill = _is_empty(cache) and call.input_ids is not None and call.input_ids.shape[1] == embeds.shape[1]
+    if prefill:
+        state.reset()
+        grids, state.pending_grids = state.pending_grids, {}
+        layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
+        if not any(layout.spans):
+            state.finish_record(layout.spans)
+            return original(text_model, **kwargs)  # text-only prompt: untouched
+        if config.pre_llm is not None:
+            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds)
+            kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
+            adapter.shorten_lm_inputs(selection, kwargs, call)
+            state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
+            layout = selection.layout
+        try:
+            with _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
+                output = original(text_model, **kwargs)
+            return adapter.finish_lm_output(output, kwargs, pruned=True)
+        finally:
+            state.finish_record(layout.spans)
+
+    if state.pre_map is None and not state.intra_maps:
+        return original(text_model, **kwargs)
+    # A decode step after a pruned prefill.
+    if embeds.shape[1] != 1:
+        raise NotImplementedError("after a pruned prefill only one-token decode steps are supported "
+                                  "(no chunked prefill, no reuse of a pruned cache across generate calls)")
+    state.decoded += embeds.shape[1]
+    if state.pre_map is not None:
+        adapter.decode_lm_inputs(kwargs, state.decode_mask(mask, [state.pre_map]), call)
+    with _intra_llm(adapter, text_model, call, kwargs, None, mask, cache):
+        return original(text_model, **kwargs)
+
+
+@contextlib.contextmanager
+def _intra_llm(adapter: FamilyAdapter, text_model, call: Call, kwargs: dict, layout, mask_2d, cache):
+    if not call.state.config.intra_llm:
+        yield
+        return
+    with hooks.intra_llm_hooks(adapter, text_model, call.state, layout, mask_2d, cache), \
+            adapter.lm_call_context(text_model, call, kwargs, layout is not None):
+        yield
