@@ -56,8 +56,9 @@ class QwenAdapter(FamilyAdapter):
         return grids
 
     # -- signals -------------------------------------------------------------------------------------
-    def query_key(self, attn, hidden, position_embeddings, sample, rows):
-        cos, sin = (p[sample] for p in position_embeddings)  # (L, d)
+    def query_key(self, attn, inp, sample, rows):
+        hidden = inp.hidden[sample]
+        cos, sin = (p[sample] for p in inp.position_embeddings)  # (L, d)
         d = attn.head_dim
 
         def project(proj, norm, x, c, s):
@@ -73,7 +74,7 @@ class QwenAdapter(FamilyAdapter):
         return q, k
 
     # -- masks and per-token state -------------------------------------------------------------------
-    def layer_masks(self, text_model, hidden, mask_2d, cache, layer):
+    def layer_masks(self, text_model, hidden, mask_2d, cache, layer, layout=None):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         kwargs = dict(config=text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,

@@ -195,7 +195,7 @@ def select_tokens(
     """
     spec = methods.registered_methods()[stage.method]
     params = config.params.get(stage.method, {})
-    label = PRE_LLM if spec.stage == PRE_LLM else f"layer_{stage.layer}"
+    label = stage_label(stage)
     batch, length = layout.span_id.shape
     span_id = layout.span_id.cpu()
     kept_rows: list[torch.Tensor] = []
@@ -248,6 +248,20 @@ def select_tokens(
     return Selection(index, replacements, Layout(new_span_id, mask, layout.spans), length)
 
 
+def stage_label(stage: Stage) -> str:
+    """The record's name of a stage: 'pre_llm' or 'layer_<K>'."""
+    return PRE_LLM if stage.layer is None else f"layer_{stage.layer}"
+
+
+def record_stage(layout: Layout, stage: Stage, count: Callable[[Span, torch.Tensor], int]) -> None:
+    """Record a stage that chose nothing itself: ``count(span, positions)`` tokens of each span remain."""
+    label = stage_label(stage)
+    span_id = layout.span_id.cpu()
+    for b, spans in enumerate(layout.spans):
+        for s, span in enumerate(spans):
+            span.counts[label] = count(span, torch.nonzero(span_id[b] == s).flatten())
+
+
 def _check_result(spec, result, n: int, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     features = None
     if isinstance(result, PruneResult):
@@ -278,6 +292,7 @@ class AttentionInput:
     hidden: torch.Tensor  # (B, L, D)
     position_embeddings: Any
     attention_mask: Any
+    extra: dict = field(default_factory=dict)  # other attention kwargs a family needs (e.g. shared KV states)
 
 
 class LayerSignals(SignalSource):
@@ -300,8 +315,7 @@ class LayerSignals(SignalSource):
         if key not in self._cache:
             inp = self._input(layer)
             attn = self.text_model.layers[layer].self_attn
-            self._cache[key] = self.adapter.query_key(attn, inp.hidden[self.sample], inp.position_embeddings,
-                                                      self.sample, rows)
+            self._cache[key] = self.adapter.query_key(attn, inp, self.sample, rows)
         return self._cache[key]
 
     def attention(self, query_rows: torch.Tensor, layer: int) -> torch.Tensor:
@@ -384,8 +398,20 @@ class FamilyAdapter:
         return output
 
     # -- inside the language model ---------------------------------------------------------------------
-    def layer_masks(self, text_model, hidden: torch.Tensor, mask_2d, cache, layer: int) -> dict[str, Any]:
-        """Attention masks per layer type for layers >= ``layer``, sized on that layer's cache."""
+    def layer_masks(self, text_model, hidden: torch.Tensor, mask_2d, cache, layer: int,
+                    layout: Layout | None = None) -> dict[str, Any]:
+        """Attention masks per layer type for layers >= ``layer``, sized on that layer's cache. ``layout`` is the
+        kept layout during prefill (None in decode steps)."""
+        raise NotImplementedError
+
+    def queries_only(self, text_model, layer: int) -> bool:
+        """True where layers >= ``layer`` read keys and values computed before it (Gemma 4's KV-shared layers):
+        a stage there drops query rows only, and the KV cache keeps every token."""
+        return False
+
+    def query_only_masks(self, text_model, hidden: torch.Tensor, layout: Layout, cache, layer: int,
+                         rows: torch.Tensor) -> dict[str, Any]:
+        """Masks for a queries-only stage: the keys keep ``layout``; the query rows are ``rows`` of it."""
         raise NotImplementedError
 
     def layer_type(self, text_model, layer: int) -> str:
@@ -401,7 +427,7 @@ class FamilyAdapter:
         """Shorten family-specific per-token state that later layers read (e.g. Qwen3-VL deepstack)."""
 
     # -- signals ---------------------------------------------------------------------------------------
-    def query_key(self, attn, hidden: torch.Tensor, position_embeddings, sample: int, rows: torch.Tensor):
+    def query_key(self, attn, inp: AttentionInput, sample: int, rows: torch.Tensor):
         """Post-RoPE queries (H, r, d) of ``rows`` and keys (H_kv, L, d) of one sample, model dtype."""
         raise NotImplementedError
 
@@ -454,6 +480,11 @@ class PruningState:
 # --------------------------------------------------------------------------------------------------
 # Intra-LLM: decoder-layer hooks installed for the duration of one language-model call
 # --------------------------------------------------------------------------------------------------
+def _attention_input(hidden, kwargs) -> AttentionInput:
+    extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "position_embeddings", "attention_mask")}
+    return AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), extra)
+
+
 @contextlib.contextmanager
 def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, layout: Layout | None,
                     attention_mask_2d, cache):
@@ -477,15 +508,18 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
     def capture_attention_input(layer):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured[layer] = AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+            captured[layer] = _attention_input(hidden, kwargs)
         return hook
 
-    def shortened(layer, loop_args, loop_kwargs):
+    def shortened(layer, rows, loop_args, loop_kwargs):
+        """The layer's inputs for the kept tokens. ``rows`` < the kept length means the model itself already
+        kept only the last query rows (Gemma 4 does so before its KV-shared layers under generate)."""
         if current["index"] is None:
             return loop_args, loop_kwargs
-        args, kwargs = adapter.shorten_layer_call(loop_args, dict(loop_kwargs), current["index"],
+        args, kwargs = adapter.shorten_layer_call(loop_args, dict(loop_kwargs), current["index"][:, -rows:],
                                                   current["layout"].attention_mask)
-        kwargs["attention_mask"] = current["masks"][adapter.layer_type(text_model, layer)]
+        mask = current["masks"][adapter.layer_type(text_model, layer)]
+        kwargs["attention_mask"] = mask[:, :, -rows:] if isinstance(mask, torch.Tensor) else mask
         return args, kwargs
 
     def layer_pre_hook(layer):
@@ -493,13 +527,13 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             hidden = args[0] if args else kwargs.pop("hidden_states")
             loop_args, loop_kwargs = tuple(args[1:]), kwargs
             if prefill:
-                rest, kwargs = shortened(layer, loop_args, loop_kwargs)
+                rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
                 if layer in stages:
                     hidden = prune_here(layer, stages[layer], hidden, kwargs)
-                    rest, kwargs = shortened(layer, loop_args, loop_kwargs)
+                    rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
             else:
                 rest = loop_args
-                if layer in stages:
+                if layer in stages and not adapter.queries_only(text_model, layer):
                     mask = state.decode_mask(attention_mask_2d, state_maps_until(layer))
                     current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
                 if current["masks"] is not None:
@@ -511,22 +545,30 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         return ([state.pre_map] if state.pre_map else []) + [m for m in state.intra_maps if m.layer <= layer]
 
     def prune_here(layer, stage, hidden, kwargs):
-        position_embeddings, mask = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
+        layout = current["layout"]
+        if hidden.shape[1] != layout.length:  # the model already dropped every query row but the last ones
+            record_stage(layout, stage, lambda span, positions: 0)
+            return hidden
         # Layer K's own attention input is computed only if a method asks for it (PyramidDrop-style).
-        inputs = {layer: lambda: AttentionInput(layers[layer].input_layernorm(hidden), position_embeddings, mask)}
+        inputs = {layer: lambda: _attention_input(layers[layer].input_layernorm(hidden), kwargs)}
         if layer - 1 in captured:
             inputs[layer - 1] = lambda c=captured[layer - 1]: c
 
         selection = select_tokens(
-            stage, config, current["layout"], hidden,
+            stage, config, layout, hidden,
             signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden),
         )
         captured.pop(layer - 1, None)
-        state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length))
         new_hidden = selection.gather_tokens(hidden)
+        if adapter.queries_only(text_model, layer):
+            # Keys and values come from earlier layers: keep their layout, drop query rows only.
+            current["masks"] = adapter.query_only_masks(text_model, hidden, layout, cache, layer, selection.index)
+        else:
+            state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length))
+            current["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache,
+                                                   layer, selection.layout)
         current["layout"] = selection.layout
         current["index"] = compose(current["index"], selection.index)
-        current["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache, layer)
         adapter.on_intra_selection(text_model, selection, layer)
         return new_hidden
 
