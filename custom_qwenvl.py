@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hooks import FamilyAdapter, Selection, gather_positions
+from hooks import FamilyAdapter, batch_row, Selection, gather_positions
 from patching import ACTIVE_CALL, FamilyPatch, Target, last_record, pruning_state
 from utils import PruneConfig
 
@@ -58,7 +58,7 @@ class QwenAdapter(FamilyAdapter):
     # -- signals -------------------------------------------------------------------------------------
     def query_key(self, attn, inp, sample, rows):
         hidden = inp.hidden[sample]
-        cos, sin = (p[sample] for p in inp.position_embeddings)  # (L, d)
+        cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
         d = attn.head_dim
 
         def project(proj, norm, x, c, s):

@@ -126,6 +126,8 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torc
     """Gather a per-token tensor along ``dim`` (its batch dim is dim - 1) with a (B, L') index; -1 slots copy
     position 0 (they are masked out)."""
     index = index.clamp(min=0).to(x.device)
+    if x.shape[dim - 1] == 1 and index.shape[0] > 1:  # a tensor shared by the batch, e.g. (1, L) positions
+        x = x.expand(*x.shape[:dim - 1], index.shape[0], *x.shape[dim:])
     shape = [1] * x.dim()
     shape[dim - 1], shape[dim] = index.shape
     index = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:])
@@ -337,6 +339,11 @@ class LayerSignals(SignalSource):
         return self.text_model.norm(self.hidden[self.sample])
 
 
+def batch_row(x: torch.Tensor, sample: int) -> torch.Tensor:
+    """Sample ``sample`` of a batched tensor, or its only row if the batch dimension is broadcast (size 1)."""
+    return x[sample if x.shape[0] > 1 else 0]
+
+
 def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
     """(r, kv) bool: which keys each query row may attend to, read from the mask the attention module got.
 
@@ -345,12 +352,12 @@ def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, d
     """
     rows = rows.to(device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        block = mask[sample, 0].to(device)[rows][:, -kv_length:]
+        block = batch_row(mask, sample)[0].to(device)[rows][:, -kv_length:]
         return block if block.dtype == torch.bool else block == 0
     # Prefill: the layer's cache was empty, so query row i sits at key index i.
     allowed = torch.arange(kv_length, device=device).unsqueeze(0) <= rows.unsqueeze(1)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        allowed = allowed & mask[sample, -kv_length:].to(device).bool().unsqueeze(0)
+        allowed = allowed & batch_row(mask, sample)[-kv_length:].to(device).bool().unsqueeze(0)
     return allowed
 
 
@@ -445,6 +452,7 @@ class StageMap:
     layer: int  # 0 for pre-LLM
     index: torch.Tensor  # Selection.index
     prefill_length: int
+    queries_only: bool = False  # the stage dropped query rows only; the KV cache keeps every token
 
 
 @dataclass
@@ -512,14 +520,18 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         return hook
 
     def shortened(layer, rows, loop_args, loop_kwargs):
-        """The layer's inputs for the kept tokens. ``rows`` < the kept length means the model itself already
-        kept only the last query rows (Gemma 4 does so before its KV-shared layers under generate)."""
+        """The layer's inputs for the kept tokens (the loop's per-token inputs are full length)."""
         if current["index"] is None:
             return loop_args, loop_kwargs
-        args, kwargs = adapter.shorten_layer_call(loop_args, dict(loop_kwargs), current["index"][:, -rows:],
-                                                  current["layout"].attention_mask)
         mask = current["masks"][adapter.layer_type(text_model, layer)]
-        kwargs["attention_mask"] = mask[:, :, -rows:] if isinstance(mask, torch.Tensor) else mask
+        if rows < current["layout"].length:
+            # The model itself already kept only the last query rows (Gemma 4 does so before its KV-shared layers
+            # under generate), in its per-token inputs too; those rows are the prompt's end, kept by every stage.
+            kwargs = dict(loop_kwargs, attention_mask=mask[:, :, -rows:] if isinstance(mask, torch.Tensor) else mask)
+            return loop_args, kwargs
+        args, kwargs = adapter.shorten_layer_call(loop_args, dict(loop_kwargs), current["index"],
+                                                  current["layout"].attention_mask)
+        kwargs["attention_mask"] = mask
         return args, kwargs
 
     def layer_pre_hook(layer):
@@ -542,7 +554,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         return hook
 
     def state_maps_until(layer):
-        return ([state.pre_map] if state.pre_map else []) + [m for m in state.intra_maps if m.layer <= layer]
+        kept_keys = [m for m in state.intra_maps if m.layer <= layer and not m.queries_only]
+        return ([state.pre_map] if state.pre_map else []) + kept_keys
 
     def prune_here(layer, stage, hidden, kwargs):
         layout = current["layout"]
@@ -560,11 +573,12 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         )
         captured.pop(layer - 1, None)
         new_hidden = selection.gather_tokens(hidden)
-        if adapter.queries_only(text_model, layer):
+        queries_only = adapter.queries_only(text_model, layer)
+        state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length, queries_only))
+        if queries_only:
             # Keys and values come from earlier layers: keep their layout, drop query rows only.
             current["masks"] = adapter.query_only_masks(text_model, hidden, layout, cache, layer, selection.index)
         else:
-            state.intra_maps.append(StageMap(layer, selection.index, selection.prefill_length))
             current["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache,
                                                    layer, selection.layout)
         current["layout"] = selection.layout

@@ -14,8 +14,9 @@ pipeline lays them out.
 The three model variants mirror the released families (E2B, 31B dense, 26B-A4B MoE)
 in every structural switch the modelling code branches on, only tiny. Their Linear /
 Embedding weights (and the vision position table and MoE expert tensors) are re-drawn
-from N(0, 0.15^2): with the default 0.02 init, greedy decoding collapses to a single
-constant token and any "pruned vs. unpruned generation" comparison would pass vacuously.
+from N(0, 0.15^2), the word embedding tied to the output head from N(0, 0.05^2): with
+the default 0.02 init greedy decoding collapses to a single constant token, and any
+"pruned vs. unpruned generation" comparison would pass vacuously.
 """
 
 from __future__ import annotations
@@ -154,11 +155,14 @@ def _train_bpe() -> tuple[list[str], list[tuple[str, str]]]:
     return pieces, merges
 
 
-@functools.lru_cache(maxsize=None)
-def build_tokenizer() -> GemmaTokenizer:
+def _build_tokenizer() -> GemmaTokenizer:
     """Real ``GemmaTokenizer`` (BPE with byte fallback) with the Gemma 4 special tokens,
     configured as the released instruct tokenizer (no automatic <bos>: the chat
-    template writes it; left padding)."""
+    template writes it; left padding).
+
+    Not cached on its own: Gemma4Processor mutates the tokenizer it is given (it
+    registers <|video|>), so only the processor's copy is shared.
+    """
     pieces, merges = _train_bpe()
     tokens = [
         *_CONTROL_TOKENS,
@@ -187,13 +191,13 @@ def build_processor() -> Gemma4Processor:
     kwargs such as ``padding_side`` instead).
     """
     vision = dict(patch_size=_PATCH_SIZE, max_soft_tokens=_MAX_SOFT_TOKENS, pooling_kernel_size=_POOLING_KERNEL_SIZE)
-    # The audio feature extractor is unused here but Gemma4Processor requires all four
-    # parts; do_normalize=False is the released image setting (the model rescales
-    # pixels itself), the video processor's identity normalisation is its own default.
+    # The audio feature extractor is unused here, but Gemma4Processor requires all four
+    # parts. Pixels stay in [0, 1] (no normalisation, as released): the patch embedder
+    # rescales them itself.
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessorPil(do_normalize=False, **vision),
-        tokenizer=build_tokenizer(),
+        image_processor=Gemma4ImageProcessorPil(**vision),
+        tokenizer=_build_tokenizer(),
         video_processor=Gemma4VideoProcessor(**vision),
         chat_template=_CHAT_TEMPLATE,
         image_seq_length=_MAX_SOFT_TOKENS,
@@ -201,7 +205,6 @@ def build_processor() -> Gemma4Processor:
 
 
 def _special_ids() -> dict:
-    # Through the cached processor, whose construction has registered <|video|>.
     tok = build_processor().tokenizer
     get = tok.convert_tokens_to_ids
     vocab_size = -(-len(tok) // 8) * 8
@@ -344,9 +347,9 @@ _WEIGHT_STD = 0.15
 # block adds a normalised (~unit RMS) update to the residual stream, so the current
 # token's own embedding (scaled by sqrt(hidden)) survives into the final hidden state
 # and yields a self-logit ~ std^2 * hidden / rms(residual), against competitors ~ std *
-# sqrt(hidden). At 0.15 greedy decoding then keeps re-emitting its input token (19% of
-# 6-token continuations were one constant token, across variants, seeds and kinds);
-# at 0.05 none were.
+# sqrt(hidden). At 0.15 greedy decoding then keeps re-emitting its input token (17 of
+# 90 six-token continuations were one constant token, across variants, seeds and
+# kinds); at 0.05 none were.
 _TIED_EMBEDDING_STD = 0.05
 
 

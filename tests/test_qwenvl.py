@@ -6,27 +6,20 @@
 * spans, batches, videos and text-only prompts; the per-forward token-count record.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from transformers.masking_utils import create_causal_mask
 
 import custom_qwenvl
 from scripts.tiny_models import FAMILIES, build_model, build_processor, make_inputs
+from tests import oracle
+from tests.oracle import ATTN, STEPS, capture_lm_inputs, forward_logits, gather, greedy, image_runs
 from utils import PruneConfig, PruneConfigError, keep_count
 
-ATTN = ("eager", "sdpa")
-STEPS = 5
 
 
-@contextmanager
 def patched(**env):
-    config = custom_qwenvl.apply_patches(PruneConfig.from_env({k: str(v) for k, v in env.items()}))
-    try:
-        yield config
-    finally:
-        custom_qwenvl.remove_patches()
+    return oracle.patched(custom_qwenvl, **env)
 
 
 def inputs_for(family, kind, with_mask=True, seed=0):
@@ -35,40 +28,6 @@ def inputs_for(family, kind, with_mask=True, seed=0):
     if not with_mask:
         inputs.pop("attention_mask")
     return inputs
-
-
-def greedy(model, inputs, steps=STEPS):
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, -steps:], torch.stack(out.logits)
-
-
-def forward_logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def capture_lm_inputs(model, inputs):
-    """The unpatched language model's inputs for this prompt: embeddings, 3-D positions, deepstack."""
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured.update(kwargs)
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        forward_logits(model, {k: v for k, v in inputs.items() if k != "attention_mask"} | (
-            {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}))
-    finally:
-        handle.remove()
-    return captured
-
-
-def gather(x, index, dim=1):
-    shape = [1] * x.dim()
-    shape[dim - 1], shape[dim] = index.shape
-    return torch.gather(x, dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:]))
 
 
 def shorten_deepstack(lm, keep):
@@ -273,9 +232,7 @@ def test_fastv_scores_equal_eager_attention_weights():
         image_token = model.config.image_token_id
         ids = inputs["input_ids"][0]
         expected = []
-        positions = torch.nonzero(ids == image_token).flatten()
-        runs = torch.tensor_split(positions, (torch.nonzero(positions.diff() != 1).flatten() + 1).tolist())
-        for run in runs:
+        for run in image_runs(ids, image_token):
             k = keep_count(len(run), 0.5)
             expected += sorted(run[row[run].topk(k).indices].tolist())
         for attn in ATTN:

@@ -1,0 +1,223 @@
+"""Visual-token pruning hooks for Gemma 4 (``Gemma4ForConditionalGeneration``, transformers 5.23).
+
+Same public contract as ``custom_qwenvl``: ``apply_patches()`` / ``remove_patches()`` / ``pruning_state()`` /
+``last_record()``, the same configuration and methods. This file only says what is Gemma-specific:
+
+* spans and grids: one span per image and per video frame (each frame is its own ``<boi> ... <eoi>`` block);
+  the grid comes from the patch positions and the 3x3 pooling;
+* positions: plain 1-D RoPE per layer type; kept tokens keep their original positions;
+* per-layer inputs (PLE, E2B/E4B): the token part is shortened with the tokens before the language model,
+  the projected part inside it;
+* masks: ``Gemma4Model`` builds the language model's masks before calling it, so after pruning they are
+  rebuilt for the kept layout, per layer type, sliding windows counted in kept tokens, bidirectional vision
+  blocks (``use_bidirectional_attention == "vision"``, prefill only) from the kept tokens;
+* KV sharing: the last ``num_kv_shared_layers`` layers reuse keys/values stored by the last non-shared layer
+  of each type. Pruning before layer K <= every storing layer shrinks the KV cache of layers >= K; K inside
+  the shared region drops query rows only (exact, and the cache keeps every token); K between a storing layer
+  and the shared region is refused (its consumers would read keys of a different layout);
+* ``logits_to_keep`` is applied after pre-LLM pruning (upstream skips it once the sequence is shorter);
+* attention signals use Gemma's scale 1.0, q/k norms, and keys from the shared KV states in shared layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.masking_utils import (
+    _preprocess_mask_arguments,
+    blockwise_overlay,
+    create_causal_mask,
+    create_masks_for_generate,
+    create_sliding_window_causal_mask,
+    maybe_pad_block_sequence_ids,
+    sliding_window_overlay,
+)
+
+from hooks import FamilyAdapter, batch_row, Layout, Selection, gather_positions
+from patching import ACTIVE_CALL, FamilyPatch, Target, last_record, pruning_state
+from utils import PruneConfig, PruneConfigError
+
+__all__ = ["apply_patches", "remove_patches", "pruning_state", "last_record"]
+
+_MODULE = "transformers.models.gemma4.modeling_gemma4"
+
+
+def _modeling():
+    import importlib
+
+    return importlib.import_module(_MODULE)
+
+
+def _block_ids(is_visual: torch.Tensor) -> torch.Tensor:
+    """Bidirectional-attention block of every token, as Gemma derives it from ``mm_token_type_ids``."""
+    return _modeling().get_block_sequence_ids_for_mask(is_visual.long(), device=is_visual.device)
+
+
+def shared_region_start(text_config) -> int:
+    return text_config.num_hidden_layers - (text_config.num_kv_shared_layers or 0)
+
+
+def _query_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows (query positions, (B, L') with -1 slots) of a (B, 1, L, kv) mask; slots copy row 0."""
+    rows = rows.clamp(min=0).to(mask.device)
+    return torch.stack([batch_row(mask, b)[:, rows[b]] for b in range(rows.shape[0])])
+
+
+class Gemma4Adapter(FamilyAdapter):
+    # -- spans ---------------------------------------------------------------------------------------
+    def span_grids(self, model, modality, features_args):
+        positions = features_args.get(f"{modality}_position_ids")  # (items, max_patches, 2) as (x, y), -1 = pad
+        if positions is None:
+            return None
+        k = model.config.vision_config.pooling_kernel_size
+        grids = []
+        for item in positions:
+            xy = item[(item != -1).all(dim=-1)]
+            grids.append((1, math.ceil((int(xy[:, 1].max()) + 1) / k), math.ceil((int(xy[:, 0].max()) + 1) / k)))
+        return grids
+
+    def check_model(self, config: PruneConfig, model) -> None:
+        text_config = model.config.get_text_config()
+        first_shared = shared_region_start(text_config)
+        stores = [i for i, mode in enumerate(text_config.kv_sharing_modes) if mode == "store"]
+        for stage in config.intra_llm:
+            producers = [s for s in stores if s < stage.layer < first_shared]
+            if producers:
+                raise PruneConfigError(
+                    f"INTRA_LLM_LAYER_SPECS: layer {stage.layer} ({stage.method}) lies after the KV-storing layer "
+                    f"{producers[0]} whose keys the shared layers {first_shared}.. reuse, so they would read keys of "
+                    f"another layout; allowed: a layer <= {min(stores)} (shrinks the KV cache) or >= {first_shared} "
+                    "(drops query rows only)")
+
+    # -- the language-model entry ---------------------------------------------------------------------
+    def mask_2d(self, kwargs, call):
+        # Gemma4Model hands the language model ready-made masks; the padding mask is the one it was given.
+        mask = call.args.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise NotImplementedError("visual-token pruning needs a 2-D attention mask and a DynamicCache "
+                                      "(static caches and pre-built 4-D masks are not supported)")
+        return mask
+
+    def _bidirectional(self, text_config, call) -> bool:
+        # As Gemma4Model: vision blocks attend bidirectionally only if asked for and token types were given.
+        return text_config.use_bidirectional_attention == "vision" and call.args.get("mm_token_type_ids") is not None
+
+    def shorten_lm_inputs(self, selection: Selection, kwargs, call):
+        if kwargs.get("per_layer_inputs") is not None:  # token-identity part of the per-layer embeddings
+            kwargs["per_layer_inputs"] = selection.gather(kwargs["per_layer_inputs"])
+        kwargs["position_ids"] = selection.gather(kwargs["position_ids"])
+        text_config = call.model.config.get_text_config()
+        mask_kwargs = dict(config=text_config, inputs_embeds=kwargs["inputs_embeds"],
+                           attention_mask=selection.layout.attention_mask, past_key_values=kwargs.get("past_key_values"),
+                           position_ids=None)  # kept positions have gaps: never read them as packed sequences
+        if self._bidirectional(text_config, call):
+            mm = _modeling()
+            kwargs["attention_mask"] = mm.create_masks_for_vision_model(
+                block_sequence_ids=_block_ids(selection.layout.span_id >= 0), **mask_kwargs)
+        else:
+            kwargs["attention_mask"] = create_masks_for_generate(**mask_kwargs)
+
+    def decode_lm_inputs(self, kwargs, mask_2d, call):
+        # Decode steps are causal (generate passes no token types); rebuild for the kept layout.
+        kwargs["attention_mask"] = create_masks_for_generate(
+            config=call.model.config.get_text_config(), inputs_embeds=kwargs["inputs_embeds"], attention_mask=mask_2d,
+            past_key_values=kwargs.get("past_key_values"), position_ids=None)
+
+    def finish_lm_output(self, output, kwargs, pruned):
+        # Upstream applies logits_to_keep only when the output is as long as the input ids; after pruning it
+        # is not, so apply it here (generate asks for the last row only).
+        keep = kwargs.get("logits_to_keep", 0)
+        if isinstance(keep, int) and 0 < keep < output.last_hidden_state.shape[1]:
+            output.last_hidden_state = output.last_hidden_state[:, -keep:]
+        return output
+
+    # -- inside the language model ---------------------------------------------------------------------
+    def queries_only(self, text_model, layer):
+        return text_model.config.num_kv_shared_layers and layer >= shared_region_start(text_model.config)
+
+    def _first_layers(self, text_model, layer: int) -> dict[str, int]:
+        """First layer >= ``layer`` of each type that holds its own cache (masks are sized on it)."""
+        config, first = text_model.config, {}
+        for i in range(layer, shared_region_start(config)):
+            first.setdefault(config.layer_types[i], i)
+        return first
+
+    def layer_masks(self, text_model, hidden, mask_2d, cache, layer, layout=None, allow_skip=True):
+        config = text_model.config
+        kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=mask_2d, past_key_values=cache,
+                      position_ids=None, allow_is_causal_skip=allow_skip)
+        masks = {}
+        for layer_type, index in self._first_layers(text_model, layer).items():
+            if layer_type == "full_attention":
+                masks[layer_type] = create_causal_mask(**kwargs, layer_idx=index)
+            elif layout is not None and self._bidirectional(config, ACTIVE_CALL.get()):
+                masks[layer_type] = self._bidirectional_sliding_mask(config, kwargs, layout, index)
+            else:
+                masks[layer_type] = create_sliding_window_causal_mask(**kwargs, layer_idx=index)
+        return masks
+
+    def _bidirectional_sliding_mask(self, config, kwargs, layout: Layout, index: int):
+        """AND(sliding window, OR(causal, same vision block)) for the kept tokens, as Gemma4Model builds it."""
+        block_ids = _block_ids(layout.span_id >= 0)
+        size_kwargs = {k: v for k, v in kwargs.items() if k != "allow_is_causal_skip"}
+        early_exit, *_, kv_length, _, kv_offset = _preprocess_mask_arguments(**size_kwargs, layer_idx=index)
+        if not early_exit:
+            block_ids = maybe_pad_block_sequence_ids(block_ids, kwargs["attention_mask"], kv_length, kv_offset)
+        return create_causal_mask(**kwargs, or_mask_function=blockwise_overlay(block_ids),
+                                  and_mask_function=sliding_window_overlay(config.sliding_window), layer_idx=index)
+
+    def query_only_masks(self, text_model, hidden, layout, cache, layer, rows):
+        # Keys keep the layout the storing layers saw: build its square prefill masks (no cache: the storing
+        # layers have already written this prefill; materialised: with fewer queries than keys a missing mask
+        # would make SDPA slice the keys) and keep the kept query rows.
+        config = text_model.config
+        stores = {config.layer_types[i]: i for i, mode in enumerate(config.kv_sharing_modes) if mode == "store"}
+        masks = {}
+        for layer_type, store in stores.items():
+            full = self.layer_masks(text_model, hidden, layout.attention_mask, None, store, layout,
+                                    allow_skip=False)[layer_type]
+            masks[layer_type] = _query_rows(full, rows) if isinstance(full, torch.Tensor) else full
+        return masks
+
+    def shorten_layer_call(self, args, kwargs, index, mask_2d):
+        per_layer_input = args[0] if args else kwargs.get("per_layer_input")
+        if per_layer_input is not None:
+            per_layer_input = gather_positions(per_layer_input, index)
+        if args:
+            args = (per_layer_input,) + tuple(args[1:])
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (gather_positions(cos, index), gather_positions(sin, index))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = gather_positions(kwargs["position_ids"], index)
+        return args, kwargs
+
+    # -- signals ---------------------------------------------------------------------------------------
+    def query_key(self, attn, inp, sample, rows):
+        rope = _modeling().apply_rotary_pos_emb
+        hidden = inp.hidden[sample]
+        cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
+        d = attn.head_dim
+        rows = rows.to(hidden.device)
+        q = attn.q_norm(attn.q_proj(hidden[rows]).view(rows.numel(), attn.q_proj.out_features // d, d))
+        q = rope(q, cos[rows], sin[rows], unsqueeze_dim=1).transpose(0, 1)
+        if attn.is_kv_shared_layer:  # post-norm, post-RoPE keys of the storing layer
+            k = batch_row(inp.extra["shared_kv_states"][attn.layer_type][0], sample)
+        else:
+            k = attn.k_norm(attn.k_proj(hidden).view(hidden.shape[0], attn.k_proj.out_features // d, d))
+            k = rope(k, cos, sin, unsqueeze_dim=1).transpose(0, 1)
+        return q, k
+
+
+_PATCH = FamilyPatch([Target(_MODULE, "Gemma4Model", "Gemma4TextModel", Gemma4Adapter())])
+
+
+def apply_patches(config: PruneConfig | None = None) -> PruneConfig:
+    """Install the Gemma 4 hooks; the configuration is read from the environment unless given. Idempotent: a
+    second call only replaces the configuration. Returns the active configuration."""
+    return _PATCH.apply(config)
+
+
+def remove_patches() -> None:
+    """Restore every wrapped method. Idempotent."""
+    _PATCH.remove()
