@@ -186,3 +186,9 @@ def test_a_scheduled_method_in_layer_specs_runs_exactly_there(scheduled_method):
     with pytest.raises(PruneConfigError, match="beyond the model's depth"):
         config.resolved_for(5)
 
+
+def test_default_schedule_that_does_not_fit_the_model_is_a_config_error():
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="pdrop_intra_llm")
+    assert [s.layer for s in config.resolved_for(28).intra_llm] == [7, 14, 21]
+    with pytest.raises(PruneConfigError, match=r"PRUNE_METHOD='pdrop_intra_llm'.*does not fit.*INTRA_LLM_LAYER_SPECS"):
+        config.resolved_for(3)
