@@ -494,6 +494,11 @@ class PruningState:
     pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
     listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.config.scheduled is not None:  # its stages would silently never run
+            raise RuntimeError(f"{self.config.scheduled.method}'s schedule is not resolved: build the pruning state "
+                               "from PruneConfig.resolved_for(num_decoder_layers)")
+
     def reset(self) -> None:
         self.record, self.pre_map, self.intra_maps, self.decoded = None, None, [], 0
 

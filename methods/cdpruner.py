@@ -25,6 +25,7 @@ positive (rank-deficient kernel, e.g. duplicate tokens) the official update woul
 the remaining picks take the largest gain left without updating, so the count stays exact.
 
 Hyper-parameter: ``CDPRUNER_RELEVANCE_SIGN`` (-1 official, or 1).
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import torch

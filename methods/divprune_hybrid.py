@@ -10,6 +10,7 @@ sampling seeded at the largest norm; ``alpha = 1`` is plain top-K by norm. Compu
 
 Exact keep count, deterministic; kept tokens are returned in original order with original positions
 (vtbench returns them in selection order). Hyper-parameter: ``DIVPRUNE_HYBRID_ALPHA`` (default 0.5, vtbench's).
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import torch

@@ -8,6 +8,7 @@ isolated token). Computed in fp32 with a running minimum (O(K N) after the N x N
 
 Exact keep count, deterministic; kept tokens are returned in original order with original positions
 (vtbench returns them in selection order, which would reorder the tokens in the sequence). No hyper-parameters.
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import torch

@@ -17,6 +17,7 @@ Official defaults are hard-coded constants, exposed here as hyper-parameters: ``
 image and high-resolution grid scored separately, row-end newline tokens always kept; Qwen has none), fp32
 throughout. The threshold and temperature were tuned on LLaVA projector outputs; on other models check that
 the graph is neither empty nor complete. Deterministic, exact keep count.
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import torch

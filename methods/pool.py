@@ -14,6 +14,7 @@ Each pooled token takes the position of its cell's central token (``(first + las
 ``K = N`` nothing is pooled. Deterministic.
 
 Hyper-parameter: ``POOL_MODE`` = ``avg`` (default) or ``max``.
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import math

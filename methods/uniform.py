@@ -5,6 +5,7 @@ Keeps ``K`` tokens evenly spaced along the span's raster order (t, h, w): token 
 ``K = N`` keeps everything. It ignores the tokens' content; on a 2-D grid a 1-D stride can fall on the same
 columns row after row (see ``pool_pre_llm`` for a spatial baseline on the real grid). Exact keep count,
 deterministic, original order and positions. No hyper-parameters.
+Pre-LLM and feature-based: no attention is read, so it runs with any attention implementation (flash included).
 """
 
 import torch

@@ -192,3 +192,12 @@ def test_default_schedule_that_does_not_fit_the_model_is_a_config_error():
     assert [s.layer for s in config.resolved_for(28).intra_llm] == [7, 14, 21]
     with pytest.raises(PruneConfigError, match=r"PRUNE_METHOD='pdrop_intra_llm'.*does not fit.*INTRA_LLM_LAYER_SPECS"):
         config.resolved_for(3)
+
+
+def test_hooks_refuse_a_configuration_whose_schedule_is_not_resolved():
+    from hooks import PruningState
+
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="pdrop_intra_llm")
+    with pytest.raises(RuntimeError, match="resolved_for"):
+        PruningState(config)
+    assert PruningState(config.resolved_for(32)).config.intra_llm[0].layer == 8
