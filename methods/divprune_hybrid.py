@@ -30,15 +30,15 @@ def divprune_hybrid_select(features: torch.Tensor, keep: int, alpha: float) -> t
     importance = (norms - norms.min()) / spread if spread > 0 else torch.ones_like(norms)
     distance = cosine_distance(features)
     chosen = torch.empty(keep, dtype=torch.long)
-    taken = torch.zeros(features.shape[0], dtype=torch.bool)
-    chosen[0] = torch.argmax(importance)
+    taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    chosen[0] = int(torch.argmax(importance))
     taken[chosen[0]] = True
     min_to_chosen = distance[chosen[0]].clone()
     for i in range(1, keep):
         top = min_to_chosen.max()
         diversity = min_to_chosen / top if top > 0 else min_to_chosen
         score = (alpha * importance + (1.0 - alpha) * diversity).masked_fill(taken, -1.0)
-        chosen[i] = torch.argmax(score)
+        chosen[i] = int(torch.argmax(score))
         taken[chosen[i]] = True
         min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
     return chosen

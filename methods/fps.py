@@ -22,11 +22,11 @@ def fps_select(features: torch.Tensor, keep: int) -> torch.Tensor:
     features = features.float()
     distance = cosine_distance(features)
     chosen = torch.empty(keep, dtype=torch.long)
-    chosen[0] = torch.argmax(features.norm(dim=1))
+    chosen[0] = int(torch.argmax(features.norm(dim=1)))
     min_to_chosen = distance[chosen[0]].clone()
     min_to_chosen[chosen[0]] = -1.0  # never re-picked, even where float error leaves a self-distance above 0
     for i in range(1, keep):
-        chosen[i] = torch.argmax(min_to_chosen)
+        chosen[i] = int(torch.argmax(min_to_chosen))
         min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
         min_to_chosen[chosen[i]] = -1.0
     return chosen
