@@ -297,12 +297,26 @@ class AttentionInput:
     extra: dict = field(default_factory=dict)  # other attention kwargs a family needs (e.g. shared KV states)
 
 
+@dataclass
+class EntryView:
+    """The language model's input for one prefill, and where the current rows came from in it."""
+
+    embeddings: torch.Tensor  # (B, L0, D) what decoder layer 0 received
+    span_id: torch.Tensor  # (B, L0) the entry layout's span ids
+    index: torch.Tensor | None  # (B, L) current row -> entry row (-1: padding slot); None: nothing dropped yet
+
+
+# Attention probabilities computed per block of query rows: about 64 MB of fp32 scores per block.
+_BLOCK_ELEMENTS = 1 << 24
+
+
 class LayerSignals(SignalSource):
     """Signals of one sample at pruning layer K: attention rows of layer K-1 (captured) or K (computed)."""
 
     def __init__(self, adapter: "FamilyAdapter", text_model, sample: int, inputs: dict[int, Callable[[], AttentionInput]],
-                 hidden: torch.Tensor):
+                 hidden: torch.Tensor, entry: EntryView | None = None):
         self.adapter, self.text_model, self.sample, self.inputs, self.hidden = adapter, text_model, sample, inputs, hidden
+        self.entry = entry
         self._cache: dict = {}
 
     def _input(self, layer: int) -> AttentionInput:
@@ -321,15 +335,21 @@ class LayerSignals(SignalSource):
         return self._cache[key]
 
     def attention(self, query_rows: torch.Tensor, layer: int) -> torch.Tensor:
+        return next(self.attention_blocks(query_rows, layer, max(1, query_rows.numel())))
+
+    def attention_blocks(self, query_rows: torch.Tensor, layer: int, block_rows: int | None = None):
         rows = query_rows.to("cpu", torch.long)
-        q, k = self._query_key(layer, rows)  # (H, r, d), (H_kv, L, d)
+        q, k = self._query_key(layer, rows)  # (H, r, d), (H_kv, L, d): one projection shared by every block
         attn = self.text_model.layers[layer].self_attn
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.adapter.attention_scale(attn)  # (H, r, L)
-        allowed = self.adapter.allowed_keys(attn, self._input(layer).attention_mask, self.sample, rows, k.shape[1],
-                                            scores.device)
-        scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
-        return torch.softmax(scores, dim=-1)
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0).float()
+        step = block_rows or max(1, _BLOCK_ELEMENTS // (q.shape[0] * k.shape[1]))
+        for start in range(0, max(1, rows.numel()), step):
+            block = rows[start:start + step]
+            scores = (q[:, start:start + step].float() @ k.transpose(-1, -2)) * self.adapter.attention_scale(attn)
+            allowed = self.adapter.allowed_keys(attn, self._input(layer).attention_mask, self.sample, block,
+                                                k.shape[1], scores.device)
+            scores = scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+            yield torch.softmax(scores, dim=-1)  # (H, b, L)
 
     def key_states(self, layer: int) -> torch.Tensor:
         _, k = self._query_key(layer, torch.zeros(0, dtype=torch.long))
@@ -337,6 +357,21 @@ class LayerSignals(SignalSource):
 
     def final_normed_hidden_states(self) -> torch.Tensor:
         return self.text_model.norm(self.hidden[self.sample])
+
+    def _entry_rows(self) -> torch.Tensor:
+        if self.entry is None:
+            raise RuntimeError("the language model's input embeddings were not captured for this call")
+        if self.entry.index is None:
+            return torch.arange(self.entry.embeddings.shape[1], device=self.entry.embeddings.device)
+        return self.entry.index[self.sample].to(self.entry.embeddings.device)
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self.entry.embeddings[self.sample, self._entry_rows().clamp(min=0)]
+
+    def span_input_embeddings(self, span_positions: torch.Tensor) -> torch.Tensor:
+        first = self._entry_rows()[span_positions[0].to(self.entry.embeddings.device)]
+        span_ids = self.entry.span_id[self.sample].to(first.device)
+        return self.entry.embeddings[self.sample, span_ids == span_ids[first]]
 
 
 def batch_row(x: torch.Tensor, sample: int) -> torch.Tensor:
@@ -467,6 +502,11 @@ class PruningState:
     pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
     listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.config.scheduled is not None:  # its stages would silently never run
+            raise RuntimeError(f"{self.config.scheduled.method}'s schedule is not resolved: build the pruning state "
+                               "from PruneConfig.resolved_for(num_decoder_layers)")
+
     def reset(self) -> None:
         self.record, self.pre_map, self.intra_maps, self.decoded = None, None, [], 0
 
@@ -511,7 +551,12 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
     # (the loop's per-token tensors stay full length), and the masks rebuilt at the last stage.
     current: dict[str, Any] = {"layout": layout, "index": None, "masks": None}
     captured: dict[int, AttentionInput] = {}
+    entry: dict[str, torch.Tensor] = {}  # prefill: decoder layer 0's input (the language model's input embeddings)
     prefill = layout is not None
+
+    def capture_entry(module, args, kwargs):
+        entry["embeddings"] = args[0] if args else kwargs["hidden_states"]
+        entry["span_id"] = layout.span_id  # the layout the language model was called with
 
     def capture_attention_input(layer):
         def hook(module, args, kwargs):
@@ -567,9 +612,10 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         if layer - 1 in captured:
             inputs[layer - 1] = lambda c=captured[layer - 1]: c
 
+        view = EntryView(entry["embeddings"], entry["span_id"], current["index"]) if entry else None
         selection = select_tokens(
             stage, config, layout, hidden,
-            signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden),
+            signals=lambda b: LayerSignals(adapter, text_model, b, inputs, hidden, view),
         )
         captured.pop(layer - 1, None)
         new_hidden = selection.gather_tokens(hidden)
@@ -588,6 +634,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
 
     first = min(stages)
     try:
+        if prefill:  # registered first: a stage at layer 0 must see it captured
+            handles.append(layers[0].register_forward_pre_hook(capture_entry, with_kwargs=True))
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
         if prefill:

@@ -111,10 +111,11 @@ class FamilyPatch:
     # -- per-model state ---------------------------------------------------------------------------
     def state_for(self, model, adapter: FamilyAdapter) -> PruningState:
         state = getattr(model, STATE_ATTR, None)
-        if state is None or state.config is not self.config:
-            self.config.check_depth(model.config.get_text_config().num_hidden_layers)
-            adapter.check_model(self.config, model)
-            state = PruningState(self.config)
+        # Depth-checked, with a multi-stage method's own schedule expanded for this depth (memoised per depth).
+        config = self.config.resolved_for(model.config.get_text_config().num_hidden_layers)
+        if state is None or state.config is not config:
+            adapter.check_model(config, model)
+            state = PruningState(config)
             setattr(model, STATE_ATTR, state)
         return state
 

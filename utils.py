@@ -11,7 +11,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import methods
@@ -67,10 +67,14 @@ class PruneConfig:
     pre_llm: Stage | None = None
     intra_llm: tuple[Stage, ...] = ()  # sorted by layer, ratios non-increasing
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method name -> hyper-parameters
+    # An intra-LLM method named alone that has its own multi-stage schedule (e.g. PyramidDrop): its layers depend
+    # on the model's depth, so it becomes concrete stages in ``resolved_for`` (layer None until then).
+    scheduled: Stage | None = None
+    _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # depth -> config
 
     @property
     def active(self) -> bool:
-        return self.pre_llm is not None or bool(self.intra_llm)
+        return self.pre_llm is not None or bool(self.intra_llm) or self.scheduled is not None
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -88,9 +92,29 @@ class PruneConfig:
                     f"allowed: 0..{num_layers - 1} for this model with {num_layers} decoder layers"
                 )
 
+    def resolved_for(self, num_layers: int) -> "PruneConfig":
+        """The configuration for a model with ``num_layers`` decoder layers: depth checked, a scheduled method
+        expanded into its stages. Immutable and memoised per depth (the same object for every forward)."""
+        if num_layers not in self._resolved:
+            config = self
+            if self.scheduled is not None:
+                spec = self.method(self.scheduled.method)
+                try:
+                    schedule = spec.default_schedule(num_layers, self.scheduled.ratio)
+                except ValueError as err:
+                    raise PruneConfigError(f"PRUNE_METHOD={spec.name!r}: its default schedule does not fit this "
+                                           f"model ({err}); allowed: an explicit INTRA_LLM_LAYER_SPECS") from None
+                stages = [Stage(spec.name, ratio, layer) for layer, ratio in schedule]
+                _check_intra(stages, "PRUNE_METHOD", spec.name, methods.registered_methods())
+                config = replace(self, intra_llm=tuple(stages), scheduled=None)
+            config.check_depth(num_layers)
+            self._resolved[num_layers] = config
+        return self._resolved[num_layers]
+
     def describe(self) -> dict:
         """JSON-friendly form, e.g. to namespace and record a run."""
-        return json.loads(json.dumps(asdict(self), default=str))
+        public = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return json.loads(json.dumps(public, default=lambda v: asdict(v) if isinstance(v, Stage) else str(v)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PruneConfig":
@@ -205,32 +229,36 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
         raise _fail("KEEP_RATIO", keep_text, "required when a pruning method is set", "a number in (0, 1], e.g. 0.25")
 
     pre = Stage(pre_name, keep_ratio) if pre_name else None
+    intra, scheduled = [], None
     if specs_text:
         intra = _parse_layer_specs(specs_text, keep_ratio, registry)
+    elif intra_name and registry[intra_name].default_schedule is not None:
+        scheduled = Stage(intra_name, keep_ratio)  # layers known once the model's depth is (resolved_for)
     elif intra_name:
         intra = [Stage(intra_name, keep_ratio, registry[intra_name].default_layer)]
-    else:
-        intra = []
 
+    intra.sort(key=lambda s: s.layer)
+    _check_intra(intra, "INTRA_LLM_LAYER_SPECS" if specs_text else "PRUNE_METHOD", specs_text or intra_name, registry)
+
+    used = {s.method for s in ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
+    params = {name: _parse_params(registry[name], env) for name in sorted(used)}
+    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled)
+
+
+def _check_intra(intra: list[Stage], var: str, value: str, registry) -> None:
+    """Intra-LLM stages (sorted by layer): distinct layers, each method's minimum layer, non-increasing ratios."""
     layers = [s.layer for s in intra]
     duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
     if duplicates:
-        raise _fail("INTRA_LLM_LAYER_SPECS", specs_text, f"layer {duplicates[0]} appears more than once",
-                    "each layer at most once")
-    intra.sort(key=lambda s: s.layer)
+        raise _fail(var, value, f"layer {duplicates[0]} appears more than once", "each layer at most once")
     for stage in intra:
         spec = registry[stage.method]
         if stage.layer < spec.min_layer:
-            raise _fail("INTRA_LLM_LAYER_SPECS" if specs_text else "PRUNE_METHOD", specs_text or stage.method,
-                        f"{stage.method} cannot run before layer {stage.layer}",
+            raise _fail(var, value, f"{stage.method} cannot run before layer {stage.layer}",
                         f"layer >= {spec.min_layer} for {stage.method}")
     for earlier, later in zip(intra, intra[1:]):
         if later.ratio > earlier.ratio:
-            raise _fail("INTRA_LLM_LAYER_SPECS", specs_text,
+            raise _fail(var, value,
                         f"ratio {later.ratio} at layer {later.layer} exceeds {earlier.ratio} at layer {earlier.layer}",
                         "ratios that do not increase with depth (each is a fraction of the tokens that entered "
                         "the language model)")
-
-    used = {s.method for s in ([pre] if pre else []) + intra}
-    params = {name: _parse_params(registry[name], env) for name in sorted(used)}
-    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params)

@@ -14,7 +14,12 @@ def main(argv=None) -> None:
     extra = [p for p in os.environ.get("PRUNE_METHODS_PATH", "").split(os.pathsep) if p.strip()]
     for name, spec in load_methods(extra).items():
         layer = f"  default layer {spec.default_layer}" if spec.default_layer is not None else ""
-        print(f"{name:<28} {spec.stage:<10}{layer}")
+        if spec.default_schedule is not None:
+            # Shown for a 32-layer model at KEEP_RATIO=0.5; the layers scale with the model's depth.
+            stages = ", ".join(f"{k}:{r:.3g}" for k, r in spec.default_schedule(32, 0.5))
+            layer = f"  default schedule (32 layers, KEEP_RATIO=0.5) {stages}"
+        count = "" if spec.exact_count else "  [count decided by the method]"
+        print(f"{name:<28} {spec.stage:<10}{layer}{count}")
         print(f"    {spec.description}")
         for param in spec.params:
             print(f"    {param.env}={param.default!r}  {param.help}")

@@ -40,10 +40,24 @@ class SignalSource:
     def attention(self, query_rows: torch.Tensor, layer: int) -> torch.Tensor:  # [H, r, L] probabilities
         raise NotImplementedError
 
+    def attention_blocks(self, query_rows: torch.Tensor, layer: int, block_rows: int | None = None):
+        """``attention`` of consecutive blocks of ``query_rows`` (yields [H, b, L]), for methods that reduce over
+        many rows; a source that can share the query/key projections between blocks overrides this."""
+        step = block_rows or max(1, query_rows.numel())
+        for start in range(0, query_rows.numel(), step):
+            yield self.attention(query_rows[start:start + step], layer)
+
     def key_states(self, layer: int) -> torch.Tensor:  # [L, H_kv, d], post-RoPE
         raise NotImplementedError
 
     def final_normed_hidden_states(self) -> torch.Tensor:  # [L, D]
+        raise NotImplementedError
+
+    def input_embeddings(self) -> torch.Tensor:  # [L, D] the LM input embedding of each current row
+        raise NotImplementedError
+
+    def span_input_embeddings(self, span_positions: torch.Tensor) -> torch.Tensor:  # [N0, D]
+        """The LM input embeddings of every token the span (named by its current rows) had when it entered."""
         raise NotImplementedError
 
 
@@ -99,6 +113,32 @@ class PruneContext:
         probs = self._need_signals("attention").attention(rows, layer)
         return probs[..., self.span_positions]
 
+    def attention_to_span_blocks(self, query_rows: torch.Tensor, layer: int | None = None,
+                                 block_rows: int | None = None):
+        """``attention_to_span`` for many query rows, yielded block by block ([H, b, N] each, rows in order), so
+        that reducing over thousands of rows (e.g. every visual row) never holds more than one block."""
+        layer = self.layer - 1 if layer is None else layer
+        for probs in self._need_signals("attention").attention_blocks(query_rows, layer, block_rows):
+            yield probs[..., self.span_positions]
+
+    def text_after_span(self) -> torch.Tensor:
+        """Rows of the sample's text tokens after this span: the only tokens that can attend to it (causal
+        attention), i.e. the instruction and the chat-template suffix when the image precedes the question."""
+        return self.text_positions[self.text_positions > self.span_positions.max()]
+
+    def input_embeddings(self) -> torch.Tensor:
+        """The language model's input embeddings [L, D] of the rows of ``hidden_states`` (pre-LLM: those states)."""
+        if self.stage == PRE_LLM:
+            return self.hidden_states
+        return self._need_signals("input embeddings").input_embeddings()
+
+    def span_input_embeddings(self) -> torch.Tensor:
+        """Input embeddings [N0, D] of every token this span had when it entered the language model, including
+        those an earlier intra-LLM stage dropped (pre-LLM: ``features``)."""
+        if self.stage == PRE_LLM:
+            return self.features
+        return self._need_signals("input embeddings").span_input_embeddings(self.span_positions)
+
     def key_states(self, layer: int | None = None) -> torch.Tensor:
         """Post-RoPE key states [L, H_kv, d] of decoder layer ``layer`` (default ``self.layer - 1``)."""
         layer = self.layer - 1 if layer is None else layer
@@ -137,6 +177,9 @@ class MethodSpec:
     min_layer: int = 0  # intra-LLM: e.g. 1 for methods that read the previous layer's attention
     exact_count: bool = True  # False: the method may keep fewer or more than ctx.keep (documented by it)
     source: str = ""
+    # intra-LLM: (num_layers, keep_ratio) -> [(layer, ratio), ...], the method's own multi-stage schedule for a
+    # model of that depth, used when the method is named alone (the depth is known at the first forward).
+    default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -156,15 +199,16 @@ def register_prune(
     default_layer: int | None = None,
     min_layer: int = 0,
     exact_count: bool = True,
+    default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None,
 ):
     """Register a pruning method. The name's suffix (``_pre_llm`` / ``_intra_llm``) fixes its stage."""
     stage = stage_of(name)
     if stage is None:
         raise ValueError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'")
-    if stage == INTRA_LLM and default_layer is None:
-        raise ValueError(f"intra-LLM method {name!r} needs a default_layer")
-    if stage == PRE_LLM and default_layer is not None:
-        raise ValueError(f"pre-LLM method {name!r} takes no default_layer")
+    if stage == INTRA_LLM and default_layer is None and default_schedule is None:
+        raise ValueError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule")
+    if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
+        raise ValueError(f"pre-LLM method {name!r} takes no default_layer or default_schedule")
 
     def decorator(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -181,6 +225,7 @@ def register_prune(
             min_layer=min_layer,
             exact_count=exact_count,
             source=fn.__module__,
+            default_schedule=default_schedule,
         )
         return fn
 

@@ -16,10 +16,14 @@ The contract
   ``ctx.params`` (your hyper-parameters, parsed and validated), ``ctx.generator(seed)`` for randomness,
   ``ctx.hidden_states`` [L, D] (the whole sample: the LLM input embeddings pre-LLM, the hidden states at the
   layer intra-LLM), ``ctx.span_positions`` and ``ctx.text_positions`` (indices into it).
+  ``ctx.text_after_span()`` (rows of the text that can attend to the span), ``ctx.input_embeddings()``.
   Intra-LLM only: ``ctx.layer``,
   ``ctx.attention_to_span(query_rows=None, layer=None)`` -> [H, r, N] probabilities (default: the last
-  prompt token at layer K-1), ``ctx.key_states(layer)``, ``ctx.final_normed_hidden_states()``.
+  prompt token at layer K-1), ``ctx.attention_to_span_blocks(rows, layer)`` (many rows, block by block),
+  ``ctx.key_states(layer)``, ``ctx.final_normed_hidden_states()``, ``ctx.span_input_embeddings()``.
   Signals are computed lazily, only when asked for, without an L x L attention matrix.
+* A multi-stage intra-LLM method may register ``default_schedule=fn(num_layers, keep_ratio)`` returning
+  ``[(layer, cumulative_ratio), ...]``: its own stages when it is named alone (see ``methods/pdrop.py``).
 * Hyper-parameters are environment variables declared with ``HyperParam``; they are read once when the
   patches are applied and listed by ``python -m methods``. Never read ``os.environ`` in a method.
 * Set ``exact_count=False`` only if the official algorithm decides the count itself; say how in the docstring.

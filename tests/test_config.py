@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+import torch
 
 import custom_qwenvl
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
@@ -146,3 +147,57 @@ def test_untested_transformers_version_is_refused_loudly(monkeypatch):
     monkeypatch.setenv("PRUNE_ALLOW_UNTESTED_TRANSFORMERS", "1")
     with pytest.warns(UserWarning, match="5.24.0"):
         check_transformers_version()
+
+
+@pytest.fixture
+def scheduled_method():
+    """A test-only intra-LLM method with its own two-stage schedule (layers 1/4 and 3/4 of the depth)."""
+    import methods
+
+    def schedule(num_layers, ratio):
+        return [(num_layers // 4, ratio), (3 * num_layers // 4, ratio / 2)]
+
+    @methods.register_prune("two_stage_intra_llm", default_schedule=schedule, min_layer=1)
+    def two_stage_intra_llm(ctx):
+        """Test method."""
+        return torch.arange(ctx.keep)
+
+    yield "two_stage_intra_llm"
+    methods._base._REGISTRY.pop("two_stage_intra_llm")
+
+
+def test_a_scheduled_method_named_alone_is_resolved_when_the_depth_is_known(scheduled_method):
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD=scheduled_method)
+    assert config.active and config.intra_llm == () and config.scheduled == Stage(scheduled_method, 0.5)
+    resolved = config.resolved_for(32)
+    assert resolved.intra_llm == (Stage(scheduled_method, 0.5, 8), Stage(scheduled_method, 0.25, 24))
+    assert resolved.scheduled is None and config.intra_llm == ()  # the parsed configuration is unchanged
+    assert config.resolved_for(32) is resolved  # memoised: the pruning state keeps its identity every forward
+    assert config.resolved_for(8).intra_llm == (Stage(scheduled_method, 0.5, 2), Stage(scheduled_method, 0.25, 6))
+    assert config.describe()["scheduled"] == {"method": scheduled_method, "ratio": 0.5, "layer": None}
+    with pytest.raises(PruneConfigError, match=r"PRUNE_METHOD='two_stage_intra_llm'.*cannot run before layer 0"):
+        config.resolved_for(2)  # layers (0, 1): below the method's minimum layer
+
+
+def test_a_scheduled_method_in_layer_specs_runs_exactly_there(scheduled_method):
+    config = parse(INTRA_LLM_LAYER_SPECS=f"5:{scheduled_method}:0.4")
+    assert config.scheduled is None and config.intra_llm == (Stage(scheduled_method, 0.4, 5),)
+    assert config.resolved_for(6).intra_llm == config.intra_llm
+    with pytest.raises(PruneConfigError, match="beyond the model's depth"):
+        config.resolved_for(5)
+
+
+def test_default_schedule_that_does_not_fit_the_model_is_a_config_error():
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="pdrop_intra_llm")
+    assert [s.layer for s in config.resolved_for(28).intra_llm] == [7, 14, 21]
+    with pytest.raises(PruneConfigError, match=r"PRUNE_METHOD='pdrop_intra_llm'.*does not fit.*INTRA_LLM_LAYER_SPECS"):
+        config.resolved_for(3)
+
+
+def test_hooks_refuse_a_configuration_whose_schedule_is_not_resolved():
+    from hooks import PruningState
+
+    config = parse(KEEP_RATIO=0.5, PRUNE_METHOD="pdrop_intra_llm")
+    with pytest.raises(RuntimeError, match="resolved_for"):
+        PruningState(config)
+    assert PruningState(config.resolved_for(32)).config.intra_llm[0].layer == 8
