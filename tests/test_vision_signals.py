@@ -16,12 +16,19 @@ import hooks
 import methods
 from methods import VisionNeeds
 from scripts.tiny_models import FAMILIES, build_model
-from tests.test_qwenvl import forward_logits, inputs_for, patched
+from tests.test_qwenvl import forward_logits, gather, greedy, inputs_for, patched
+from utils import keep_count
 
 MODULES = {"qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
            "qwen2_5_vl": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
            "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl"}
 PIXELS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+VISION_METHODS = ["prumerge_pre_llm", "prumerge_plus_pre_llm", "visionzip_pre_llm", "vispruner_pre_llm",
+                  "vtc_cls_pre_llm"]
+# PruMerge's official count ignores KEEP_RATIO; its keep-count mode is the one with a 1.0 / 0.25 contract.
+# The tiny spans keep 1-3 tokens at 0.25: VisionZip's default split would leave no contextual token there.
+ENV = {"prumerge_pre_llm": {"PRUMERGE_ADAPTIVE": 0}, "prumerge_plus_pre_llm": {"PRUMERGE_ADAPTIVE": 0},
+       "vtc_cls_pre_llm": {"VTC_CLS_START_LAYER": 0}, "visionzip_pre_llm": {"VISIONZIP_DOMINANT_RATIO": 0.5}}
 
 PROBED = []
 
@@ -149,3 +156,67 @@ def test_encoder_is_not_hooked_for_methods_without_vision_signals(monkeypatch):
     with patched(KEEP_RATIO=0.5, PRUNE_METHOD="divprune_pre_llm"):
         forward_logits(model, inputs_for("qwen2_5_vl", "image"))
         assert custom_qwenvl.pruning_state(model).pending_vision == {}
+
+
+def layer0_inputs(model, inputs):
+    """Hidden states and rotary cos entering decoder layer 0 (after any pre-LLM stage)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["hidden"], seen["cos"] = args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"][0]
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward_logits(model, inputs)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_vision_methods_through_the_hooks(family, method):
+    model = build_model(family)
+    env = ENV.get(method, {})
+    inputs = inputs_for(family, "two_images")
+    ref_logits, (ref_ids, ref_steps) = forward_logits(model, inputs), greedy(model, inputs)
+    with patched(KEEP_RATIO=1.0, PRUNE_METHOD=method, **env):
+        logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
+
+    inputs = inputs_for(family, "image_video")
+    full = layer0_inputs(model, inputs)
+    with patched(KEEP_RATIO=0.25, PRUNE_METHOD=method, **env):
+        pruned = layer0_inputs(model, inputs)
+        state = custom_qwenvl.pruning_state(model)
+        index, spans = state.pre_map.index, state.record.spans[0]
+        greedy(model, inputs)  # generate runs the encoder before the language model: signals must still arrive
+    assert all(span.counts["pre_llm"] == keep_count(span.counts["input"], 0.25) for span in spans)
+    assert index.shape[1] == inputs["input_ids"].shape[1] - sum(s.counts["input"] - s.counts["pre_llm"] for s in spans)
+    # Every kept or merged token sits at the original position of the token it represents.
+    assert torch.equal(pruned["cos"], gather(full["cos"], index))
+    changed = (pruned["hidden"] != gather(full["hidden"], index)).any(dim=-1)[0]
+    visual = torch.isin(inputs["input_ids"][0, index[0]], torch.tensor([model.config.image_token_id,
+                                                                         model.config.video_token_id]))
+    assert bool(visual[changed].all())  # only visual tokens are ever replaced
+    merging = method in ("prumerge_pre_llm", "prumerge_plus_pre_llm", "visionzip_pre_llm")
+    assert bool(changed.any()) == merging
+
+
+def test_prumerge_official_count_is_recorded(monkeypatch):
+    """PruMerge's default (official, data-dependent) count: the IQR outliers plus the extra token, per span."""
+    import methods.prumerge as prumerge
+
+    selected, adaptive_count = [], prumerge.adaptive_count
+
+    def spy(attention):
+        count = adaptive_count(attention)
+        selected.append((attention.numel(), count[0]))
+        return count
+
+    monkeypatch.setattr(prumerge, "adaptive_count", spy)
+    model = build_model("qwen2_5_vl")
+    with patched(KEEP_RATIO=0.25, PRUNE_METHOD="prumerge_pre_llm"):
+        forward_logits(model, inputs_for("qwen2_5_vl", "two_images"))
+        spans = custom_qwenvl.last_record(model).spans[0]
+    assert [(s.counts["input"], s.counts["pre_llm"]) for s in spans] == [(n, k + (k < n)) for n, k in selected]
