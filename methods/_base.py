@@ -58,9 +58,9 @@ class VisionSignals:
                queries of its attention segment (one image or video frame, padding excluded), then over heads;
                summed over the patches that form LLM token i (Qwen: the 2x2 merge group, Gemma 4: the 3x3
                pooling bin). Each attention segment's scores therefore sum to 1.
-    keys:      [N, H, d] fp32 key vectors of the last globally attending layer, post key-norm (if the model has
-               one) and before the rotary embedding, averaged over the patches that form each LLM token;
-               None unless the method asked for keys.
+    keys:      [N, H, d] fp32 key vectors of the last globally attending layer (H: its key heads), post
+               key-norm (if the model has one) and before the rotary embedding, averaged over the patches that
+               form each LLM token; None unless the method asked for keys.
     """
 
     attention: dict[int, torch.Tensor]
