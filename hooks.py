@@ -371,9 +371,10 @@ def vision_layers(needs: VisionNeeds, global_layers: list[int], depth: int) -> l
     first = needs.first_layer + depth if needs.first_layer < 0 else needs.first_layer
     layers = [layer for layer in global_layers if layer >= first]
     if not layers:
-        raise PruneConfigError(f"vision-encoder layer {needs.first_layer} leaves no globally attending layer to "
-                               f"score; allowed: at most {global_layers[-1]} (or a negative index) for this "
-                               f"encoder of {depth} layers, whose globally attending layers are {global_layers}")
+        raise PruneConfigError(f"first vision-encoder layer {needs.first_layer} (a hyper-parameter of the pre-LLM "
+                               f"method, see `python -m methods`) leaves no globally attending layer to score; "
+                               f"allowed: at most {global_layers[-1]} (or a negative index) for this encoder of "
+                               f"{depth} layers, whose globally attending layers are {global_layers}")
     return layers
 
 

@@ -16,7 +16,7 @@ import hooks
 import methods
 from methods import VisionNeeds
 from scripts.tiny_models import FAMILIES, build_model
-from tests.test_qwenvl import forward_logits, gather, greedy, inputs_for, patched
+from tests.test_qwenvl import forward_logits, gather, greedy, inputs_for, patched, single
 from utils import keep_count
 
 MODULES = {"qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
@@ -201,6 +201,17 @@ def test_vision_methods_through_the_hooks(family, method):
     assert bool(visual[changed].all())  # only visual tokens are ever replaced
     merging = method in ("prumerge_pre_llm", "prumerge_plus_pre_llm", "visionzip_pre_llm")
     assert bool(changed.any()) == merging
+
+
+@pytest.mark.parametrize("family, kind", [("qwen2_5_vl", "batch"), ("qwen3_vl", "ragged_batch")])
+def test_batch_spans_get_their_own_signals(family, kind):
+    """In a left-padded batch every span gets its own image's signals: each sample as if alone."""
+    model = build_model(family)
+    inputs = inputs_for(family, kind)
+    with patched(KEEP_RATIO=0.5, PRUNE_METHOD="visionzip_pre_llm", VISIONZIP_DOMINANT_RATIO=0.5):
+        batch = forward_logits(model, inputs)[:, -1]
+        for b in range(2):
+            torch.testing.assert_close(forward_logits(model, single(inputs, b))[0, -1], batch[b], rtol=1e-5, atol=1e-5)
 
 
 def test_prumerge_official_count_is_recorded(monkeypatch):
