@@ -158,16 +158,18 @@ class PruneContext:
 
     def vision_attention_received(self, layer: int | None = None) -> torch.Tensor:
         """[N] attention each LLM visual token of this span receives inside the vision encoder at ``layer``
-        (default: the last globally attending layer); the [CLS]-attention substitute, see ``VisionSignals``."""
+        (default: the last globally attending layer); the [CLS]-attention substitute, see ``VisionSignals``.
+        On the device of ``features`` (the encoder may sit on another one)."""
         attention = self._need_vision().attention
-        return attention[max(attention) if layer is None else layer]
+        return attention[max(attention) if layer is None else layer].to(self.features.device)
 
     def vision_keys(self) -> torch.Tensor:
-        """[N, H, d] key vectors of the last globally attending encoder layer, see ``VisionSignals``."""
+        """[N, H, d] key vectors of the last globally attending encoder layer, see ``VisionSignals``; on the
+        device of ``features``."""
         keys = self._need_vision().keys
         if keys is None:
             raise RuntimeError("vision keys were not captured: register the method with VisionNeeds(keys=True)")
-        return keys
+        return keys.to(self.features.device)
 
     def generator(self, seed: int) -> torch.Generator:
         """A CPU generator for this span derived from the method's ``seed``: reproducible run to run."""

@@ -83,9 +83,9 @@ def merge_into_kept(attention: torch.Tensor, keys: torch.Tensor, features: torch
     """PruMerge's merge: each kept token plus its attention-weighted key neighbours, and one extra token for
     the tokens not kept (at the position of the most attended of them). ``keys`` are [N, C]."""
     n = features.shape[0]
-    values, weights = features.float(), attention.float().to(features.device)
+    values, weights = features.float(), attention.float()
     kept = kept.to(features.device)
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1).to(features.device)
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     similarity = unit[kept] @ unit.T
     similarity[torch.arange(kept.numel(), device=features.device), kept] = float("-inf")  # not its own neighbour
     near = similarity.topk(min(neighbours, n - 1), dim=1).indices

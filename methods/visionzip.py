@@ -51,11 +51,11 @@ def visionzip_merge(attention: torch.Tensor, keys: torch.Tensor, features: torch
         return dominant, features[dominant]
     step = max(1, remaining.numel() // contextual_num)
     is_target = torch.zeros(remaining.numel(), dtype=torch.bool, device=remaining.device)
-    is_target[torch.arange(0, remaining.numel(), step)[:contextual_num]] = True
+    is_target[torch.arange(0, remaining.numel(), step, device=remaining.device)[:contextual_num]] = True
     targets, others = remaining[is_target], remaining[~is_target]
     unit = keys.float() / keys.float().norm(dim=-1, keepdim=True)
     values = features.float()
-    assigned = (unit[others] @ unit[targets].T).argmax(dim=1).to(values.device)  # into targets, first on ties
+    assigned = (unit[others] @ unit[targets].T).argmax(dim=1)  # index into targets, first on ties
     sums = torch.zeros(targets.numel(), values.shape[1], device=values.device).index_add_(0, assigned, values[others])
     counts = torch.bincount(assigned, minlength=targets.numel()).clamp(min=1).unsqueeze(1)
     contextual = values[targets] + sums / counts
