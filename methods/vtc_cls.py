@@ -11,8 +11,10 @@ Official defaults: ``--layer 16``, ``--token_num 36`` (argparse defaults of llav
 Here the count is the toolkit's keep-count rule on ``KEEP_RATIO`` (exact count), per span.
 
 Hyper-parameters:
-  VTC_CLS_START_LAYER (default 16): first encoder layer whose attention is summed; negative counts from the
-  end (-8 is "the last 8 layers", the official range on CLIP-L's 24 layers).
+  VTC_CLS_START_LAYER (default 16, the official value): first encoder layer whose attention is summed;
+  negative counts from the end. The official default sums 7 layers on CLIP-L (16..22, ending at the feature
+  layer); on a deeper encoder 16 sums more (Qwen2-VL's 32 layers: 16..31), and -7 sums as many as the
+  official default does.
 
 Adaptations (see README, "Vision-encoder signals"):
   * The [CLS] row is replaced by the mean attention a token receives (``ctx.vision_attention_received``),
