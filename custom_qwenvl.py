@@ -3,7 +3,8 @@
 ``apply_patches()`` reads the pruning configuration from the environment (see README) and installs the shared
 wrappers of ``patching.py`` on each family's ``Model`` and ``TextModel`` classes; this file only says what is
 Qwen-specific: span grids, 3-D M-RoPE positions and ``rope_deltas``, the text-position row, Qwen3-VL's
-deepstack state, masks, and how to project queries and keys for attention signals.
+deepstack state, masks, how to project queries and keys for attention signals, and how to read the vision
+encoder's attention for pre-LLM methods that need it (``QwenAdapter.capture_vision``).
 
 Kept tokens keep their original 3-D M-RoPE positions; after pre-LLM pruning ``rope_deltas`` grows by the
 number of dropped tokens, so decoding without explicit positions continues where the unpruned model would.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from hooks import FamilyAdapter, batch_row, Selection, gather_positions
+import hooks
+from hooks import FamilyAdapter, Selection, batch_row, gather_positions
+from methods import VisionSignals
 from patching import ACTIVE_CALL, FamilyPatch, Target, last_record, pruning_state
 from utils import PruneConfig
 
@@ -72,6 +75,68 @@ class QwenAdapter(FamilyAdapter):
         q = project(attn.q_proj, getattr(attn, "q_norm", None), hidden[rows], cos[rows], sin[rows])
         k = project(attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
         return q, k
+
+    # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
+    def capture_vision(self, model, modality, features_args, needs, run):
+        """Score the encoder's own q/k at the chosen blocks while ``run()`` encodes the images or videos.
+
+        A pre-hook on each chosen block's attention receives exactly what the block attends with: the normed
+        hidden states, the 2-D rotary (cos, sin) and ``cu_seqlens`` (one attention segment per image / video
+        frame in full-attention blocks). Patches are in the encoder's order: groups of ``merge**2`` contiguous
+        patches form one LLM token, and in Qwen2.5-VL the groups are window-permuted, so token scores are
+        gathered with ``argsort(window_index)``, the merger's own reverse permutation.
+        """
+        visual = model.visual
+        grid_thw = features_args[f"{modality}_grid_thw"]
+        depth = len(visual.blocks)
+        windowed = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: only these attend globally
+        layers = hooks.vision_layers(needs, list(windowed) if windowed else list(range(depth)), depth)
+        key_layer = layers[-1] if needs.keys else None
+        received, keys = {}, {}
+
+        def capture(layer):
+            def hook(attn, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                qkv = attn.qkv(hidden).view(hidden.shape[0], 3, attn.num_heads, attn.head_dim).float()
+                query, key = qkv[:, 0], qkv[:, 1]  # (P, H, d)
+                if layer == key_layer:
+                    keys[layer] = key
+                cos, sin = (p.float().unsqueeze(1) for p in kwargs["position_embeddings"])
+                query, key = (x * cos + _rotate_half(x) * sin for x in (query, key))
+                bounds = kwargs["cu_seqlens"].tolist()
+                segments = [torch.arange(start, end) for start, end in zip(bounds, bounds[1:])]
+                received[layer] = hooks.attention_received(query.transpose(0, 1), key.transpose(0, 1),
+                                                           attn.scaling, segments)
+            return hook
+
+        handles = [visual.blocks[layer].attn.register_forward_pre_hook(capture(layer), with_kwargs=True)
+                   for layer in layers]
+        try:
+            output = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        unit = visual.spatial_merge_size ** 2
+        order = None
+        if windowed:
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                      visual.patch_size)
+            order = torch.argsort(window_index)
+
+        def to_tokens(per_patch, reduce):
+            per_token = reduce(per_patch.view(-1, unit, *per_patch.shape[1:]), dim=1)
+            return per_token if order is None else per_token[order.to(per_token.device)]
+
+        attention = {layer: to_tokens(scores, torch.sum) for layer, scores in received.items()}
+        token_keys = to_tokens(keys[key_layer], torch.mean) if key_layer is not None else None
+        sizes = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]
+        per_layer = {layer: scores.split(sizes) for layer, scores in attention.items()}
+        span_keys = token_keys.split(sizes) if token_keys is not None else [None] * len(sizes)
+        return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()}, span_keys[i])
+                        for i in range(len(sizes))]
 
     # -- masks and per-token state -------------------------------------------------------------------
     def layer_masks(self, text_model, hidden, mask_2d, cache, layer, layout=None):

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 import methods
-from methods import INTRA_LLM, PRE_LLM, PruneContext, PruneResult, SignalSource
-from utils import PruneConfig, Stage, keep_count
+from methods import INTRA_LLM, PRE_LLM, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
+from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
 PAD = -2  # span id of a padding slot
@@ -188,12 +188,14 @@ def select_tokens(
     layout: Layout,
     tokens: torch.Tensor,
     signals: Callable[[int], SignalSource] | None = None,
+    vision: Callable[[int, int], VisionSignals | None] | None = None,
 ) -> Selection:
     """Run the stage's method on every span of every sample and return the kept positions.
 
     ``tokens`` (B, L, D) are the states the method sees: the LLM input embeddings before the language model,
     the hidden states entering the layer inside it. Methods also get the whole sample's row of ``tokens``
-    (e.g. the instruction's embeddings, for instruction-aware pre-LLM methods).
+    (e.g. the instruction's embeddings, for instruction-aware pre-LLM methods). ``vision(b, s)`` gives span s
+    of sample b its vision-encoder signals (see :func:`vision_by_span`).
     """
     spec = methods.registered_methods()[stage.method]
     params = config.params.get(stage.method, {})
@@ -226,6 +228,7 @@ def select_tokens(
                 span_positions=positions,
                 text_positions=text_positions,
                 _signals=None if signals is None else signals(b),
+                _vision=None if vision is None else vision(b, s),
             )
             local, features = _check_result(spec, spec.fn(ctx), n, budget)
             keep.append(positions[local])
@@ -397,6 +400,67 @@ def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, d
 
 
 # --------------------------------------------------------------------------------------------------
+# Vision-encoder signals (pre-LLM methods that replace a [CLS] attention row)
+# --------------------------------------------------------------------------------------------------
+VISION_CHUNK_ELEMENTS = 1 << 24  # probabilities held at once (64 MiB in fp32) while scoring encoder attention
+
+
+def vision_layers(needs: VisionNeeds, global_layers: list[int], depth: int) -> list[int]:
+    """The encoder layers whose attention ``needs`` asks for, among the globally attending ``global_layers``
+    of an encoder with ``depth`` layers."""
+    if needs.first_layer is None:
+        return [global_layers[-1]]
+    first = needs.first_layer + depth if needs.first_layer < 0 else needs.first_layer
+    layers = [layer for layer in global_layers if layer >= first]
+    if not layers:
+        raise PruneConfigError(f"first vision-encoder layer {needs.first_layer} (a hyper-parameter of the pre-LLM "
+                               f"method, see `python -m methods`) leaves no globally attending layer to score; "
+                               f"allowed: at most {global_layers[-1]} (or a negative index) for this encoder of "
+                               f"{depth} layers, whose globally attending layers are {global_layers}")
+    return layers
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
+                       segments: list[torch.Tensor]) -> torch.Tensor:
+    """[P] attention each key patch receives: softmax(q k^T * scale) inside its segment, averaged over the
+    segment's queries, then over heads. ``query``/``key`` are (H, P, d); each segment is an index tensor of the
+    patches that attend to each other (one image or frame, padding left out). fp32, chunked over query rows so
+    that at most VISION_CHUNK_ELEMENTS probabilities exist at once; patches in no segment score 0."""
+    heads, patches, _ = query.shape
+    received = torch.zeros(patches, dtype=torch.float32, device=query.device)
+    for segment in segments:
+        segment = segment.to(query.device)
+        q, k = query[:, segment].float(), key[:, segment].float()
+        n = segment.numel()
+        rows = max(1, VISION_CHUNK_ELEMENTS // (heads * n))
+        total = torch.zeros(heads, n, dtype=torch.float32, device=query.device)
+        for start in range(0, n, rows):
+            total += torch.softmax(q[:, start:start + rows] @ k.transpose(-1, -2) * scale, dim=-1).sum(dim=1)
+        received[segment] = total.mean(dim=0) / n
+    return received
+
+
+def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> Callable[[int, int], VisionSignals | None]:
+    """Hand every span the vision signals noted for it. ``pending[modality]`` is in the order of that modality's
+    grids, and find_layout gives grids to spans in that order (a span whose size did not match got none), so
+    the k-th span of a modality that has a grid takes the k-th entry."""
+    queues = {modality: list(signals) for modality, signals in pending.items()}
+    by_span: dict[tuple[int, int], VisionSignals] = {}
+    for b, sample in enumerate(layout.spans):
+        for s, span in enumerate(sample):
+            queue = queues.get(span.modality)
+            if span.grid is None or not queue:
+                continue
+            signals = queue.pop(0)
+            lengths = {t.shape[0] for t in signals.attention.values()}
+            if lengths != {span.counts["input"]}:
+                raise RuntimeError(f"vision signals of {lengths} tokens for a {span.modality} span of "
+                                   f"{span.counts['input']} tokens")
+            by_span[(b, s)] = signals
+    return lambda b, s: by_span.get((b, s))
+
+
+# --------------------------------------------------------------------------------------------------
 # The family adapter and the per-model pruning state
 # --------------------------------------------------------------------------------------------------
 class FamilyAdapter:
@@ -479,6 +543,15 @@ class FamilyAdapter:
     def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
         return causal_allowed(mask, sample, rows, kv_length, device)
 
+    def capture_vision(self, model, modality: str, features_args: dict, needs: VisionNeeds,
+                       run: Callable[[], Any]) -> tuple[Any, list[VisionSignals]]:
+        """Run the encoder call ``run()`` (the original get_<modality>_features) while capturing what ``needs``
+        asks for; return its output and one VisionSignals per span, in the order of ``span_grids``. Called only
+        when the configured pre-LLM method declared ``vision=``. Implementations hook the chosen encoder
+        layers (see :func:`vision_layers`), score them with :func:`attention_received` from the layer's own
+        q/k, and reduce patches to LLM tokens as documented on :class:`methods.VisionSignals`."""
+        raise NotImplementedError(f"{type(self).__name__} does not capture vision-encoder signals")
+
 
 @dataclass
 class StageMap:
@@ -500,6 +573,7 @@ class PruningState:
     intra_maps: list[StageMap] = field(default_factory=list)
     decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
     pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
+    pending_vision: dict[str, list[VisionSignals]] = field(default_factory=dict)  # per modality, in grid order
     listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

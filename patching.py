@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import hooks
+import methods
 from hooks import FamilyAdapter, PruningState
 from utils import PruneConfig, check_transformers_version
 
@@ -131,13 +132,26 @@ class FamilyPatch:
             grids = adapter.span_grids(model, modality, bound)
             if grids is not None:
                 self.state_for(model, adapter).pending_grids[modality] = grids
+            needs = self._vision_needs()
             token = _IN_FEATURES.set(True)
             try:
-                return original(model, *args, **kwargs)
+                if needs is None or grids is None:
+                    return original(model, *args, **kwargs)
+                output, signals = adapter.capture_vision(model, modality, bound, needs,
+                                                         lambda: original(model, *args, **kwargs))
+                self.state_for(model, adapter).pending_vision[modality] = signals
+                return output
             finally:
                 _IN_FEATURES.reset(token)
 
         return get_features
+
+    def _vision_needs(self):
+        """What the configured pre-LLM method reads from the vision encoder (None: nothing, no capture)."""
+        stage = self.config.pre_llm
+        if stage is None:
+            return None
+        return methods.registered_methods()[stage.method].vision_needs(self.config.params.get(stage.method, {}))
 
     def _wrap_model_forward(self, original, adapter: FamilyAdapter):
         signature = inspect.signature(original)
@@ -183,12 +197,14 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
     if prefill:
         state.reset()
         grids, state.pending_grids = state.pending_grids, {}
+        vision, state.pending_vision = state.pending_vision, {}
         layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
         if not any(layout.spans):
             state.finish_record(layout.spans)
             return original(text_model, **kwargs)  # text-only prompt: untouched
         if config.pre_llm is not None:
-            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds)
+            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
+                                            vision=hooks.vision_by_span(layout, vision))
             kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
             adapter.shorten_lm_inputs(selection, kwargs, call)
             state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)

@@ -31,6 +31,42 @@ class HyperParam:
     check: Callable[[Any], str | None] | None = None
 
 
+@dataclass(frozen=True)
+class VisionNeeds:
+    """The vision-encoder signals a pre-LLM method reads, declared at registration (``vision=``) so that the
+    encoder is hooked only when the configured method needs it.
+
+    Signals come from the encoder's *globally attending* layers: every layer of Qwen2-VL, Qwen3-VL and Gemma 4,
+    only the full-attention blocks of Qwen2.5-VL (window blocks give window-local, incomparable scores).
+
+    first_layer: capture the attention received at every globally attending layer with index >= first_layer
+                 (a negative value counts from the end of the encoder, as Python indexes do); None: only at
+                 the last globally attending layer (the CLS-substitute layer of PruMerge, VisionZip, VisPruner).
+    keys:        whether the method reads ``ctx.vision_keys()`` (taken at the last globally attending layer).
+    """
+
+    first_layer: int | None = None
+    keys: bool = False
+
+
+@dataclass
+class VisionSignals:
+    """The vision encoder's signals for ONE span, row i belonging to the span's LLM visual token i.
+
+    attention: encoder layer -> [N] fp32 "attention received" (the substitute for a [CLS] attention row, as
+               the model has no [CLS] token): for every key patch, its attention probability averaged over the
+               queries of its attention segment (one image or video frame, padding excluded), then over heads;
+               summed over the patches that form LLM token i (Qwen: the 2x2 merge group, Gemma 4: the 3x3
+               pooling bin). Each attention segment's scores therefore sum to 1.
+    keys:      [N, H, d] fp32 key vectors of the last globally attending layer (H: its key heads), post
+               key-norm (if the model has one) and before the rotary embedding, averaged over the patches that
+               form each LLM token; None unless the method asked for keys.
+    """
+
+    attention: dict[int, torch.Tensor]
+    keys: torch.Tensor | None = None
+
+
 class SignalSource:
     """What the hook machinery provides for lazily computed intra-LLM signals (one per sample and layer).
 
@@ -87,6 +123,7 @@ class PruneContext:
     text_positions: torch.Tensor | None = None  # indices of the sample's real text tokens (no padding)
     layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before
     _signals: SignalSource | None = field(default=None, repr=False)
+    _vision: VisionSignals | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +185,32 @@ class PruneContext:
         """``hidden_states`` passed through the language model's final norm, [L, D]."""
         return self._need_signals("normed hidden states").final_normed_hidden_states()
 
+    def _need_vision(self) -> VisionSignals:
+        if self._vision is None:
+            raise RuntimeError("vision-encoder signals are only available to pre-LLM methods registered with "
+                               "vision=VisionNeeds(...), on a model family that captures them, for spans whose "
+                               "encoder ran inside the patched get_image_features / get_video_features")
+        return self._vision
+
+    def vision_layers(self) -> tuple[int, ...]:
+        """Encoder layers whose attention was captured, ascending; the last one is the default layer."""
+        return tuple(sorted(self._need_vision().attention))
+
+    def vision_attention_received(self, layer: int | None = None) -> torch.Tensor:
+        """[N] attention each LLM visual token of this span receives inside the vision encoder at ``layer``
+        (default: the last globally attending layer); the [CLS]-attention substitute, see ``VisionSignals``.
+        On the device of ``features`` (the encoder may sit on another one)."""
+        attention = self._need_vision().attention
+        return attention[max(attention) if layer is None else layer].to(self.features.device)
+
+    def vision_keys(self) -> torch.Tensor:
+        """[N, H, d] key vectors of the last globally attending encoder layer, see ``VisionSignals``; on the
+        device of ``features``."""
+        keys = self._need_vision().keys
+        if keys is None:
+            raise RuntimeError("vision keys were not captured: register the method with VisionNeeds(keys=True)")
+        return keys.to(self.features.device)
+
     def generator(self, seed: int) -> torch.Generator:
         """A CPU generator for this span derived from the method's ``seed``: reproducible run to run."""
         return torch.Generator().manual_seed(seed * 1_000_003 + self.span_key)
@@ -180,6 +243,11 @@ class MethodSpec:
     # intra-LLM: (num_layers, keep_ratio) -> [(layer, ratio), ...], the method's own multi-stage schedule for a
     # model of that depth, used when the method is named alone (the depth is known at the first forward).
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None
+    # Pre-LLM: the vision-encoder signals it reads, or a function of its validated hyper-parameters giving them.
+    vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None
+
+    def vision_needs(self, params: Mapping[str, Any]) -> VisionNeeds | None:
+        return self.vision(params) if callable(self.vision) else self.vision
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -200,8 +268,13 @@ def register_prune(
     min_layer: int = 0,
     exact_count: bool = True,
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None,
+    vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
 ):
-    """Register a pruning method. The name's suffix (``_pre_llm`` / ``_intra_llm``) fixes its stage."""
+    """Register a pruning method. The name's suffix (``_pre_llm`` / ``_intra_llm``) fixes its stage.
+
+    ``vision``: the vision-encoder signals a pre-LLM method reads (``ctx.vision_attention_received()``,
+    ``ctx.vision_keys()``), or a function of its hyper-parameters returning them (e.g. a layer range).
+    """
     stage = stage_of(name)
     if stage is None:
         raise ValueError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'")
@@ -209,6 +282,8 @@ def register_prune(
         raise ValueError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule")
     if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
         raise ValueError(f"pre-LLM method {name!r} takes no default_layer or default_schedule")
+    if stage == INTRA_LLM and vision is not None:
+        raise ValueError(f"intra-LLM method {name!r} cannot read vision-encoder signals (pre-LLM only)")
 
     def decorator(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -226,6 +301,7 @@ def register_prune(
             exact_count=exact_count,
             source=fn.__module__,
             default_schedule=default_schedule,
+            vision=vision,
         )
         return fn
 

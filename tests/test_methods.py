@@ -119,7 +119,7 @@ def test_every_registered_method_keeps_the_asked_count_on_plain_features():
     features, span = hidden[3:33], torch.arange(3, 33)
     text = torch.cat([torch.arange(3), torch.arange(33, 40)])
     for name, spec in REGISTRY.items():
-        if spec.stage != PRE_LLM:
+        if spec.stage != PRE_LLM or spec.vision is not None:  # vision methods: tests/test_vision_methods.py
             continue
         params = {p.env: p.default for p in spec.params}
         for keep in (1, 7, 30):

@@ -1,0 +1,65 @@
+"""VisPruner ("Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs",
+Zhang et al., ICCV 2025; official code Theia-4869/VisPruner, ``encode_images`` in llava/model/llava_arch.py and
+the [CLS]-free SigLIP tower in llava/model/multimodal_encoder/siglip_encoder.py).
+
+Rule, for a budget of T tokens and important ratio r:
+  1. important: the int(T * r) tokens with the largest [CLS] attention of the feature layer (mean over heads);
+     the rest is the residual, kept in descending-attention order;
+  2. diverse: with L2-normalised features, while the residual has more than T - int(T * r) tokens, split it
+     into even (a) and odd (b) positions, score every a-token by its largest cosine similarity to any
+     b-token, drop the min(8, excess) highest-scoring a-tokens; the new residual is the surviving a-tokens
+     (descending score) followed by all b-tokens;
+  3. keep important + residual, in positional order. No randomness.
+
+Official defaults: ``visual_token_num`` T (64 / 128 / 192 in the scripts), ``important_ratio`` 0.5. Here
+T is the toolkit's keep-count rule on ``KEEP_RATIO`` (exact count), per span.
+
+Hyper-parameters:
+  VISPRUNER_IMPORTANT_RATIO (default 0.5): fraction r of the budget chosen by attention.
+
+Adaptations (see README, "Vision-encoder signals"):
+  * Attention: the mean attention received at the encoder's last layer (``ctx.vision_attention_received``),
+    exactly the official SigLIP path for towers without [CLS]; in Qwen and Gemma 4 the last layer is the
+    feature layer, as CLIP layer -2 is in LLaVA. Qwen2.5-VL: its last full-attention block.
+  * Similarity uses the span's projected tokens (``ctx.features``, what the language model receives); the
+    official code compares CLIP features before the projector, which do not exist per LLM token in Qwen
+    (2x2 merge) or Gemma 4 (3x3 pooling).
+  * Odd residual sizes (the official tensor code assumes even) give one more a-token than b-tokens.
+  * Sorts are stable: equal scores keep the lower index / earlier rank.
+
+Flash compatibility: yes (attention recomputed from the encoder's own q/k in chunks).
+"""
+
+import torch
+
+from methods._base import HyperParam, PruneContext, VisionNeeds, register_prune
+
+IMPORTANT_RATIO = HyperParam("VISPRUNER_IMPORTANT_RATIO", 0.5, float,
+                             "fraction of the budget kept by encoder attention; the rest by diversity",
+                             check=lambda r: None if 0.0 <= r <= 1.0 else "must be in [0, 1]")
+STEP = 8  # official: at most 8 a-tokens dropped per round
+
+
+def vispruner_select(attention: torch.Tensor, features: torch.Tensor, keep: int, important_ratio: float) -> torch.Tensor:
+    """Indices of the ``keep`` tokens (important first, then diverse; unsorted)."""
+    important_num = int(keep * important_ratio)
+    diverse_num = keep - important_num
+    ranked = torch.sort(attention, descending=True, stable=True).indices
+    important, residual = ranked[:important_num], ranked[important_num:]
+    if diverse_num == 0:
+        return important
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True)
+    while (drop := min(STEP, residual.numel() - diverse_num)) > 0:
+        a, b = residual[0::2], residual[1::2]
+        redundancy = (unit[a] @ unit[b].T).max(dim=1).values
+        survivors = torch.sort(redundancy, descending=True, stable=True).indices[drop:]
+        residual = torch.cat([a[survivors], b])
+    return torch.cat([important, residual])
+
+
+@register_prune("vispruner_pre_llm", params=[IMPORTANT_RATIO], vision=VisionNeeds())
+def vispruner_pre_llm(ctx: PruneContext) -> torch.Tensor:
+    """VisPruner: encoder-attention-important tokens plus diverse tokens from iterative de-duplication."""
+    chosen = vispruner_select(ctx.vision_attention_received(), ctx.features, ctx.keep,
+                              ctx.params["VISPRUNER_IMPORTANT_RATIO"])
+    return chosen.sort().values
