@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 from utils import PruneConfig, PruneConfigError
 
 RUN_CONFIG_FILE = "pruning_config.json"
-TOKENS_GLOB = "visual_tokens_{dataset}.rank*.jsonl"
+TOKENS_FILE = "visual_tokens_{dataset}.rank{rank}.jsonl"  # rank="*" globs every rank
 # Skip reasons VLMEvalKit records with exit code 0 although nothing was evaluated.
 FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer result"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -134,7 +134,7 @@ class TokenLog:
     rank: int
 
     def path(self, dataset: str) -> Path:
-        return self.run_dir / TOKENS_GLOB.format(dataset=dataset).replace("*", str(self.rank))
+        return self.run_dir / TOKENS_FILE.format(dataset=dataset, rank=self.rank)
 
     def write(self, dataset: str | None, message, record) -> None:
         key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -223,7 +223,7 @@ class RunnerError(Exception):
 
 
 def _family_wrappers(family: Family) -> tuple[type, ...]:
-    return tuple(set(family.wrappers().values()))
+    return tuple(sorted(set(family.wrappers().values()), key=lambda cls: cls.__name__))
 
 
 def _registered_entry(family: Family, name: str, supported: Mapping[str, Any]) -> ModelEntry:
@@ -281,9 +281,6 @@ def _config_entry(family: Family, key: str, entry: dict, supported: Mapping[str,
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-RUNNER_FLAGS = ("--device", "--attn-implementation", "--dtype", "--model-kwargs")
-
-
 def runner_parser(prog: str, family: Family) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, add_help=False, allow_abbrev=False,
@@ -399,10 +396,10 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         run_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             _write_run_config(run_dir, name, entry, identity, config, load, env, family)
+            print(f"{prog}: {key} [{run_tag(config)}] -> {run_dir}", flush=True)
         model_run = ModelRun(family, load, TokenLog(run_dir, rank))
         supported_VLM[name] = functools.partial(adapt(entry.wrapper, family.mixin), pruning_run=model_run,
                                                 **{**entry.kwargs, **wrapper_overrides})
-        print(f"{prog}: {key} [{run_tag(config)}] -> {run_dir}", flush=True)
         names[key] = name
 
     if args.config:

@@ -40,6 +40,8 @@ def _inputs(processor, image: Image.Image, prompt: str):
 def kept_masks(model, processor, image: Image.Image, prompt: str, configs: dict[str, PruneConfig]):
     """``{label: (rows, cols) bool array}``: the image's LLM tokens left after every stage of each config, and
     the image as the processor resized it."""
+    if model.config.model_type not in PATCHES:
+        raise ValueError(f"no pruning patches for model_type {model.config.model_type!r}; known: {sorted(PATCHES)}")
     patches = PATCHES[model.config.model_type]
     inputs = _inputs(processor, image, prompt).to(model.device)
     t, h, w = inputs["image_grid_thw"][0].tolist()

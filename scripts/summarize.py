@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from evalkit import RUN_CONFIG_FILE, TOKENS_GLOB  # noqa: E402
+from evalkit import RUN_CONFIG_FILE, TOKENS_FILE  # noqa: E402
 
 TABLE_FILES = ("summary.csv", "summary.json")
 PLOT_FILE = "accuracy_vs_keep_ratio.png"
@@ -51,7 +51,7 @@ def token_means(run_dir: Path, dataset: str) -> tuple[float, float, int]:
 
     Records are de-duplicated by sample key (a resumed run may repeat a few samples)."""
     records = {}
-    for path in sorted(run_dir.glob(TOKENS_GLOB.format(dataset=dataset))):
+    for path in sorted(run_dir.glob(TOKENS_FILE.format(dataset=dataset, rank="*"))):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             records[record["key"]] = record["tokens"]
