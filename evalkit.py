@@ -1,4 +1,4 @@
-"""VLMEvalKit plumbing shared by the runners (``run_qwenvl.py``, ``run_gemma4.py``).
+"""VLMEvalKit plumbing shared by the runners (``run_<family>.py``, e.g. ``run_qwenvl.py``).
 
 A runner reads the pruning configuration from the environment once, installs its family's patches, registers
 an adapted copy of VLMEvalKit's model wrapper under a name that carries the configuration, and hands the
