@@ -10,9 +10,12 @@ depends on the image and prompt (the offline demo's stand-in for a trained model
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from scripts.tiny_models import FAMILIES, build_model, build_processor, build_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from scripts.tiny_models import FAMILIES, build_model, build_processor, build_tokenizer  # noqa: E402
 
 
 def letter_ids(letters: str) -> list[int]:
