@@ -5,8 +5,10 @@ the first token is the most isolated one (largest distance to its nearest *other
 second-smallest entry of its column of D), then greedily the token whose distance to the already chosen
 set is largest. Ties go to the lowest index (``argmax``). The official loop re-takes the minimum over all
 chosen rows at every step (O(K^2 N)); a running minimum gives the identical choice in O(K N).
-Computed in fp32. Differences from the official code: the toolkit's keep-count rule (see README) and
-per-span pruning (each image or video is its own set). No hyper-parameters.
+Computed in fp32. Differences from the official code: the toolkit's keep-count rule (see README),
+per-span pruning (each image or video is its own set), and a chosen token is never chosen again (the
+official loop re-picks one when every remaining token duplicates a chosen one, e.g. in flat image regions,
+because a token's float distance to itself can exceed 0). No hyper-parameters.
 """
 
 import torch
@@ -30,9 +32,11 @@ def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
     nearest_other = distance.kthvalue(2, dim=0).values
     chosen[0] = torch.argmax(nearest_other)
     min_to_chosen = distance[chosen[0]].clone()
+    min_to_chosen[chosen[0]] = float("-inf")
     for i in range(1, keep):
         chosen[i] = torch.argmax(min_to_chosen)
         min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
+        min_to_chosen[chosen[i]] = float("-inf")
     return chosen
 
 

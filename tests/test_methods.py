@@ -71,6 +71,16 @@ def test_divprune_ties_go_to_the_lowest_index():
     assert divprune_select(features, 2).tolist() == official_divprune(features, 2)
 
 
+def test_divprune_never_repeats_a_token_when_the_span_has_duplicates():
+    # Three distinct tokens repeated (a flat image region): keeping more than three must still give distinct
+    # indices; the float distance of a token to itself (~6e-8) must not make it win again.
+    base = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    features = torch.cat([base[0:1].repeat(10, 1), base[1:2].repeat(10, 1), base[2:3].repeat(4, 1)])
+    selection = divprune_select(features, 12).tolist()
+    assert len(set(selection)) == 12
+    assert {0, 10, 20} <= set(selection[:3])  # one of each distinct token first
+
+
 # ---------------------------------------------------------------- FastV
 class PlantedAttention(SignalSource):
     def __init__(self, probs):

@@ -1,0 +1,482 @@
+"""VLMEvalKit plumbing shared by the runners (``run_<family>.py``, e.g. ``run_qwenvl.py``).
+
+A runner reads the pruning configuration from the environment once, installs its family's patches, registers
+an adapted copy of VLMEvalKit's model wrapper under a name that carries the configuration, and hands the
+command line over to ``vlmeval.run.main``. This module knows VLMEvalKit (flags, wrappers, output files), not
+tensors; the family module (``custom_<family>.py``) is passed in by the runner.
+
+What the adapter changes in a VLMEvalKit wrapper, without editing the installed package:
+
+* device, attention implementation and dtype of ``from_pretrained`` come from the runner's flags (the wrappers
+  hard-code ``device_map="auto"`` and FlashAttention-2 and assert that a GPU is present);
+* the wrapper's own vLLM / LMDeploy switches are turned off: the pruning hooks patch transformers models;
+* after every generate call the family's ``last_record(model)`` (visual tokens per span and stage) is appended
+  to a per-rank JSON-lines file next to the predictions.
+
+Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
+pruning), ``hash`` covers everything that changes predictions (model source, pruning configuration with
+hyper-parameters, wrapper keyword overrides, dtype), so VLMEvalKit's silent reuse of predictions in a run
+directory only ever happens between identical configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import difflib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+from utils import PruneConfig, PruneConfigError
+
+RUN_CONFIG_FILE = "pruning_config.json"
+TOKENS_FILE = "visual_tokens_{dataset}.rank{rank}.jsonl"  # rank="*" globs every rank
+# Skip reasons VLMEvalKit records with exit code 0 although nothing was evaluated.
+FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer result"}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a runner tells this module about its model family."""
+
+    name: str  # shown in messages, e.g. "Qwen-VL"
+    patches: ModuleType  # custom_<family>: apply_patches(config), remove_patches(), last_record(model)
+    model_types: frozenset[str]  # config.model_type values the patches handle
+    wrappers: Callable[[], dict[str, type]]  # model_type -> VLMEvalKit wrapper class (imported lazily)
+    mixin: type | None = None  # family-specific fixes of the wrapper, placed before it in the MRO
+
+
+# --------------------------------------------------------------------------------------------------
+# Run naming
+# --------------------------------------------------------------------------------------------------
+def _ratio(value: float) -> str:
+    return f"{value:g}"
+
+
+def run_tag(config: PruneConfig) -> str:
+    """Readable name of the pruning stages: ``stock``, ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``, or
+    several joined with ``+``."""
+    if not config.active:
+        return "stock"
+    parts = [f"{config.pre_llm.method}-{_ratio(config.pre_llm.ratio)}"] if config.pre_llm else []
+    parts += [f"L{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.intra_llm]
+    return "+".join(parts)
+
+
+def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, Any], dtype: str) -> dict:
+    """Everything that changes a run's predictions (device and attention kernels aside)."""
+    return {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
+            "dtype": dtype}
+
+
+def run_name(base: str, config: PruneConfig, identity: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{base}__{run_tag(config)}__{digest}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and recording inside VLMEvalKit's wrappers
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadSettings:
+    device: str  # "cpu", "cuda" (all visible GPUs, device_map="auto") or "cuda:N"
+    attn_implementation: str
+    dtype: str  # "auto" keeps the checkpoint's dtype
+
+    @classmethod
+    def resolve(cls, device: str, attn_implementation: str | None, dtype: str) -> "LoadSettings":
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.device(device)  # raises on a malformed device string
+        if attn_implementation is None:
+            flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+            attn_implementation = "flash_attention_2" if flash else "sdpa"
+        return cls(device, attn_implementation, dtype)
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"device_map": "auto" if self.device == "cuda" else self.device,
+                "attn_implementation": self.attn_implementation, "dtype": self.dtype}
+
+
+@contextlib.contextmanager
+def _temporarily(owner, name: str, value):
+    """Set a module or class attribute for the duration of a block (a class's own descriptor is restored)."""
+    original = vars(owner)[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@dataclass
+class TokenLog:
+    """Appends the visual-token record of every generate call to ``visual_tokens_<dataset>.rank<r>.jsonl``.
+
+    One file per rank, so torchrun processes never write the same file. ``key`` identifies the sample (a hash
+    of its message), so records of a resumed run can be de-duplicated.
+    """
+
+    run_dir: Path
+    rank: int
+
+    def path(self, dataset: str) -> Path:
+        return self.run_dir / TOKENS_FILE.format(dataset=dataset, rank=self.rank)
+
+    def write(self, dataset: str | None, message, record) -> None:
+        key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        line = {"dataset": dataset, "key": key, "tokens": record.totals(), "spans": record.as_dict()[0]}
+        with open(self.path(dataset or "unknown"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """What an adapted wrapper receives from the runner (a Python object, through its constructor)."""
+
+    family: Family
+    load: LoadSettings
+    tokens: TokenLog
+
+
+class PrunedModel:
+    """Placed in front of a VLMEvalKit wrapper class (see :func:`adapt`)."""
+
+    _wrapper: type  # the VLMEvalKit class this adapter derives from
+
+    def __init__(self, *args, pruning_run: ModelRun, **kwargs):
+        for switch in ("use_vllm", "use_lmdeploy"):  # other engines would bypass the transformers hooks
+            if kwargs.get(switch):
+                kwargs[switch] = False
+        module = sys.modules[self._wrapper.__module__]
+        with contextlib.ExitStack() as stack:
+            if not pruning_run.load.device.startswith("cuda") and hasattr(module, "get_gpu_memory"):
+                # The wrapper asserts that nvidia-smi reports free GPU memory; the runner places the model itself.
+                stack.enter_context(_temporarily(module, "get_gpu_memory", lambda: [1]))
+            stack.enter_context(_loading_with(pruning_run.load.from_pretrained_kwargs()))
+            super().__init__(*args, **kwargs)
+        model_type = self.model.config.model_type
+        if model_type not in pruning_run.family.model_types:
+            raise TypeError(f"{type(self.model).__name__} (model_type {model_type!r}) is not handled by the "
+                            f"{pruning_run.family.name} pruning patches; handled: "
+                            f"{', '.join(sorted(pruning_run.family.model_types))}")
+        self._pruning_run = pruning_run
+
+    def generate_inner(self, message, dataset=None):
+        last_record = self._pruning_run.family.patches.last_record
+        before = last_record(self.model)
+        response = super().generate_inner(message, dataset)
+        record = last_record(self.model)
+        if record is not None and record is not before:  # a new prefill happened
+            self._pruning_run.tokens.write(dataset, message, record)
+        return response
+
+
+@contextlib.contextmanager
+def _loading_with(overrides: dict):
+    """While a wrapper builds its model, ``from_pretrained`` uses the runner's device, attention and dtype."""
+    from transformers import PreTrainedModel
+
+    raw = PreTrainedModel.__dict__["from_pretrained"]
+
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.pop("torch_dtype", None)
+        return raw.__func__(cls, *args, **{**kwargs, **overrides})
+
+    with _temporarily(PreTrainedModel, "from_pretrained", classmethod(from_pretrained)):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def adapt(wrapper: type, mixin: type | None = None) -> type:
+    """``Pruned<Wrapper>``: the adapter, then the family's fixes, then VLMEvalKit's wrapper."""
+    bases = (PrunedModel,) + ((mixin,) if mixin else ()) + (wrapper,)
+    return type(f"Pruned{wrapper.__name__}", bases, {"_wrapper": wrapper})
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving --model / --config entries
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelEntry:
+    base: str  # display name (registry name or checkpoint folder name)
+    source: str  # "vlmeval:<name>", "config:<json>" or the checkpoint's absolute path
+    wrapper: type
+    kwargs: dict = field(default_factory=dict)
+
+
+class RunnerError(Exception):
+    """A problem with the runner's input, reported before VLMEvalKit starts."""
+
+
+def _family_wrappers(family: Family) -> tuple[type, ...]:
+    return tuple(sorted(set(family.wrappers().values()), key=lambda cls: cls.__name__))
+
+
+def _registered_entry(family: Family, name: str, supported: Mapping[str, Any]) -> ModelEntry:
+    entry = supported[name]
+    wrapper = getattr(entry, "func", None)
+    if not (isinstance(wrapper, type) and issubclass(wrapper, _family_wrappers(family))) or entry.args:
+        raise RunnerError(f"--model {name}: VLMEvalKit builds it with {getattr(wrapper, '__name__', entry)}, which "
+                          f"is not a {family.name} wrapper ({', '.join(w.__name__ for w in _family_wrappers(family))})")
+    return ModelEntry(name, f"vlmeval:{name}", wrapper, dict(entry.keywords))
+
+
+def _checkpoint_entry(family: Family, folder: Path) -> ModelEntry:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise RunnerError(f"--model {folder}: a checkpoint folder needs a config.json")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    wrappers = family.wrappers()
+    if model_type not in wrappers:
+        raise RunnerError(f"--model {folder}: model_type {model_type!r} is not a {family.name} model; "
+                          f"supported: {', '.join(sorted(wrappers))}")
+    path = str(folder.resolve())
+    return ModelEntry(folder.resolve().name, path, wrappers[model_type], {"model_path": path})
+
+
+def resolve_model(family: Family, name: str, supported: Mapping[str, Any]) -> ModelEntry:
+    """A VLMEvalKit model name or a local checkpoint folder."""
+    if Path(name).is_dir():
+        return _checkpoint_entry(family, Path(name))
+    if name in supported:
+        return _registered_entry(family, name, supported)
+    ours = [n for n, e in supported.items() if isinstance(getattr(e, "func", None), type)
+            and issubclass(e.func, _family_wrappers(family))]
+    close = difflib.get_close_matches(name, ours, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise RunnerError(f"--model {name}: neither a VLMEvalKit model name nor a checkpoint folder{hint}")
+
+
+def _config_entry(family: Family, key: str, entry: dict, supported: Mapping[str, Any]) -> ModelEntry:
+    """A model of run.py's JSON ``--config``: ``{"class": ..., kwargs}``, or kwargs for a registered name."""
+    import vlmeval.vlm
+
+    kwargs = {k: v for k, v in entry.items() if k != "class"}
+    if "class" in entry:
+        wrapper = getattr(vlmeval.vlm, entry["class"], None)
+        if wrapper not in _family_wrappers(family):
+            raise RunnerError(f"--config model {key!r}: class {entry['class']!r} is not a {family.name} wrapper")
+        resolved = ModelEntry(key, "", wrapper, kwargs)
+    else:
+        resolved = _registered_entry(family, key, supported)
+        resolved.kwargs.update(kwargs)
+    resolved.source = "config:" + json.dumps({"name": key, **entry}, sort_keys=True, default=str)
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def runner_parser(prog: str, family: Family) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, add_help=False, allow_abbrev=False,
+        description=f"Evaluate {family.name} models with visual-token pruning through VLMEvalKit. The pruning "
+                    "configuration comes from the environment (KEEP_RATIO, PRUNE_METHOD, ...); every flag not "
+                    "listed here goes to VLMEvalKit's run.py (--data, --model, --work-dir, --mode, --judge, "
+                    "--reuse, --verbose, --config, ...). --model also accepts a local checkpoint folder.")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda (all visible GPUs, device_map='auto') or cuda:N; default: cuda if "
+                             "available, else cpu")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="eager, sdpa or flash_attention_2; default: flash_attention_2 on CUDA when flash-attn "
+                             "is installed, else sdpa")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype; default: the checkpoint's")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help="keyword arguments for VLMEvalKit's model wrapper, overriding its registered ones, "
+                             "e.g. '{\"max_new_tokens\": 16}'")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and VLMEvalKit's, then exit")
+    return parser
+
+
+def _replace_option(argv: list[str], option: str, values: list[str]) -> list[str]:
+    """``argv`` with every occurrence of ``option`` (and its values) replaced by ``option values``."""
+    out, skipping = [], False
+    for token in argv:
+        if skipping and not token.startswith("-"):
+            continue
+        skipping = token == option
+        if not skipping and not token.startswith(option + "="):
+            out.append(token)
+    return out + [option, *values]
+
+
+def _parse_vlmeval_args(vlmeval_run: ModuleType, prog: str, argv: list[str]) -> argparse.Namespace:
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        return vlmeval_run.parse_args()
+    finally:
+        sys.argv = saved
+
+
+def _error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+def main(family: Family, argv: list[str] | None = None, env: Mapping[str, str] | None = None,
+         prog: str | None = None) -> int:
+    """Parse, patch, hand over to ``vlmeval.run.main``, check the outcome. Returns the exit code."""
+    prog = prog or Path(sys.argv[0]).name
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = runner_parser(prog, family)
+    options, rest = parser.parse_known_args(argv)
+    if options.help:
+        parser.print_help()
+        print("\n--- VLMEvalKit's flags (passed through) ---", flush=True)
+        import vlmeval.run
+
+        _parse_vlmeval_args(vlmeval.run, prog, ["--help"])  # prints and exits
+    env = os.environ if env is None else env
+    try:  # before anything heavy is imported, and before VLMEvalKit can touch the work dir
+        config = family.patches.apply_patches(PruneConfig.from_env(env))
+    except (PruneConfigError, RuntimeError) as err:  # RuntimeError: untested transformers release
+        return _error(prog, str(err))
+    try:
+        return _run(family, options, rest, config, env, prog)
+    except RunnerError as err:
+        return _error(prog, str(err))
+    finally:
+        family.patches.remove_patches()
+
+
+def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Mapping[str, str], prog: str) -> int:
+    import vlmeval.run as vlmeval_run  # slow; under torchrun it also picks this rank's GPUs
+    from vlmeval.config import supported_VLM
+
+    args = _parse_vlmeval_args(vlmeval_run, prog, rest)
+    for flag, value in (("--api-mode", args.api_mode), ("--base-url", args.base_url), ("--use-vllm", args.use_vllm)):
+        if value:
+            raise RunnerError(f"{flag} is not supported: the pruning hooks patch transformers models")
+    try:
+        wrapper_overrides = json.loads(options.model_kwargs)
+    except ValueError:
+        wrapper_overrides = None
+    if not isinstance(wrapper_overrides, dict):
+        raise RunnerError(f"--model-kwargs {options.model_kwargs!r}: not a JSON object")
+    try:
+        load = LoadSettings.resolve(options.device, options.attn_implementation, options.dtype)
+    except RuntimeError as err:
+        raise RunnerError(f"--device {options.device}: {err}") from None
+
+    work_dir = Path(os.environ.get("MMEVAL_ROOT", args.work_dir))  # VLMEvalKit's own override
+    rank = int(os.environ.get("RANK", 0))
+    if args.config:
+        cfg = json.loads(Path(args.config).read_text())
+        entries = {key: _config_entry(family, key, value, supported_VLM) for key, value in cfg["model"].items()}
+        datasets = list(cfg["data"])
+    else:
+        if not args.model or not args.data:
+            raise RunnerError("--model and --data are required (or --config)")
+        entries = {name: resolve_model(family, name, supported_VLM) for name in args.model}
+        datasets = list(args.data)
+
+    names = {}
+    for key, entry in entries.items():
+        identity = run_identity(entry.source, config, wrapper_overrides, load.dtype)
+        name = run_name(entry.base, config, identity)
+        run_dir = work_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _write_run_config(run_dir, name, entry, identity, config, load, env, family)
+            print(f"{prog}: {key} [{run_tag(config)}] -> {run_dir}", flush=True)
+        model_run = ModelRun(family, load, TokenLog(run_dir, rank))
+        supported_VLM[name] = functools.partial(adapt(entry.wrapper, family.mixin), pruning_run=model_run,
+                                                **{**entry.kwargs, **wrapper_overrides})
+        names[key] = name
+
+    if args.config:
+        cfg["model"] = {names[key]: {} for key in cfg["model"]}  # {}: VLMEvalKit builds supported_VLM[name]
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+        new_config = work_dir / f"vlmeval_config_{digest}.json"
+        _atomic_write(new_config, json.dumps(cfg, indent=2), rank)
+        option, values, expected = "--config", [str(new_config)], str(new_config)
+    else:
+        option, values = "--model", list(names.values())
+        expected = values
+    vlmeval_argv = _replace_option(rest, option, values)
+    if getattr(_parse_vlmeval_args(vlmeval_run, prog, vlmeval_argv), option[2:]) != expected:
+        raise RunnerError(f"could not rewrite {option} (spell the flag out in full)")
+
+    started = datetime.datetime.now().astimezone()
+    saved = sys.argv
+    sys.argv = [prog, *vlmeval_argv]
+    try:
+        vlmeval_run.main()
+    finally:
+        sys.argv = saved
+    if rank != 0:
+        return 0  # rank 0 evaluates and checks the outcome
+    failures = check_status(work_dir, list(names.values()), datasets, started)
+    for failure in failures:
+        print(f"{prog}: evaluation failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _atomic_write(path: Path, text: str, rank: int) -> None:
+    tmp = path.with_name(f"{path.name}.rank{rank}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_run_config(run_dir: Path, name: str, entry: ModelEntry, identity: dict, config: PruneConfig,
+                      load: LoadSettings, env: Mapping[str, str], family: Family) -> None:
+    """``pruning_config.json``: the resolved configuration of the run, next to its predictions."""
+    import importlib.metadata
+
+    identity = json.loads(json.dumps(identity, default=str))
+    path = run_dir / RUN_CONFIG_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if {key: previous.get(key) for key in identity} != identity:
+            raise RunnerError(f"{path} describes a different run; refusing to mix predictions")
+    record = {
+        "model_name": name,
+        "base_model": entry.base,
+        "family": family.name,
+        "wrapper": entry.wrapper.__name__,
+        "tag": run_tag(config),
+        **identity,
+        "pruning_env": {k: v for k, v in sorted(env.items()) if k.startswith(_PRUNING_ENV_PREFIXES)},
+        "load": {"device": load.device, "attn_implementation": load.attn_implementation},
+        "versions": {package: importlib.metadata.version(package)
+                     for package in ("ms-vlmeval", "transformers", "torch")},
+    }
+    _atomic_write(path, json.dumps(record, indent=2), 0)
+
+
+def check_status(work_dir: Path, names: list[str], datasets: list[str], since: datetime.datetime) -> list[str]:
+    """Failures VLMEvalKit recorded in ``status.json`` (it exits 0 regardless)."""
+    failures = []
+    for name in names:
+        status_file = work_dir / name / "status.json"
+        status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        for dataset in datasets:
+            entry = status.get("datasets", {}).get(dataset)
+            where = f"{name} x {dataset}"
+            if entry is None or datetime.datetime.fromisoformat(entry["updated_at"]) < since:
+                failures.append(f"{where}: not processed (see {status_file})")
+            elif entry.get("error_message"):
+                failures.append(f"{where}: {entry['error_message']}")
+            elif entry.get("skip_reason") in FAILED_SKIPS:
+                failures.append(f"{where}: {entry['skip_reason']}")
+            elif entry.get("status") != "done":
+                failures.append(f"{where}: stopped in state {entry.get('status')!r}")
+    return failures

@@ -1,0 +1,212 @@
+"""One table (and a plot) from a work dir of runner outputs.
+
+For every run folder the runners wrote (``<work dir>/<model>__<tag>__<hash>/`` with ``pruning_config.json``) and
+every data set VLMEvalKit evaluated there, one row: model, data set, method, stage, effective keep ratio,
+visual tokens per sample before -> after pruning (from the recorded token counts), VLMEvalKit's primary
+metric, its difference from the stock run of the same model and data set, and the accuracy per category for
+categories with at least ``--min-category-samples`` samples (from VLMEvalKit's per-sample judge file).
+
+A metric whose values all lie in [0, 1] (an accuracy) is shown in percent, and differences in points.
+
+    python scripts/summarize.py WORK_DIR            # writes summary.csv, summary.json, accuracy_vs_keep_ratio.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from evalkit import RUN_CONFIG_FILE, TOKENS_FILE  # noqa: E402
+
+TABLE_FILES = ("summary.csv", "summary.json")
+PLOT_FILE = "accuracy_vs_keep_ratio.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading one run
+# --------------------------------------------------------------------------------------------------
+def describe_stages(pruning: dict) -> tuple[str, str, float]:
+    """(method, stage, effective keep ratio) of a run's resolved pruning configuration.
+
+    The effective ratio is the fraction of the encoder's visual tokens left after the last stage (intra-LLM
+    ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one).
+    """
+    pre, intra = pruning.get("pre_llm"), pruning.get("intra_llm") or []
+    if not pre and not intra:
+        return "stock", "-", 1.0
+    methods = ([pre["method"]] if pre else []) + [s["method"] for s in intra]
+    stages = (["pre-LLM"] if pre else []) + [f"intra-LLM L{s['layer']}" for s in intra]
+    ratio = (pre["ratio"] if pre else 1.0) * (intra[-1]["ratio"] if intra else 1.0)
+    return " + ".join(dict.fromkeys(methods)), " + ".join(stages), ratio
+
+
+def token_means(run_dir: Path, dataset: str) -> tuple[float, float, int]:
+    """Mean visual tokens per sample entering the model and left after the last stage, and the sample count.
+
+    Records are de-duplicated by sample key (a resumed run may repeat a few samples)."""
+    records = {}
+    for path in sorted(run_dir.glob(TOKENS_FILE.format(dataset=dataset, rank="*"))):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[record["key"]] = record["tokens"]
+    if not records:
+        return float("nan"), float("nan"), 0
+    before = [tokens.get("input", 0) for tokens in records.values()]
+    after = [list(tokens.values())[-1] if tokens else 0 for tokens in records.values()]
+    return sum(before) / len(before), sum(after) / len(after), len(records)
+
+
+def per_sample_results(run_dir: Path, name: str, dataset: str) -> pd.DataFrame | None:
+    """VLMEvalKit's per-sample judge file (``<name>_<dataset>_<judge>_result.<fmt>``) if it has hits."""
+    from vlmeval.smp import load
+
+    for path in sorted(run_dir.glob(f"{name}_{dataset}_*_result.*")):
+        if path.suffix in (".xlsx", ".tsv", ".csv", ".json"):
+            data = load(str(path))
+            if isinstance(data, pd.DataFrame) and "hit" in data:
+                return data
+    return None
+
+
+def _primary_metric(report_row: dict) -> tuple[str, float]:
+    name, value = report_row["primary_metric"], report_row["primary_metric_value"]
+    if isinstance(value, dict):  # several primary metrics: the first one
+        name, value = next(iter(value.items()))
+    return str(name), float(value)
+
+
+def run_rows(run_dir: Path, min_category_samples: int) -> list[dict]:
+    from vlmeval.smp import collect_run_benchmark_report
+
+    config = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
+    name = config["model_name"]
+    method, stage, ratio = describe_stages(config["pruning"])
+    rows = []
+    for report in collect_run_benchmark_report(run_dir):
+        if report["eval_error"] or report["primary_metric_value"] is None:
+            continue
+        dataset = report["benchmark"]
+        metric, score = _primary_metric(report)
+        before, after, recorded = token_means(run_dir, dataset)
+        row = {"model": config["base_model"], "dataset": dataset, "method": method, "stage": stage,
+               "keep_ratio": ratio, "tokens_before": before, "tokens_after": after, "metric": metric,
+               "score": score, "samples": report["infer_total"], "token_records": recorded, "run": name}
+        results = per_sample_results(run_dir, name, dataset)
+        if results is not None and "category" in results:
+            for category, group in results.groupby("category"):
+                if len(group) >= min_category_samples:
+                    row[f"cat:{category}"] = float(group["hit"].mean())
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------
+def collect(work_dir: str | Path, min_category_samples: int = 5) -> pd.DataFrame:
+    """One row per (run, data set) in ``work_dir``, with ``delta`` against the stock run."""
+    rows = []
+    for config_file in sorted(Path(work_dir).glob(f"*/{RUN_CONFIG_FILE}")):
+        rows += run_rows(config_file.parent, min_category_samples)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    categories = [c for c in table if c.startswith("cat:")]
+    table["unit"] = ""
+    for dataset, group in table.groupby("dataset"):
+        if group["score"].between(0, 1).all():  # accuracies: percent
+            table.loc[group.index, "score"] *= 100
+            table.loc[group.index, categories] *= 100
+            table.loc[group.index, "unit"] = "%"
+    stock = table[table["method"] == "stock"].groupby(["model", "dataset"])["score"].first()
+    table["delta"] = [row.score - stock.get((row.model, row.dataset), float("nan")) for row in table.itertuples()]
+    table = table.sort_values(["model", "dataset", "keep_ratio", "method"], ascending=[True, True, False, True])
+    columns = ["model", "dataset", "method", "stage", "keep_ratio", "tokens_before", "tokens_after", "metric",
+               "score", "unit", "delta", "samples"] + sorted(categories) + ["token_records", "run"]
+    return table[columns].reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A GitHub-markdown table, as printed by the demo and shown in the README."""
+    from tabulate import tabulate
+
+    shown = pd.DataFrame({
+        "model": table["model"], "data set": table["dataset"], "method": table["method"], "stage": table["stage"],
+        "keep": table["keep_ratio"].map("{:.3g}".format),
+        "visual tokens": [f"{b:.1f} → {a:.1f}" for b, a in zip(table["tokens_before"], table["tokens_after"])],
+        "score": [f"{score:.1f}{unit}" for score, unit in zip(table["score"], table["unit"])],
+        "Δ vs stock": [("" if pd.isna(d) or m == "stock" else f"{d:+.1f}")
+                       for d, m in zip(table["delta"], table["method"])],
+    })
+    for column in [c for c in table if c.startswith("cat:")]:
+        shown[column[4:]] = table[column].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+    return tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
+
+
+def save_table(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / TABLE_FILES[0], out_dir / TABLE_FILES[1]
+    table.to_csv(csv_path, index=False)
+    json_path.write_text(table.to_json(orient="records", indent=2, force_ascii=False))
+    return [csv_path, json_path]
+
+
+# --------------------------------------------------------------------------------------------------
+# The plot
+# --------------------------------------------------------------------------------------------------
+def plot_accuracy(table: pd.DataFrame, path: str | Path) -> Path:
+    """Score vs effective keep ratio, one line per method and stage, stock as a dashed reference; one panel per
+    (model, data set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(table.groupby(["model", "dataset"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, ((model, dataset), group) in zip(axes[0], panels):
+        pruned = group[group["method"] != "stock"]
+        for (method, stage), line in pruned.groupby(["method", "stage"]):
+            line = line.sort_values("keep_ratio")
+            ax.plot(line["keep_ratio"], line["score"], marker="o", label=f"{method} ({stage})")
+        for score in group.loc[group["method"] == "stock", "score"]:
+            ax.axhline(score, color="black", linestyle="--", linewidth=1, label="stock")
+        ax.set_xlabel("keep ratio (fraction of visual tokens kept)")
+        ax.set_ylabel("accuracy (%)" if group["unit"].iloc[0] == "%" else group["metric"].iloc[0])
+        ax.set_title(f"{model} — {dataset}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work_dir", help="the --work-dir of the runs")
+    parser.add_argument("--out", default=None, help="where to write the table and plot (default: WORK_DIR)")
+    parser.add_argument("--min-category-samples", type=int, default=5,
+                        help="show a category's accuracy when it has at least this many samples")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    table = collect(args.work_dir, args.min_category_samples)
+    if table.empty:
+        sys.exit(f"no evaluated runs under {args.work_dir} (folders with {RUN_CONFIG_FILE} and a status.json)")
+    out = Path(args.out or args.work_dir)
+    written = save_table(table, out)
+    if not args.no_plot:
+        written.append(plot_accuracy(table, out / PLOT_FILE))
+    print(format_table(table))
+    print("\n" + "\n".join(f"wrote {path}" for path in written))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Tiny Qwen-VL checkpoints saved to a folder, loadable offline like a downloaded one (``from_pretrained``).
+
+The weights are the random ones of :mod:`scripts.tiny_models`. ``answers`` restricts what the model can say
+through its saved generation config: every token but the given letters is suppressed, so with
+``max_new_tokens=1`` the model answers a multiple-choice question with one of those letters. ``answers="A"``
+rigs it to always answer A (an exactly known accuracy); ``answers="ABCD"`` gives a random model whose letter
+depends on the image and prompt (the offline demo's stand-in for a trained model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from scripts.tiny_models import FAMILIES, build_model, build_processor, build_tokenizer  # noqa: E402
+
+
+def letter_ids(letters: str) -> list[int]:
+    ids = [build_tokenizer().convert_tokens_to_ids(letter) for letter in letters]
+    if None in ids:
+        raise ValueError(f"not every letter of {letters!r} is a single token")
+    return ids
+
+
+def save_checkpoint(folder: str | Path, family: str = "qwen2_5_vl", answers: str | None = None, seed: int = 0,
+                    num_layers: int = 4) -> Path:
+    """Save model, processor (tokenizer, image and video processors, chat template) and generation config."""
+    folder = Path(folder)
+    model = build_model(family, seed=seed, num_layers=num_layers)
+    if answers:
+        allowed = set(letter_ids(answers))
+        model.generation_config.suppress_tokens = [i for i in range(model.config.text_config.vocab_size)
+                                                   if i not in allowed]
+    model.save_pretrained(folder)
+    build_processor(family).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=FAMILIES)
+    parser.add_argument("--answers", default=None, help="letters the model may answer with, e.g. ABCD")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(save_checkpoint(args.folder, args.family, args.answers, args.seed))
+
+
+if __name__ == "__main__":
+    main()

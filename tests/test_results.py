@@ -1,0 +1,102 @@
+"""The summary table, the accuracy plot, the kept-token view and the sweep, on the shared evaluated work dir."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scripts import kept_tokens, shapes_data, summarize, sweep
+from tests.conftest import QUESTIONS, TOKENS_PER_IMAGE
+from utils import keep_count
+
+
+@pytest.fixture(scope="module")
+def table(evaluated):
+    return summarize.collect(evaluated.work_dir, min_category_samples=3)
+
+
+def test_summary_has_one_row_per_run_with_measured_values(table, evaluated):
+    assert list(table["method"]) == ["stock", "divprune_pre_llm", "fastv_intra_llm"]  # keep ratio 1, 0.5, 0.25
+    assert list(table["stage"]) == ["-", "pre-LLM", "intra-LLM L2"]
+    assert list(table["keep_ratio"]) == [1.0, 0.5, 0.25]
+    assert list(table["tokens_before"]) == [TOKENS_PER_IMAGE] * 3
+    assert list(table["tokens_after"]) == [TOKENS_PER_IMAGE, keep_count(TOKENS_PER_IMAGE, 0.5),
+                                           keep_count(TOKENS_PER_IMAGE, 0.25)]
+    accuracy = 100 * evaluated.answers.count("A") / QUESTIONS
+    assert list(table["score"]) == pytest.approx([accuracy] * 3)
+    assert list(table["unit"]) == ["%"] * 3
+    assert list(table["delta"]) == pytest.approx([0.0] * 3)
+    assert list(table["samples"]) == [QUESTIONS] * 3 and list(table["token_records"]) == [QUESTIONS] * 3
+
+
+def test_categories_with_enough_samples_are_broken_down(table, evaluated):
+    # Categories cycle colour, shape, position, count: 10 questions give 3, 3, 2, 2 samples.
+    assert sorted(c for c in table if c.startswith("cat:")) == ["cat:colour", "cat:shape"]
+    for category, offset in (("colour", 0), ("shape", 1)):
+        answers = evaluated.answers[offset::4]
+        assert table[f"cat:{category}"].tolist() == pytest.approx([100 * answers.count("A") / len(answers)] * 3)
+
+
+def test_table_files_and_plot_are_written(table, tmp_path):
+    csv_path, json_path = summarize.save_table(table, tmp_path)
+    assert pd.read_csv(csv_path)["score"].tolist() == pytest.approx(table["score"].tolist())
+    assert [row["method"] for row in json.loads(json_path.read_text())] == list(table["method"])
+    plot = summarize.plot_accuracy(table, tmp_path / summarize.PLOT_FILE)
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 300 and len(set(image.getdata())) > 10
+    printed = summarize.format_table(table)
+    assert "24.0 → 12.0" in printed and "intra-LLM L2" in printed and printed.count("\n") == 4
+
+
+def test_summary_cli_writes_everything(evaluated, tmp_path, capsys):
+    summarize.main([str(evaluated.work_dir), "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {*summarize.TABLE_FILES, summarize.PLOT_FILE}
+    assert "divprune_pre_llm" in capsys.readouterr().out
+
+
+def test_kept_token_view_shows_what_each_method_keeps(evaluated, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(evaluated.checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(evaluated.checkpoint).eval()
+    question = shapes_data.make_question(0)
+    configs = {"stock": kept_tokens.method_config(None, 1.0)}
+    configs.update({m: kept_tokens.method_config(m, 0.25)
+                    for m in ("divprune_pre_llm", "random_pre_llm", "fastv_intra_llm")})
+    masks, resized = kept_tokens.kept_masks(model, processor, question["image"], question["question"], configs)
+    assert all(mask.shape == (4, 6) for mask in masks.values())
+    assert masks["stock"].all()
+    for method in ("divprune_pre_llm", "random_pre_llm", "fastv_intra_llm"):
+        assert masks[method].sum() == keep_count(TOKENS_PER_IMAGE, 0.25)
+    assert not (masks["divprune_pre_llm"] == masks["random_pre_llm"]).all()
+    path = kept_tokens.render(resized, masks, tmp_path / "kept.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 4 * resized.width
+
+
+def test_sweep_plans_one_runner_process_per_configuration():
+    jobs = sweep.plan("run_qwenvl.py", ["M"], ["D1", "D2"], ["divprune_pre_llm", "fastv_intra_llm"], [0.25, 0.5],
+                      "out", stock=True, extra=["--judge", "exact_matching"])
+    assert [job.label for job in jobs] == ["M__stock", "M__divprune_pre_llm-0.25", "M__divprune_pre_llm-0.5",
+                                           "M__fastv_intra_llm-0.25", "M__fastv_intra_llm-0.5"]
+    assert jobs[0].env == {} and jobs[3].env == {"PRUNE_METHOD": "fastv_intra_llm", "KEEP_RATIO": "0.25"}
+    assert jobs[1].command[2:] == ["--model", "M", "--data", "D1", "D2", "--work-dir", "out",
+                                   "--judge", "exact_matching"]
+
+
+def test_sweep_sets_each_configuration_and_clears_the_callers_selection(tmp_path):
+    # A stand-in runner that succeeds only when it sees exactly its configuration.
+    check = ("import os, sys; sys.exit(0 if (os.environ.get('PRUNE_METHOD'), os.environ.get('KEEP_RATIO'), "
+             "os.environ.get('INTRA_LLM_LAYER_SPECS'), os.environ.get('PRUNE_RANDOM_SEED')) == "
+             "(sys.argv[1] or None, sys.argv[2] or None, None, '3') else 7)")
+    jobs = [sweep.Job("ok", {"PRUNE_METHOD": "x", "KEEP_RATIO": "0.5"}, [sys.executable, "-c", check, "x", "0.5"]),
+            sweep.Job("stock", {}, [sys.executable, "-c", check, "", ""]),
+            sweep.Job("wrong", {}, [sys.executable, "-c", check, "x", "0.5"])]
+    caller = {"PRUNE_METHOD": "leaked", "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm", "PRUNE_RANDOM_SEED": "3",
+              "PATH": "/usr/bin:/bin"}
+    assert sweep.run(jobs, tmp_path, caller) == ["wrong"]
+    assert (tmp_path / "wrong.log").exists()
