@@ -75,6 +75,9 @@ def check_counts(name, record, config):
                     assert after == rule if rule is not None else 0 <= after <= before, (name, label, span.counts)
 
 
+# Hyper-parameters that must be scaled down to the tiny models (2-layer vision encoders).
+TINY_PARAMS = {"vtc_cls_pre_llm": {"VTC_CLS_START_LAYER": -1}}
+
 # A left-padded batch; an image and a video in one prompt (Qwen2.5-VL: one (2, h, w) video span; Qwen3-VL: one
 # span per frame, and deepstack features that follow the kept tokens).
 CASES = [("qwen2_5_vl", "batch"), ("qwen2_5_vl", "image_video"), ("qwen3_vl", "image_video")]
@@ -85,7 +88,8 @@ CASES = [("qwen2_5_vl", "batch"), ("qwen2_5_vl", "image_video"), ("qwen3_vl", "i
 def test_every_registered_method_through_the_qwen_hooks(name, family, kind):
     model, inputs = tiny(family), inputs_for(family, kind)
     ref_logits, (ref_ids, ref_steps) = reference_run(family, kind)
-    with patched(KEEP_RATIO=1.0, PRUNE_METHOD=name):
+    params = TINY_PARAMS.get(name, {})
+    with patched(KEEP_RATIO=1.0, PRUNE_METHOD=name, **params):
         logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
         record = custom_qwenvl.last_record(model)
     kept_all = all(len(set(s.counts.values())) == 1 for sample in record.spans for s in sample)
@@ -94,7 +98,7 @@ def test_every_registered_method_through_the_qwen_hooks(name, family, kind):
     else:  # only a method that decides its own count may drop tokens at ratio 1 (VTW withdraws every span)
         assert not REGISTRY[name].exact_count and ids.shape == ref_ids.shape
 
-    with patched(KEEP_RATIO=0.25, PRUNE_METHOD=name):
+    with patched(KEEP_RATIO=0.25, PRUNE_METHOD=name, **params):
         logits = forward_logits(model, inputs)
         state = custom_qwenvl.pruning_state(model)
         record, config = state.record, state.config
