@@ -122,6 +122,46 @@ def _temporarily(owner, name: str, value):
         setattr(owner, name, original)
 
 
+class InputsOnModel:
+    """Stands in for a wrapper's processor: a device or dtype given to its outputs' ``.to(...)`` becomes the model's.
+
+    VLMEvalKit's wrappers hard-code both: Qwen2VLChat moves the inputs with ``inputs.to('cuda')`` whatever the
+    model's placement (fails on a CPU, misplaces a model loaded on another GPU); Gemma4 casts them with
+    ``dtype=torch.bfloat16`` whatever the model's dtype (a float32 model would see its pixel values rounded to
+    bfloat16). Everything else is the processor's own.
+    """
+
+    def __init__(self, processor, model):
+        self._processor, self._model = processor, model
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._on_model(self._processor(*args, **kwargs))
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._on_model(self._processor.apply_chat_template(*args, **kwargs))
+
+    def _on_model(self, inputs):
+        import torch
+
+        if not hasattr(inputs, "to"):  # a prompt string (tokenize=False)
+            return inputs
+        model, move = self._model, type(inputs).to
+
+        def on_model(value):
+            if isinstance(value, (str, torch.device)):
+                return model.device
+            return model.dtype if isinstance(value, torch.dtype) else value
+
+        def to(*args, **kwargs):
+            return move(inputs, *map(on_model, args), **{key: on_model(v) for key, v in kwargs.items()})
+
+        inputs.to = to
+        return inputs
+
+
 @dataclass
 class TokenLog:
     """Appends the visual-token record of every generate call to ``visual_tokens_<dataset>.rank<r>.jsonl``.

@@ -9,8 +9,6 @@ README ("Running evaluations") and ``python run_qwenvl.py --help``.
 
 import sys
 
-import torch
-
 import custom_qwenvl
 import evalkit
 
@@ -21,37 +19,10 @@ def _wrappers() -> dict[str, type]:
     return {"qwen2_vl": Qwen2VLChat, "qwen2_5_vl": Qwen2VLChat, "qwen3_vl": Qwen3VLChat}
 
 
-class _InputsOnModelDevice:
-    """Stands in for a wrapper's processor: a device given to its outputs' ``.to(...)`` becomes the model's.
-
-    Qwen2VLChat moves the processed inputs with ``inputs.to('cuda')`` whatever the model's placement, which
-    fails on a CPU and misplaces a model loaded on another GPU. Dtype moves and everything else are untouched.
-    """
-
-    def __init__(self, processor, model):
-        self._processor, self._model = processor, model
-
-    def __getattr__(self, name):
-        return getattr(self._processor, name)
-
-    def __call__(self, *args, **kwargs):
-        inputs = self._processor(*args, **kwargs)
-        model, move = self._model, type(inputs).to
-
-        def to(*args, **kwargs):
-            args = [model.device if isinstance(a, (str, torch.device)) else a for a in args]
-            if "device" in kwargs:
-                kwargs["device"] = model.device
-            return move(inputs, *args, **kwargs)
-
-        inputs.to = to
-        return inputs
-
-
 class QwenFixes:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.processor = _InputsOnModelDevice(self.processor, self.model)
+        self.processor = evalkit.InputsOnModel(self.processor, self.model)  # Qwen2VLChat: inputs.to('cuda')
 
 
 FAMILY = evalkit.Family(
