@@ -10,6 +10,8 @@ What the adapter changes in a VLMEvalKit wrapper, without editing the installed 
 * device, attention implementation and dtype of ``from_pretrained`` come from the runner's flags (the wrappers
   hard-code ``device_map="auto"`` and FlashAttention-2 and assert that a GPU is present);
 * the wrapper's own vLLM / LMDeploy switches are turned off: the pruning hooks patch transformers models;
+* a family's own runner flags (``FamilyFlag``, e.g. Gemma 4's ``--max-soft-tokens``) become keyword arguments of
+  its wrapper mixin, and so part of the run's hash and model name;
 * after every generate call the family's ``last_record(model)`` (visual tokens per span and stage) is appended
   to a per-rank JSON-lines file next to the predictions.
 
@@ -47,6 +49,20 @@ _PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_")
 
 
 @dataclass(frozen=True)
+class FamilyFlag:
+    """A runner flag of one family. Its value is checked by the parser (before anything is loaded), passed to the
+    family's mixin as the keyword argument ``kwarg``, hashed with the wrapper's keyword arguments, and appended to
+    the model's display name (``-<label>``), so runs with and without it are told apart in the results table."""
+
+    flag: str  # e.g. "--max-soft-tokens"
+    kwarg: str  # the mixin's keyword argument, e.g. "max_soft_tokens"
+    type: Callable[[str], Any]
+    choices: tuple
+    help: str
+    label: str  # display-name suffix, formatted with the value, e.g. "soft{}"
+
+
+@dataclass(frozen=True)
 class Family:
     """What a runner tells this module about its model family."""
 
@@ -55,6 +71,7 @@ class Family:
     model_types: frozenset[str]  # config.model_type values the patches handle
     wrappers: Callable[[], dict[str, type]]  # model_type -> VLMEvalKit wrapper class (imported lazily)
     mixin: type | None = None  # family-specific fixes of the wrapper, placed before it in the MRO
+    flags: tuple[FamilyFlag, ...] = ()  # family-specific runner flags, handled by the mixin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +355,8 @@ def runner_parser(prog: str, family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help="keyword arguments for VLMEvalKit's model wrapper, overriding its registered ones, "
                              "e.g. '{\"max_new_tokens\": 16}'")
+    for extra in family.flags:
+        parser.add_argument(extra.flag, dest=extra.kwarg, type=extra.type, choices=extra.choices, help=extra.help)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and VLMEvalKit's, then exit")
     return parser
 
@@ -411,6 +430,15 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         wrapper_overrides = None
     if not isinstance(wrapper_overrides, dict):
         raise RunnerError(f"--model-kwargs {options.model_kwargs!r}: not a JSON object")
+    name_suffix = ""
+    for extra in family.flags:  # one spelling only: checked before loading and shown in the model name
+        if extra.kwarg in wrapper_overrides:
+            raise RunnerError(f"--model-kwargs: {extra.kwarg!r} is set with {extra.flag}; allowed: "
+                              f"{extra.flag} {{{', '.join(map(str, extra.choices))}}}")
+        value = getattr(options, extra.kwarg)
+        if value is not None:
+            wrapper_overrides[extra.kwarg] = value
+            name_suffix += "-" + extra.label.format(value)
     try:
         load = LoadSettings.resolve(options.device, options.attn_implementation, options.dtype)
     except RuntimeError as err:
@@ -430,6 +458,7 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
 
     names = {}
     for key, entry in entries.items():
+        entry.base += name_suffix
         identity = run_identity(entry.source, config, wrapper_overrides, load.dtype)
         name = run_name(entry.base, config, identity)
         run_dir = work_dir / name
