@@ -1,7 +1,8 @@
-"""Tiny Qwen-VL checkpoints saved to a folder, loadable offline like a downloaded one (``from_pretrained``).
+"""Tiny Qwen-VL and Gemma 4 checkpoints in a folder, loadable offline like a downloaded one (``from_pretrained``).
 
-The weights are the random ones of :mod:`scripts.tiny_models`. ``answers`` restricts what the model can say
-through its saved generation config: every token but the given letters is suppressed, so with
+The weights are the random ones of :mod:`scripts.tiny_models` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) and
+:mod:`scripts.tiny_gemma` (``gemma4_e2b``, ``gemma4_dense31b``, ``gemma4_moe26b``). ``answers`` restricts what the
+model can say through its saved generation config: every token but the given letters is suppressed, so with
 ``max_new_tokens=1`` the model answers a multiple-choice question with one of those letters. ``answers="A"``
 rigs it to always answer A (an exactly known accuracy); ``answers="ABCD"`` gives a random model whose letter
 depends on the image and prompt (the offline demo's stand-in for a trained model).
@@ -15,12 +16,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts.tiny_models import FAMILIES, build_model, build_processor, build_tokenizer  # noqa: E402
+from scripts import tiny_gemma, tiny_models  # noqa: E402
+
+GEMMA_PREFIX = "gemma4_"
+FAMILIES = tiny_models.FAMILIES + tuple(GEMMA_PREFIX + variant for variant in tiny_gemma.VARIANTS)
 
 
-def letter_ids(letters: str) -> list[int]:
-    ids = [build_tokenizer().convert_tokens_to_ids(letter) for letter in letters]
-    if None in ids:
+def _build(family: str, seed: int, num_layers: int):
+    """Model and processor of a family (Gemma 4 variants have their own fixed depth)."""
+    if family.startswith(GEMMA_PREFIX):
+        return tiny_gemma.build_model(family.removeprefix(GEMMA_PREFIX), seed=seed), tiny_gemma.build_processor()
+    return tiny_models.build_model(family, seed=seed, num_layers=num_layers), tiny_models.build_processor(family)
+
+
+def letter_ids(tokenizer, letters: str) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(letter) for letter in letters]
+    if None in ids or tokenizer.unk_token_id in ids:
         raise ValueError(f"not every letter of {letters!r} is a single token")
     return ids
 
@@ -28,14 +39,16 @@ def letter_ids(letters: str) -> list[int]:
 def save_checkpoint(folder: str | Path, family: str = "qwen2_5_vl", answers: str | None = None, seed: int = 0,
                     num_layers: int = 4) -> Path:
     """Save model, processor (tokenizer, image and video processors, chat template) and generation config."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: allowed: {', '.join(FAMILIES)}")
     folder = Path(folder)
-    model = build_model(family, seed=seed, num_layers=num_layers)
+    model, processor = _build(family, seed, num_layers)
     if answers:
-        allowed = set(letter_ids(answers))
-        model.generation_config.suppress_tokens = [i for i in range(model.config.text_config.vocab_size)
+        allowed = set(letter_ids(processor.tokenizer, answers))
+        model.generation_config.suppress_tokens = [i for i in range(model.config.get_text_config().vocab_size)
                                                    if i not in allowed]
     model.save_pretrained(folder)
-    build_processor(family).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 

@@ -1,18 +1,21 @@
-"""A small evaluated work dir, shared by the runner and results tests (built once per session, offline).
+"""Small evaluated work dirs, shared by the runner and results tests (built once per session, offline).
 
-A tiny Qwen2.5-VL checkpoint rigged to always answer "A" is saved to disk, a 10-question multiple-choice set is
-generated into a temporary LMUData folder, and ``run_qwenvl`` evaluates it through ``vlmeval.run.main``
-stock, with a pre-LLM method and with an intra-LLM method.
+A 10-question multiple-choice set is generated into a temporary LMUData folder. A tiny checkpoint rigged to
+always answer "A" is saved to disk and a runner evaluates the set through ``vlmeval.run.main`` stock, with a
+pre-LLM method and with an intra-LLM method: ``evaluated`` for Qwen2.5-VL (``run_qwenvl``); the Gemma 4 tests
+build theirs with :func:`evaluate` (``run_gemma4``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+import evalkit
 from scripts import shapes_data
 from scripts.tiny_checkpoints import save_checkpoint
 
@@ -34,29 +37,47 @@ class EvaluatedWorkDir:
     work_dir: Path
     answers: list[str]
     exit_codes: dict = field(default_factory=dict)
+    run_dirs: dict = field(default_factory=dict)  # label -> the run folder its runner call created
 
     def run_dir(self, label: str) -> Path:
-        """The run folder of a configuration, found through the configuration it recorded."""
-        wanted = CONFIGS[label]
-        for config_file in self.work_dir.glob("*/pruning_config.json"):
-            recorded = json.loads(config_file.read_text())["pruning_env"]
-            if recorded == wanted:
-                return config_file.parent
-        raise AssertionError(f"no run folder for {label}")
+        if label not in self.run_dirs:
+            raise AssertionError(f"no run folder for {label} (exit code {self.exit_codes.get(label)})")
+        return self.run_dirs[label]
 
 
-def run_runner(argv: list[str], env: dict[str, str]) -> int:
-    """``run_qwenvl.py`` in this process; ``env`` holds the pruning variables (read by the runner only)."""
-    import evalkit
-    import run_qwenvl
+def run_runner(argv: list[str], env: dict[str, str], runner: str = "run_qwenvl") -> int:
+    """A runner (``run_qwenvl`` or ``run_gemma4``) in this process; ``env`` holds the pruning variables (read by
+    the runner only)."""
+    return evalkit.main(importlib.import_module(runner).FAMILY, argv, env=env, prog=f"{runner}.py")
 
-    return evalkit.main(run_qwenvl.FAMILY, argv, env=env, prog="run_qwenvl.py")
+
+def _run_folders(work_dir: Path) -> set[Path]:
+    return {path.parent for path in work_dir.glob(f"*/{evalkit.RUN_CONFIG_FILE}")}
+
+
+def evaluate(root: Path, lmudata: Path, checkpoint: Path, configs: dict[str, dict], runner: str = "run_qwenvl",
+             flags: dict[str, list[str]] | None = None) -> EvaluatedWorkDir:
+    """Evaluate the shared data set once per configuration (label -> pruning environment; ``flags``: label -> extra
+    runner flags) into ``root/outputs``."""
+    result = EvaluatedWorkDir(root, checkpoint, lmudata, root / "outputs",
+                              [shapes_data.make_question(i)["answer"] for i in range(QUESTIONS)])
+    for label, env in configs.items():
+        before = _run_folders(result.work_dir)
+        argv = ["--model", str(checkpoint), "--data", shapes_data.NAME, "--work-dir", str(result.work_dir),
+                *RUNNER_FLAGS, *(flags or {}).get(label, [])]
+        result.exit_codes[label] = run_runner(argv, env, runner)
+        created = _run_folders(result.work_dir) - before
+        if len(created) == 1:
+            result.run_dirs[label] = created.pop()
+    return result
 
 
 @pytest.fixture(scope="session")
 def lmudata_env(tmp_path_factory):
-    """VLMEvalKit reads its data sets from $LMUData (and falls back to ~/LMUData when the folder is missing)."""
+    """VLMEvalKit reads its data sets from $LMUData (and falls back to ~/LMUData when the folder is missing); the
+    shared data set is written there."""
     lmudata = tmp_path_factory.mktemp("LMUData")
+    shapes_data.write_dataset(lmudata, QUESTIONS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LMUData", str(lmudata))
         patch.delenv("MMEVAL_ROOT", raising=False)
@@ -66,12 +87,5 @@ def lmudata_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def evaluated(tmp_path_factory, lmudata_env) -> EvaluatedWorkDir:
     root = tmp_path_factory.mktemp("evaluated")
-    shapes_data.write_dataset(lmudata_env, QUESTIONS)
     checkpoint = save_checkpoint(root / "always-a", family="qwen2_5_vl", answers="A")
-    result = EvaluatedWorkDir(root, checkpoint, lmudata_env, root / "outputs",
-                              [shapes_data.make_question(i)["answer"] for i in range(QUESTIONS)])
-    for label, env in CONFIGS.items():
-        argv = ["--model", str(checkpoint), "--data", shapes_data.NAME, "--work-dir", str(result.work_dir),
-                *RUNNER_FLAGS]
-        result.exit_codes[label] = run_runner(argv, env)
-    return result
+    return evaluate(root, lmudata_env, checkpoint, CONFIGS)
