@@ -85,10 +85,11 @@ class Gemma4Adapter(FamilyAdapter):
             producers = [s for s in stores if s < stage.layer < first_shared]
             if producers:
                 raise PruneConfigError(
-                    f"INTRA_LLM_LAYER_SPECS: layer {stage.layer} ({stage.method}) lies after the KV-storing layer "
-                    f"{producers[0]} whose keys the shared layers {first_shared}.. reuse, so they would read keys of "
-                    f"another layout; allowed: a layer <= {min(stores)} (shrinks the KV cache) or >= {first_shared} "
-                    "(drops query rows only)")
+                    f"intra-LLM layer {stage.layer} ({stage.method}, from INTRA_LLM_LAYER_SPECS or the method's "
+                    f"default layers) lies after the KV-storing layer {producers[0]} whose keys the shared layers "
+                    f"{first_shared}.. reuse, so they would read keys of another layout; allowed: a layer <= "
+                    f"{min(stores)} (shrinks the KV cache) or >= {first_shared} (drops query rows only), e.g. in "
+                    "INTRA_LLM_LAYER_SPECS")
 
     # -- the language-model entry ---------------------------------------------------------------------
     def mask_2d(self, kwargs, call):

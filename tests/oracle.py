@@ -4,7 +4,8 @@ from contextlib import contextmanager
 
 import torch
 
-from utils import PruneConfig
+import methods
+from utils import PruneConfig, keep_count
 
 ATTN = ("eager", "sdpa")
 STEPS = 5
@@ -73,3 +74,79 @@ def kept_mask(mask_2d, keep):
     if mask_2d is None:
         mask_2d = torch.ones(keep.shape[0], int(keep.max()) + 1, dtype=torch.long)
     return gather(mask_2d, keep) * (keep >= 0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every registered method through a family's hooks
+# ------------------------------------------------------------------------------------------------------
+# Hyper-parameters that must be scaled down to the tiny models (2-layer vision encoders).
+TINY_PARAMS = {"vtc_cls_pre_llm": {"VTC_CLS_START_LAYER": -1}}
+
+
+def sparsevlm_count(before, budget):
+    pruned = before - budget
+    return budget + (int((int(0.3 * pruned) + 1) / 10) + 1 if pruned else 0)
+
+
+def documented_count(name, span, label, before, budget):
+    """Tokens the method's docstring says it keeps (for methods whose count is not the keep rule)."""
+    if name == "vtw_intra_llm":
+        return 0
+    if name == "sparsevlm_intra_llm":
+        return sparsevlm_count(before, budget)
+    if name == "pool_pre_llm":
+        t, h, w = span.grid
+        scale = (budget / before) ** 0.5
+        return t * min(h, max(1, round(h * scale))) * min(w, max(1, round(w * scale)))
+    return None  # another method's rule, checked by its own tests: here only bounded by the count before
+
+
+def check_counts(name, record, config):
+    spec = methods.registered_methods()[name]
+    ratios = {"pre_llm": config.pre_llm.ratio} if config.pre_llm else {}
+    ratios.update({f"layer_{s.layer}": s.ratio for s in config.intra_llm})
+    for sample in record.spans:
+        for span in sample:
+            labels = list(span.counts)
+            assert labels[1:] == list(ratios), (name, span.counts)
+            for previous, label in zip(labels, labels[1:]):
+                before, after = span.counts[previous], span.counts[label]
+                base = span.counts["input"] if label == "pre_llm" else span.llm_input
+                budget = min(before, keep_count(base, ratios[label])) if before else 0
+                if spec.exact_count:
+                    assert after == budget, (name, label, span.counts)
+                else:
+                    rule = documented_count(name, span, label, before, budget)
+                    assert after == rule if rule is not None else 0 <= after <= before, (name, label, span.counts)
+
+
+def check_registered_method(family_module, name, model, inputs, reference, env):
+    """One registered method through a family's hooks; ``env(ratio)`` is its pruning configuration at that keep
+    ratio, ``reference`` the unpatched model's ``(forward_logits, greedy)`` on ``inputs``.
+
+    Ratio 1.0: bit-identical to the reference unless the method's own documented count drops tokens anyway.
+    Ratio 0.25: the recorded counts follow the keep rule (or the method's documented rule), the logits are as long
+    as the kept sequence, and greedy generation runs.
+    """
+    ref_logits, (ref_ids, ref_steps) = reference
+    with patched(family_module, **env(1.0)):
+        logits = forward_logits(model, inputs)
+        # The full-length prefill's record: generate's asks for the last row only, which Gemma 4's KV-shared
+        # layers then compute alone (a stage there sees no visual rows).
+        record = family_module.last_record(model)
+        ids, steps = greedy(model, inputs)
+    kept_all = all(len(set(s.counts.values())) == 1 for sample in record.spans for s in sample)
+    if kept_all:
+        assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
+    else:  # only a method that decides its own count may drop tokens at ratio 1 (VTW withdraws every span)
+        assert not methods.registered_methods()[name].exact_count and ids.shape == ref_ids.shape
+
+    with patched(family_module, **env(0.25)):
+        logits = forward_logits(model, inputs)
+        state = family_module.pruning_state(model)
+        record, config = state.record, state.config
+        ids, steps = greedy(model, inputs)
+    check_counts(name, record, config)
+    dropped = [sum(s.counts["input"] - s.current for s in sample) for sample in record.spans]
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - min(dropped)
+    assert ids.shape == ref_ids.shape and bool(torch.isfinite(steps).all())

@@ -18,6 +18,7 @@ import custom_qwenvl
 import methods
 from methods.dart import dart_select
 from methods.sparsevlm import text_raters
+from tests.oracle import TINY_PARAMS, check_registered_method
 from tests.test_qwenvl import (capture_lm_inputs, extend, forward_logits, gather, greedy, inputs_for, patched,
                                reference_intra)
 from scripts.tiny_models import build_model
@@ -38,46 +39,6 @@ def reference_run(family, kind):
     return forward_logits(model, inputs), greedy(model, inputs)
 
 
-def sparsevlm_count(before, budget):
-    pruned = before - budget
-    return budget + (int((int(0.3 * pruned) + 1) / 10) + 1 if pruned else 0)
-
-
-def documented_count(name, span, label, before, budget):
-    """Tokens the method's docstring says it keeps (for methods whose count is not the keep rule)."""
-    if name == "vtw_intra_llm":
-        return 0
-    if name == "sparsevlm_intra_llm":
-        return sparsevlm_count(before, budget)
-    if name == "pool_pre_llm":
-        t, h, w = span.grid
-        scale = (budget / before) ** 0.5
-        return t * min(h, max(1, round(h * scale))) * min(w, max(1, round(w * scale)))
-    return None  # another method's rule, checked by its own tests: here only bounded by the count before
-
-
-def check_counts(name, record, config):
-    spec = REGISTRY[name]
-    ratios = {"pre_llm": config.pre_llm.ratio} if config.pre_llm else {}
-    ratios.update({f"layer_{s.layer}": s.ratio for s in config.intra_llm})
-    for sample in record.spans:
-        for span in sample:
-            labels = list(span.counts)
-            assert labels[1:] == list(ratios), (name, span.counts)
-            for previous, label in zip(labels, labels[1:]):
-                before, after = span.counts[previous], span.counts[label]
-                base = span.counts["input"] if label == "pre_llm" else span.llm_input
-                budget = min(before, keep_count(base, ratios[label])) if before else 0
-                if spec.exact_count:
-                    assert after == budget, (name, label, span.counts)
-                else:
-                    rule = documented_count(name, span, label, before, budget)
-                    assert after == rule if rule is not None else 0 <= after <= before, (name, label, span.counts)
-
-
-# Hyper-parameters that must be scaled down to the tiny models (2-layer vision encoders).
-TINY_PARAMS = {"vtc_cls_pre_llm": {"VTC_CLS_START_LAYER": -1}}
-
 # A left-padded batch; an image and a video in one prompt (Qwen2.5-VL: one (2, h, w) video span; Qwen3-VL: one
 # span per frame, and deepstack features that follow the kept tokens).
 CASES = [("qwen2_5_vl", "batch"), ("qwen2_5_vl", "image_video"), ("qwen3_vl", "image_video")]
@@ -86,27 +47,9 @@ CASES = [("qwen2_5_vl", "batch"), ("qwen2_5_vl", "image_video"), ("qwen3_vl", "i
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("family, kind", CASES)
 def test_every_registered_method_through_the_qwen_hooks(name, family, kind):
-    model, inputs = tiny(family), inputs_for(family, kind)
-    ref_logits, (ref_ids, ref_steps) = reference_run(family, kind)
     params = TINY_PARAMS.get(name, {})
-    with patched(KEEP_RATIO=1.0, PRUNE_METHOD=name, **params):
-        logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
-        record = custom_qwenvl.last_record(model)
-    kept_all = all(len(set(s.counts.values())) == 1 for sample in record.spans for s in sample)
-    if kept_all:
-        assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
-    else:  # only a method that decides its own count may drop tokens at ratio 1 (VTW withdraws every span)
-        assert not REGISTRY[name].exact_count and ids.shape == ref_ids.shape
-
-    with patched(KEEP_RATIO=0.25, PRUNE_METHOD=name, **params):
-        logits = forward_logits(model, inputs)
-        state = custom_qwenvl.pruning_state(model)
-        record, config = state.record, state.config
-        ids, steps = greedy(model, inputs)
-    check_counts(name, record, config)
-    dropped = [sum(s.counts["input"] - s.current for s in sample) for sample in record.spans]
-    assert logits.shape[1] == inputs["input_ids"].shape[1] - min(dropped)
-    assert ids.shape == ref_ids.shape and bool(torch.isfinite(steps).all())
+    check_registered_method(custom_qwenvl, name, tiny(family), inputs_for(family, kind), reference_run(family, kind),
+                            lambda ratio: dict(KEEP_RATIO=ratio, PRUNE_METHOD=name, **params))
 
 
 def test_vtw_layer_spec_generation_after_withdrawing_every_span_equals_a_text_only_loop():
