@@ -63,7 +63,8 @@ FAMILY = evalkit.Family(
     flags=(evalkit.FamilyFlag(
         "--max-soft-tokens", "max_soft_tokens", int, SOFT_TOKEN_BUDGETS, label="soft{}",
         help="Gemma 4's native visual-token budget per image (the image processor's max_soft_tokens); default: "
-             "the checkpoint's (280 in the released ones). A lower budget is the non-pruning baseline"),),
+             "the checkpoint's processor config (transformers' default: 280). A lower budget is the non-pruning "
+             "baseline"),),
 )
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ until then they must fail with the adapter's own NotImplementedError, and are sk
 import functools
 
 import pytest
+import torch
 
 import custom_gemma4
 import methods
@@ -21,7 +22,7 @@ from hooks import FamilyAdapter
 from scripts.tiny_gemma import build_model
 from tests.oracle import TINY_PARAMS, check_registered_method, forward_logits, greedy
 from tests.test_gemma4 import inputs_for, patched
-from utils import PruneConfigError
+from utils import PruneConfigError, keep_count
 
 REGISTRY = methods.load_methods()
 # layer 2: <= every KV-storing layer (2, 3); layer 5: in the KV-shared region (4, 5)
@@ -73,3 +74,17 @@ def test_a_default_schedule_reaching_between_kv_store_and_shared_layers_is_refus
     with patched(INTRA_LLM_LAYER_SPECS="2:pdrop_intra_llm:0.5;4:pdrop_intra_llm:0.25"):
         forward_logits(model, inputs)  # the same method at allowed layers runs
         assert [m.layer for m in custom_gemma4.pruning_state(model).intra_maps] == [2, 4]
+
+
+def test_a_stage_in_the_kv_shared_region_changes_nothing_under_generate():
+    """generate asks for the last row only, and transformers then computes only that row in the KV-shared layers:
+    a stage there sees no visual rows (records 0) and changes nothing; a full forward drops the query rows."""
+    model, inputs = tiny("e2b"), inputs_for("image")
+    ids, steps = reference_run("e2b", "image")[1]
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with patched(INTRA_LLM_LAYER_SPECS="4:fastv_intra_llm:0.5"):
+        forward_logits(model, inputs)
+        assert custom_gemma4.last_record(model).totals() == {"input": n, "layer_4": keep_count(n, 0.5)}
+        generated = greedy(model, inputs)
+        assert custom_gemma4.last_record(model).totals() == {"input": n, "layer_4": 0}
+    assert torch.equal(generated[0], ids) and torch.equal(generated[1], steps)
