@@ -16,7 +16,10 @@ Same public contract as ``custom_qwenvl``: ``apply_patches()`` / ``remove_patche
   the shared region drops query rows only (exact, and the cache keeps every token); K between a storing layer
   and the shared region is refused (its consumers would read keys of a different layout);
 * ``logits_to_keep`` is applied after pre-LLM pruning (upstream skips it once the sequence is shorter);
-* attention signals use Gemma's scale 1.0, q/k norms, and keys from the shared KV states in shared layers.
+* attention signals use Gemma's scale 1.0, q/k norms, and keys from the shared KV states in shared layers;
+* vision-encoder signals (PruMerge, VisionZip, VisPruner, VTC-CLS): every encoder layer attends to the whole
+  image or frame, so any layer can be scored; patches are reduced to soft tokens with the pooler's own
+  position bins, padding patches (position -1) left out (``Gemma4Adapter.capture_vision``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
+import hooks
 from hooks import FamilyAdapter, batch_row, Layout, Selection, gather_positions
+from methods import VisionSignals
 from patching import ACTIVE_CALL, FamilyPatch, Target, last_record, pruning_state
 from utils import PruneConfig, PruneConfigError
 
@@ -208,6 +213,103 @@ class Gemma4Adapter(FamilyAdapter):
             k = attn.k_norm(attn.k_proj(hidden).view(hidden.shape[0], attn.k_proj.out_features // d, d))
             k = rope(k, cos, sin, unsqueeze_dim=1).transpose(0, 1)
         return q, k
+
+    # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
+    def capture_vision(self, model, modality, features_args, needs, run):
+        """Score the encoder's own q/k at the chosen layers while ``run()`` encodes the images or video frames.
+
+        The encoder attends over each item (image or frame) as a whole, bidirectionally with padding keys masked,
+        so every layer attends globally. A pre-hook on each chosen layer's attention gets what it attends with:
+        the normed hidden states (items, P, D), the 2-D rotary (cos, sin) and the patch positions (x, y; -1 =
+        padding). Queries and keys are q_norm(q_proj) and k_norm(k_proj) per head, rotated by the model's own
+        multidimensional RoPE, at the module's scale (1.0). Each item's real patches form one attention segment;
+        patch scores are then summed (keys averaged) over the pooler's k x k position bins, in the order the soft
+        tokens come out of get_image_features / get_video_features: one item is one span.
+        """
+        tower = model.vision_tower
+        depth = len(tower.encoder.layers[:tower.config.num_hidden_layers])
+        layers = hooks.vision_layers(needs, list(range(depth)), depth)
+        key_layer = layers[-1] if needs.keys else None
+        positions = features_args[f"{modality}_position_ids"]  # (items, P, 2)
+        items, patches = positions.shape[:2]
+        real = ~(positions == -1).all(dim=-1)  # as the encoder marks padding
+        # The items are scored as one row of items * P patches, one segment per item: no padding, no other item.
+        segments = [torch.nonzero(real[i]).flatten().cpu() + i * patches for i in range(items)]
+        rope = _modeling().apply_multidimensional_rope
+        received, keys = {}, {}
+
+        def capture(layer):
+            def hook(attn, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cos, sin = (p.float() for p in kwargs["position_embeddings"])
+                shape = (*hidden.shape[:-1], -1, attn.head_dim)  # (items, P, heads, d)
+                query = attn.q_norm(attn.q_proj(hidden).view(shape)).float()
+                key = attn.k_norm(attn.k_proj(hidden).view(shape)).float()
+                if layer == key_layer:
+                    keys[layer] = key  # before the rotary embedding
+                query, key = (rope(x, cos, sin, kwargs["position_ids"]) for x in (query, key))
+                key = key.repeat_interleave(query.shape[2] // key.shape[2], dim=2)  # grouped-query key heads
+                query, key = (x.flatten(0, 1).transpose(0, 1) for x in (query, key))  # (heads, items * P, d)
+                received[layer] = hooks.attention_received(query, key, attn.scaling, segments).view(items, patches)
+            return hook
+
+        handles = [tower.encoder.layers[layer].self_attn.register_forward_pre_hook(capture(layer), with_kwargs=True)
+                   for layer in layers]
+        try:
+            output = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        bins, kept = pooler_bins(positions, patches // tower.config.pooling_kernel_size ** 2)
+        sizes = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]
+        if kept.sum(dim=1).tolist() != sizes:
+            raise RuntimeError(f"the pooler's bins give {kept.sum(dim=1).tolist()} soft tokens per item, the spans "
+                               f"{sizes}")
+        per_layer = {layer: to_soft_tokens(scores, bins, kept, mean=False).split(sizes)
+                     for layer, scores in received.items()}
+        span_keys = [None] * items
+        if key_layer is not None:
+            span_keys = to_soft_tokens(keys[key_layer], bins, kept, mean=True).split(sizes)
+        return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()}, span_keys[i])
+                        for i in range(items)]
+
+
+def pooler_bins(positions: torch.Tensor, output_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft token of every patch, as ``Gemma4VisionPooler`` assigns them, and which soft tokens exist.
+
+    ``positions`` (items, P, 2) are the patch (x, y), -1 for padding. The pooler averages k x k patches, k =
+    sqrt(P // output_length), by position: bin = x // k + (W // k) * (y // k) with W the item's largest x + 1
+    (raster order of the k x k blocks). It keeps the bins some patch falls in, in bin order, item after item.
+    Returns bins (items, P) long, -1 for padding patches (the pooler zeroes them: they are left out here), and
+    kept (items, output_length) bool.
+    """
+    items, patches = positions.shape[:2]
+    k = math.isqrt(patches // output_length)
+    padding = (positions == -1).all(dim=-1)
+    xy = positions.clamp(min=0)
+    width = xy[..., 0].max(dim=-1, keepdim=True).values + 1
+    block = torch.div(xy, k, rounding_mode="floor")
+    bins = (block[..., 0] + (width // k) * block[..., 1]).masked_fill(padding, -1)
+    kept = torch.zeros(items, output_length, dtype=torch.bool, device=positions.device)
+    item = torch.arange(items, device=positions.device).unsqueeze(1).expand_as(bins)
+    kept[item[~padding], bins[~padding]] = True
+    return bins, kept
+
+
+def to_soft_tokens(per_patch: torch.Tensor, bins: torch.Tensor, kept: torch.Tensor, mean: bool) -> torch.Tensor:
+    """(items, P, ...) per-patch values -> (soft tokens, ...): summed (or averaged) over each bin's real patches,
+    the soft tokens of every item in the order the vision tower returns them (see :func:`pooler_bins`)."""
+    items, length = kept.shape
+    bins, kept = bins.to(per_patch.device), kept.to(per_patch.device)
+    real = bins >= 0
+    flat = (bins + length * torch.arange(items, device=per_patch.device).unsqueeze(1))[real]
+    values = per_patch[real]
+    out = values.new_zeros(items * length, *values.shape[1:]).index_add_(0, flat, values)
+    if mean:
+        counts = torch.bincount(flat, minlength=items * length).clamp(min=1)
+        out = out / counts.view(-1, *[1] * (values.dim() - 1)).to(out.dtype)
+    return out[kept.flatten()]
 
 
 _PATCH = FamilyPatch([Target(_MODULE, "Gemma4Model", "Gemma4TextModel", Gemma4Adapter())])

@@ -1,7 +1,5 @@
 """Each method against its published algorithm, on hand-made inputs whose answer is known."""
 
-import math
-
 import pytest
 import torch
 

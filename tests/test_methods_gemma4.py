@@ -7,8 +7,8 @@
   layer 5 (shared region: query rows only, signals from the shared keys), since a layer in between (3) is
   refused, as tested once here for a default schedule that reaches it.
 
-Methods that read vision-encoder signals run once ``Gemma4Adapter`` implements ``FamilyAdapter.capture_vision``;
-until then they must fail with the adapter's own NotImplementedError, and are skipped.
+The vision-encoder-signal methods (PruMerge, PruMerge+, VisionZip, VisPruner, VTC-CLS) read
+``Gemma4Adapter.capture_vision`` like any pre-LLM method reads its features.
 """
 
 import functools
@@ -18,7 +18,6 @@ import torch
 
 import custom_gemma4
 import methods
-from hooks import FamilyAdapter
 from scripts.tiny_gemma import build_model
 from tests.oracle import TINY_PARAMS, check_registered_method, forward_logits, greedy
 from tests.test_gemma4 import inputs_for, patched
@@ -47,20 +46,11 @@ def pruning_env(variant, name):
     return lambda ratio: dict(KEEP_RATIO=ratio, PRUNE_METHOD=name, **params)
 
 
-def captures_vision() -> bool:
-    return custom_gemma4.Gemma4Adapter.capture_vision is not FamilyAdapter.capture_vision
-
-
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("variant, kind", [("e2b", "batch"), ("dense31b", "two_images")])
 def test_every_registered_method_through_the_gemma4_hooks(name, variant, kind):
-    model, inputs, env = tiny(variant), inputs_for(kind), pruning_env(variant, name)
-    if REGISTRY[name].vision is not None and not captures_vision():
-        with patched(**env(0.25)), pytest.raises(NotImplementedError, match="does not capture vision-encoder signals"):
-            forward_logits(model, inputs)
-        pytest.skip(f"{name} reads vision-encoder signals (vision=) and Gemma4Adapter does not implement "
-                    "FamilyAdapter.capture_vision yet")
-    check_registered_method(custom_gemma4, name, model, inputs, reference_run(variant, kind), env)
+    check_registered_method(custom_gemma4, name, tiny(variant), inputs_for(kind), reference_run(variant, kind),
+                            pruning_env(variant, name))
 
 
 def test_a_default_schedule_reaching_between_kv_store_and_shared_layers_is_refused():

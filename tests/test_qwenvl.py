@@ -176,7 +176,6 @@ def test_intra_llm_equals_hand_written_layer_loop(family, attn, method, layer_k,
         state = custom_qwenvl.pruning_state(model)
         keep = state.intra_maps[0].index
         ids, steps = greedy(model, inputs)
-        cache_lengths = None
     assert keep.shape[1] < lm["inputs_embeds"].shape[1] and bool((keep >= 0).all())
     with torch.no_grad():
         assert torch.equal(logits, reference_intra(model, lm, keep, layer_k))
