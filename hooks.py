@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 import methods
+import profiling
 from methods import INTRA_LLM, PRE_LLM, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
@@ -660,7 +661,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             if prefill:
                 rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
                 if layer in stages:
-                    hidden = prune_here(layer, stages[layer], hidden, kwargs)
+                    with profiling.stage(stages[layer]):
+                        hidden = prune_here(layer, stages[layer], hidden, kwargs)
                     rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
             else:
                 rest = loop_args
