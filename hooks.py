@@ -310,8 +310,10 @@ class EntryView:
     index: torch.Tensor | None  # (B, L) current row -> entry row (-1: padding slot); None: nothing dropped yet
 
 
-# Attention probabilities computed per block of query rows: about 64 MB of fp32 scores per block.
-_BLOCK_ELEMENTS = 1 << 24
+# Attention probabilities computed per block of query rows: about 16 MB of fp32 scores per block. A block lives
+# in a few copies (scores, softmax, the span's columns); at 64 MB, FitPrune's peak at an 8k-token prompt of a
+# hidden-512 model exceeded the stock prefill's by 13 % (scripts/bench_pruning.py), and it ran slower on a CPU.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 class LayerSignals(SignalSource):
