@@ -234,9 +234,11 @@ def cache_bytes(cache) -> int | None:
     return sum(storages.values())
 
 
-def _layer_of(label: str) -> int:
-    """First decoder layer a stage's count applies to: 'input' and 'pre_llm' from layer 0, 'layer_K' from K."""
-    return int(label[len("layer_"):]) if label.startswith("layer_") else 0
+def tokens_per_layer(counts: dict[str, int], num_layers: int) -> list[int]:
+    """Visual tokens each decoder layer processes, from counts per stage label in stage order ('input', then
+    'pre_llm' from layer 0, then 'layer_K' from layer K on)."""
+    stages = [(int(label[len("layer_"):]) if label.startswith("layer_") else 0, n) for label, n in counts.items()]
+    return [[n for first, n in stages if first <= layer][-1] for layer in range(num_layers)]
 
 
 def visual_tokens(spans: list) -> dict[str, int]:
@@ -250,13 +252,8 @@ def visual_tokens(spans: list) -> dict[str, int]:
 
 def equivalent_tokens(spans: list, num_layers: int) -> float:
     """Σ over decoder layers of the visual tokens that layer processed, / number of layers (summed over spans)."""
-    total = 0
-    for span in (s for sample in spans for s in sample):
-        labels = list(span.counts)
-        for layer in range(num_layers):
-            current = [label for label in labels if _layer_of(label) <= layer][-1]
-            total += span.counts[current]
-    return total / num_layers
+    spans = [s for sample in spans for s in sample]
+    return sum(sum(tokens_per_layer(span.counts, num_layers)) for span in spans) / num_layers
 
 
 # --------------------------------------------------------------------------------------------------
