@@ -290,16 +290,17 @@ def divprune_part(tokens: int, hidden: int, keeps: list[int], sizes: list[int], 
             times.append((time.perf_counter_ns() - start) / 1e6)
         return min(times)
 
-    def distances(n: int) -> torch.Tensor:
-        return cosine_distance(torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)).to(device))
+    def features(n: int) -> torch.Tensor:
+        return torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)).to(device)
 
-    distance = distances(tokens)
-    setup = fastest(lambda: distances(tokens).kthvalue(2, dim=0))
+    x = features(tokens)
+    setup = fastest(lambda: cosine_distance(x).kthvalue(2, dim=0))
+    distance = cosine_distance(x)
     by_keep = [{"keep": k, "ms": fastest(lambda: max_min_greedy(distance, 0, k))} for k in keeps]
     fixed_keep = min(keeps)
     by_tokens = []
     for n in sizes:
-        d = distances(n)
+        d = cosine_distance(features(n))
         by_tokens.append({"tokens": n, "ms": fastest(lambda: max_min_greedy(d, 0, fixed_keep))})
     for row in by_keep:
         row["us_per_kept_token"] = 1000 * row["ms"] / row["keep"]
