@@ -19,7 +19,7 @@ excluded); every run is ``generate(max_new_tokens=1)``. Peak memory: ``torch.cud
 on a CPU the live bytes of torch's CPU allocations from the profiler's memory events (``torch.profiler``,
 ``profile_memory=True``), in a separate, untimed pass.
 
-    python scripts/bench_pruning.py                          # CPU defaults: N = 1k and 4k; about 15 min on 2 cores
+    python scripts/bench_pruning.py --threads 1              # CPU defaults: N = 1k and 4k; 10-15 min on 2 cores
     python scripts/bench_pruning.py --sizes 1024 4096 16384  # the full sizes (16k: hours on a CPU)
     python scripts/bench_pruning.py --device cuda --threads 0
 
