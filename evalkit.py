@@ -13,7 +13,9 @@ What the adapter changes in a VLMEvalKit wrapper, without editing the installed 
 * a family's own runner flags (``FamilyFlag``, e.g. Gemma 4's ``--max-soft-tokens``) become keyword arguments of
   its wrapper mixin, and so part of the run's hash and model name;
 * after every generate call the family's ``last_record(model)`` (visual tokens per span and stage) is appended
-  to a per-rank JSON-lines file next to the predictions.
+  to a per-rank JSON-lines file next to the predictions;
+* with METHOD_TIME / PREFILL_TIME, the model's ``generate`` is profiled (``profiling.py``): each sample's profile is
+  appended to per-rank files after the sample, and rank 0 writes a summary per data set at the end of the run.
 
 Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
 pruning), ``hash`` covers everything that changes predictions (model source, pruning configuration with
@@ -33,11 +35,12 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
+import profiling
 from utils import PruneConfig, PruneConfigError
 
 RUN_CONFIG_FILE = "pruning_config.json"
@@ -179,12 +182,16 @@ class InputsOnModel:
         return inputs
 
 
+def sample_key(message) -> str:
+    """Identifies a VLMEvalKit sample by a hash of its message (records of a resumed run can be de-duplicated)."""
+    return hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclass
 class TokenLog:
     """Appends the visual-token record of every generate call to ``visual_tokens_<dataset>.rank<r>.jsonl``.
 
-    One file per rank, so torchrun processes never write the same file. ``key`` identifies the sample (a hash
-    of its message), so records of a resumed run can be de-duplicated.
+    One file per rank, so torchrun processes never write the same file; ``key`` is :func:`sample_key`.
     """
 
     run_dir: Path
@@ -194,8 +201,8 @@ class TokenLog:
         return self.run_dir / TOKENS_FILE.format(dataset=dataset, rank=self.rank)
 
     def write(self, dataset: str | None, message, record) -> None:
-        key = hashlib.sha1(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        line = {"dataset": dataset, "key": key, "tokens": record.totals(), "spans": record.as_dict()[0]}
+        line = {"dataset": dataset, "key": sample_key(message), "tokens": record.totals(),
+                "spans": record.as_dict()[0]}
         with open(self.path(dataset or "unknown"), "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -207,6 +214,7 @@ class ModelRun:
     family: Family
     load: LoadSettings
     tokens: TokenLog
+    profile: profiling.ProfileLog | None = None  # METHOD_TIME / PREFILL_TIME
 
 
 class PrunedModel:
@@ -231,11 +239,17 @@ class PrunedModel:
                             f"{pruning_run.family.name} pruning patches; handled: "
                             f"{', '.join(sorted(pruning_run.family.model_types))}")
         self._pruning_run = pruning_run
+        if pruning_run.profile:
+            pruning_run.profile.profiler.instrument(self.model)
 
     def generate_inner(self, message, dataset=None):
         last_record = self._pruning_run.family.patches.last_record
         before = last_record(self.model)
-        response = super().generate_inner(message, dataset)
+        try:
+            response = super().generate_inner(message, dataset)
+        finally:
+            if self._pruning_run.profile:  # after the sample, outside every timed region
+                self._pruning_run.profile.write(dataset, sample_key(message))
         record = last_record(self.model)
         if record is not None and record is not before:  # a new prefill happened
             self._pruning_run.tokens.write(dataset, message, record)
@@ -466,7 +480,9 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         if rank == 0:
             _write_run_config(run_dir, name, entry, identity, config, load, env, family)
             print(f"{prog}: {key} [{run_tag(config)}] -> {run_dir}", flush=True)
-        model_run = ModelRun(family, load, TokenLog(run_dir, rank))
+        profile = (profiling.ProfileLog(run_dir, rank, profiling.Profiler(config.profile))
+                   if config.profile.enabled else None)
+        model_run = ModelRun(family, load, TokenLog(run_dir, rank), profile)
         supported_VLM[name] = functools.partial(adapt(entry.wrapper, family.mixin), pruning_run=model_run,
                                                 **{**entry.kwargs, **wrapper_overrides})
         names[key] = name
@@ -493,6 +509,8 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         sys.argv = saved
     if rank != 0:
         return 0  # rank 0 evaluates and checks the outcome
+    if config.profile.enabled:  # every rank's samples are written: VLMEvalKit waits for all before evaluating
+        _write_profile_summaries(work_dir, list(names.values()), datasets, prog)
     failures = check_status(work_dir, list(names.values()), datasets, started)
     for failure in failures:
         print(f"{prog}: evaluation failed: {failure}", file=sys.stderr)
@@ -524,11 +542,23 @@ def _write_run_config(run_dir: Path, name: str, entry: ModelEntry, identity: dic
         "tag": run_tag(config),
         **identity,
         "pruning_env": {k: v for k, v in sorted(env.items()) if k.startswith(_PRUNING_ENV_PREFIXES)},
+        "profiling": asdict(config.profile),
         "load": {"device": load.device, "attn_implementation": load.attn_implementation},
         "versions": {package: importlib.metadata.version(package)
                      for package in ("ms-vlmeval", "transformers", "torch")},
     }
     _atomic_write(path, json.dumps(record, indent=2), 0)
+
+
+def _write_profile_summaries(work_dir: Path, names: list[str], datasets: list[str], prog: str) -> None:
+    for name in names:
+        for dataset in datasets:
+            path = profiling.write_summary(work_dir / name, dataset)
+            if path is None:
+                print(f"{prog}: no profiled sample for {name} x {dataset}: predictions reused from an earlier run "
+                      f"are not generated again, hence not timed (use a fresh --work-dir)", file=sys.stderr)
+            else:
+                print(f"{prog}: profile summary -> {path}", flush=True)
 
 
 def check_status(work_dir: Path, names: list[str], datasets: list[str], since: datetime.datetime) -> list[str]:

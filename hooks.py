@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 
 import methods
-from methods import INTRA_LLM, PRE_LLM, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
+import profiling
+from methods import PRE_LLM, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
@@ -309,8 +310,10 @@ class EntryView:
     index: torch.Tensor | None  # (B, L) current row -> entry row (-1: padding slot); None: nothing dropped yet
 
 
-# Attention probabilities computed per block of query rows: about 64 MB of fp32 scores per block.
-_BLOCK_ELEMENTS = 1 << 24
+# Attention probabilities computed per block of query rows: about 16 MB of fp32 scores per block. A block lives
+# in a few copies (scores, softmax, the span's columns); at 64 MB, FitPrune's peak at an 8k-token prompt of a
+# hidden-512 model exceeded the stock prefill's by 13 % (scripts/bench_pruning.py), and it ran slower on a CPU.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 class LayerSignals(SignalSource):
@@ -660,7 +663,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             if prefill:
                 rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
                 if layer in stages:
-                    hidden = prune_here(layer, stages[layer], hidden, kwargs)
+                    with profiling.stage(stages[layer]):
+                        hidden = prune_here(layer, stages[layer], hidden, kwargs)
                     rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
             else:
                 rest = loop_args

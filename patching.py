@@ -26,6 +26,7 @@ import torch
 
 import hooks
 import methods
+import profiling
 from hooks import FamilyAdapter, PruningState
 from utils import PruneConfig, check_transformers_version
 
@@ -135,10 +136,11 @@ class FamilyPatch:
             needs = self._vision_needs()
             token = _IN_FEATURES.set(True)
             try:
-                if needs is None or grids is None:
-                    return original(model, *args, **kwargs)
-                output, signals = adapter.capture_vision(model, modality, bound, needs,
-                                                         lambda: original(model, *args, **kwargs))
+                with profiling.region(profiling.VISION):  # signal capture included: it runs inside the encoder
+                    if needs is None or grids is None:
+                        return original(model, *args, **kwargs)
+                    output, signals = adapter.capture_vision(model, modality, bound, needs,
+                                                             lambda: original(model, *args, **kwargs))
                 self.state_for(model, adapter).pending_vision[modality] = signals
                 return output
             finally:
@@ -201,16 +203,19 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
         if not any(layout.spans):
             state.finish_record(layout.spans)
-            return original(text_model, **kwargs)  # text-only prompt: untouched
+            with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
+                return original(text_model, **kwargs)  # text-only prompt: untouched
         if config.pre_llm is not None:
-            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
-                                            vision=hooks.vision_by_span(layout, vision))
-            kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
-            adapter.shorten_lm_inputs(selection, kwargs, call)
+            with profiling.stage(config.pre_llm):
+                selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
+                                                vision=hooks.vision_by_span(layout, vision))
+                kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
+                adapter.shorten_lm_inputs(selection, kwargs, call)
             state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
             layout = selection.layout
         try:
-            with _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
+            with profiling.region(profiling.LM_PREFILL, cache, layout.spans), \
+                    _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
                 output = original(text_model, **kwargs)
             return adapter.finish_lm_output(output, kwargs, pruned=True)
         finally:

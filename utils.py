@@ -20,6 +20,9 @@ from methods import INTRA_LLM, PRE_LLM, MethodSpec
 TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
 
 _NONE_VALUES = {"", "none", "null", "off", "0", "false"}
+_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                  "": False, "0": False, "false": False, "no": False, "off": False}
+DEFAULT_PROFILE_WARMUP = 2
 
 
 class PruneConfigError(ValueError):
@@ -63,6 +66,22 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """Latency and memory profiling (``profiling.py``): METHOD_TIME, PREFILL_TIME and PROFILE_WARMUP.
+
+    Either switch turns the per-sample profile on; each also writes its predecessor-format raw file.
+    """
+
+    method_time: bool = False
+    prefill_time: bool = False
+    warmup: int = DEFAULT_PROFILE_WARMUP  # first samples of each data set per process left out of summaries
+
+    @property
+    def enabled(self) -> bool:
+        return self.method_time or self.prefill_time
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     pre_llm: Stage | None = None
     intra_llm: tuple[Stage, ...] = ()  # sorted by layer, ratios non-increasing
@@ -70,6 +89,7 @@ class PruneConfig:
     # An intra-LLM method named alone that has its own multi-stage schedule (e.g. PyramidDrop): its layers depend
     # on the model's depth, so it becomes concrete stages in ``resolved_for`` (layer None until then).
     scheduled: Stage | None = None
+    profile: ProfileConfig = ProfileConfig()  # changes no prediction, so it is not part of describe()
     _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # depth -> config
 
     @property
@@ -113,7 +133,8 @@ class PruneConfig:
 
     def describe(self) -> dict:
         """JSON-friendly form, e.g. to namespace and record a run."""
-        public = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        public = {f.name: getattr(self, f.name) for f in fields(self)
+                  if not f.name.startswith("_") and f.name != "profile"}
         return json.loads(json.dumps(public, default=lambda v: asdict(v) if isinstance(v, Stage) else str(v)))
 
     @classmethod
@@ -145,6 +166,23 @@ def _lookup_method(var: str, name: str, registry: Mapping[str, MethodSpec], stag
         allowed = sorted(n for n, s in registry.items() if s.stage == stage)
         raise _fail(var, name, f"is a {spec.stage.replace('_', '-')} method", f"{stage.replace('_', '-')} methods: {', '.join(allowed)}")
     return spec
+
+
+def _parse_switch(var: str, env: Mapping[str, str]) -> bool:
+    text = env.get(var, "").strip()
+    if text.lower() not in _SWITCH_VALUES:
+        raise _fail(var, text, "not a switch", "True or False (also 1/0, yes/no, on/off; unset: False)")
+    return _SWITCH_VALUES[text.lower()]
+
+
+def _parse_profile(env: Mapping[str, str]) -> ProfileConfig:
+    var, text = "PROFILE_WARMUP", env.get("PROFILE_WARMUP", "").strip()
+    if text and not re.fullmatch(r"\d+", text):
+        raise _fail(var, text, "not a non-negative integer",
+                    f"an integer >= 0, the samples of each data set and process left out of the profile "
+                    f"summaries as warm-up (default {DEFAULT_PROFILE_WARMUP})")
+    return ProfileConfig(method_time=_parse_switch("METHOD_TIME", env), prefill_time=_parse_switch("PREFILL_TIME", env),
+                         warmup=int(text) if text else DEFAULT_PROFILE_WARMUP)
 
 
 def _parse_layer_specs(text: str, default_ratio: float | None, registry) -> list[Stage]:
@@ -190,6 +228,7 @@ def _parse_params(spec: MethodSpec, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _parse(env: Mapping[str, str]) -> PruneConfig:
+    profile = _parse_profile(env)
     extra = [p for p in env.get("PRUNE_METHODS_PATH", "").split(os.pathsep) if p.strip()]
     try:
         registry = methods.load_methods(extra)
@@ -242,7 +281,7 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
 
     used = {s.method for s in ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
-    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled)
+    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled, profile=profile)
 
 
 def _check_intra(intra: list[Stage], var: str, value: str, registry) -> None:

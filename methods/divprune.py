@@ -24,13 +24,17 @@ def cosine_distance(features: torch.Tensor) -> torch.Tensor:
 def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of ``keep`` tokens in selection order (unsorted)."""
     distance = cosine_distance(features.float())
-    chosen = torch.empty(keep, dtype=torch.long)
     if distance.shape[0] == 1:
-        chosen[0] = 0
-        return chosen
+        return torch.zeros(keep, dtype=torch.long)
     # Seed: column-wise second-smallest distance = distance to the nearest other token.
     nearest_other = distance.kthvalue(2, dim=0).values
-    chosen[0] = torch.argmax(nearest_other)
+    return max_min_greedy(distance, int(torch.argmax(nearest_other)), keep)
+
+
+def max_min_greedy(distance: torch.Tensor, first: int, keep: int) -> torch.Tensor:
+    """From ``first``, repeatedly the token farthest from the chosen set (a running minimum: O(K N))."""
+    chosen = torch.empty(keep, dtype=torch.long)
+    chosen[0] = first
     min_to_chosen = distance[chosen[0]].clone()
     min_to_chosen[chosen[0]] = float("-inf")
     for i in range(1, keep):

@@ -6,7 +6,10 @@ visual tokens per sample before -> after pruning (from the recorded token counts
 metric, its difference from the stock run of the same model and data set, and the accuracy per category for
 categories with at least ``--min-category-samples`` samples (from VLMEvalKit's per-sample judge file).
 
-A metric whose values all lie in [0, 1] (an accuracy) is shown in percent, and differences in points.
+A metric whose values all lie in [0, 1] (an accuracy) is shown in percent, and differences in points. Runs profiled
+with METHOD_TIME / PREFILL_TIME also get the medians of their profile summary (``profile_summary_<data>.json``;
+definitions in the README, "Profiling"): time to first token, prefill, pruning, decode per token, KV cache, peak
+memory and equivalent visual tokens.
 
     python scripts/summarize.py WORK_DIR            # writes summary.csv, summary.json, accuracy_vs_keep_ratio.png
 """
@@ -22,9 +25,22 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+import profiling  # noqa: E402
 from evalkit import RUN_CONFIG_FILE, TOKENS_FILE  # noqa: E402
 
 TABLE_FILES = ("summary.csv", "summary.json")
+# Profile metrics (medians over the profiled samples): column -> (metric, scale, title in the printed table or None)
+PROFILE_COLUMNS = {
+    "ttft_ms": ("ttft_ms", 1, "TTFT ms"),
+    "prefill_ms": ("prefill_ms", 1, "prefill ms"),
+    "pruning_ms": ("pruning_ms", 1, "pruning ms"),
+    "vision_encoder_ms": ("vision_encoder_ms", 1, None),
+    "llm_prefill_ms": ("llm_prefill_ms", 1, None),
+    "decode_ms_per_token": ("decode_ms_per_token", 1, "decode ms/token"),
+    "kv_cache_mib": ("kv_cache_bytes", 2 ** -20, "KV MiB"),
+    "peak_memory_mib": ("peak_memory_bytes", 2 ** -20, "peak MiB"),
+    "equivalent_tokens": ("equivalent_visual_tokens", 1, "equiv. tokens"),
+}
 PLOT_FILE = "accuracy_vs_keep_ratio.png"
 
 
@@ -97,6 +113,12 @@ def run_rows(run_dir: Path, min_category_samples: int) -> list[dict]:
         row = {"model": config["base_model"], "dataset": dataset, "method": method, "stage": stage,
                "keep_ratio": ratio, "tokens_before": before, "tokens_after": after, "metric": metric,
                "score": score, "samples": report["infer_total"], "token_records": recorded, "run": name}
+        profile = profiling.load_summary(run_dir, dataset)
+        if profile is not None:
+            row["profiled_samples"] = profile["profiled"]
+            for column, (metric, scale, _) in PROFILE_COLUMNS.items():
+                if metric in profile["metrics"]:
+                    row[column] = profile["metrics"][metric]["median"] * scale
         results = per_sample_results(run_dir, name, dataset)
         if results is not None and "category" in results:
             for category, group in results.groupby("category"):
@@ -127,8 +149,9 @@ def collect(work_dir: str | Path, min_category_samples: int = 5) -> pd.DataFrame
     stock = table[table["method"] == "stock"].groupby(["model", "dataset"])["score"].first()
     table["delta"] = [row.score - stock.get((row.model, row.dataset), float("nan")) for row in table.itertuples()]
     table = table.sort_values(["model", "dataset", "keep_ratio", "method"], ascending=[True, True, False, True])
+    profiled = [c for c in [*PROFILE_COLUMNS, "profiled_samples"] if c in table]
     columns = ["model", "dataset", "method", "stage", "keep_ratio", "tokens_before", "tokens_after", "metric",
-               "score", "unit", "delta", "samples"] + sorted(categories) + ["token_records", "run"]
+               "score", "unit", "delta", "samples"] + sorted(categories) + profiled + ["token_records", "run"]
     return table[columns].reset_index(drop=True)
 
 
@@ -146,6 +169,9 @@ def format_table(table: pd.DataFrame) -> str:
     })
     for column in [c for c in table if c.startswith("cat:")]:
         shown[column[4:]] = table[column].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+    for column, (_, _, title) in PROFILE_COLUMNS.items():
+        if title and column in table:
+            shown[title] = table[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}" if v < 1 else f"{v:.1f}")
     return tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
 
 

@@ -239,7 +239,7 @@ def build_processor(family: str):
     )
 
 
-def _special_ids() -> dict:
+def special_ids() -> dict:
     tok = build_tokenizer()
     get = tok.convert_tokens_to_ids
     return dict(
@@ -260,7 +260,7 @@ _MROPE_SECTION = [2, 3, 3]
 
 
 def _config(family: str, num_layers: int):
-    ids = _special_ids()
+    ids = special_ids()
     text = dict(
         vocab_size=ids["vocab_size"],
         hidden_size=_HIDDEN,
@@ -340,7 +340,7 @@ def build_model(
 ):
     """Tiny ``*ForConditionalGeneration`` in eval mode; identical weights for a given seed."""
     config = _config(family, num_layers)
-    ids = _special_ids()
+    ids = special_ids()
     torch.manual_seed(seed)
     model = _MODEL_CLASSES[family]._from_config(config, attn_implementation=attn_implementation)
     # Re-draw in module-registration order (deterministic); norms keep their ones/zeros.
