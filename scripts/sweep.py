@@ -13,6 +13,7 @@ after ``--`` go to the runner unchanged (runner flags and VLMEvalKit flags). A r
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -48,22 +49,35 @@ def plan(runner: str, models: list[str], datasets: list[str], methods: list[str]
     return jobs
 
 
-def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None) -> list[str]:
-    """Run the jobs one after the other with a progress bar; returns the labels of those that failed."""
+def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: int = 1) -> list[str]:
+    """Run the jobs with a progress bar, ``parallel`` at a time; returns the labels of those that failed.
+
+    With ``parallel > 1`` each runner gets ``OMP_NUM_THREADS=1`` (unless the caller set it), so that the processes
+    do not fight over the cores."""
     base = {k: v for k, v in (os.environ if base_env is None else base_env).items() if k not in SELECTION_VARS}
+    if parallel > 1:
+        base.setdefault("OMP_NUM_THREADS", "1")
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(job: Job) -> int:
+        with open(log_dir / f"{job.label}.log", "w") as out:
+            return subprocess.call(job.command, env={**base, **job.env}, stdout=out, stderr=subprocess.STDOUT)
+
     failed = []
-    with tqdm(jobs, unit="run", desc="sweep") as bar:
-        for job in bar:
+    with tqdm(total=len(jobs), unit="run", desc="sweep") as bar, \
+            concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        futures = {pool.submit(one, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            job, code = futures[future], future.result()
+            bar.update()
             bar.set_postfix_str(job.label)
-            log = log_dir / f"{job.label}.log"
-            with open(log, "w") as out:
-                code = subprocess.call(job.command, env={**base, **job.env}, stdout=out, stderr=subprocess.STDOUT)
             if code:
                 failed.append(job.label)
+                log = log_dir / f"{job.label}.log"
                 tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
                 tqdm.write(f"{job.label}: runner exited with {code} (log: {log})\n{tail}")
-    return failed
+    order = [job.label for job in jobs]
+    return sorted(failed, key=order.index)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[], help="keep ratios")
     parser.add_argument("--work-dir", default="outputs")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpruned reference run")
+    parser.add_argument("--parallel", type=int, default=1, help="runner processes at a time (one thread each)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     if bool(args.methods) != bool(args.ratios):
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(" ".join([*(f"{k}={v}" for k, v in job.env.items()), *job.command]))
         return 0
-    failed = run(jobs, Path(args.work_dir) / "sweep_logs")
+    failed = run(jobs, Path(args.work_dir) / "sweep_logs", parallel=args.parallel)
     print(f"{len(jobs) - len(failed)}/{len(jobs)} runs finished into {args.work_dir}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -88,7 +88,8 @@ def test_sweep_plans_one_runner_process_per_configuration():
                                    "--judge", "exact_matching"]
 
 
-def test_sweep_sets_each_configuration_and_clears_the_callers_selection(tmp_path):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_sweep_sets_each_configuration_and_clears_the_callers_selection(tmp_path, parallel):
     # A stand-in runner that succeeds only when it sees exactly its configuration.
     check = ("import os, sys; sys.exit(0 if (os.environ.get('PRUNE_METHOD'), os.environ.get('KEEP_RATIO'), "
              "os.environ.get('INTRA_LLM_LAYER_SPECS'), os.environ.get('PRUNE_RANDOM_SEED')) == "
@@ -98,5 +99,5 @@ def test_sweep_sets_each_configuration_and_clears_the_callers_selection(tmp_path
             sweep.Job("wrong", {}, [sys.executable, "-c", check, "x", "0.5"])]
     caller = {"PRUNE_METHOD": "leaked", "INTRA_LLM_LAYER_SPECS": "2:fastv_intra_llm", "PRUNE_RANDOM_SEED": "3",
               "PATH": "/usr/bin:/bin"}
-    assert sweep.run(jobs, tmp_path, caller) == ["wrong"]
+    assert sweep.run(jobs, tmp_path, caller, parallel=parallel) == ["wrong"]
     assert (tmp_path / "wrong.log").exists()
