@@ -70,10 +70,7 @@ def _options(rng: np.random.Generator, correct: str, others_in_image: list[str],
     return options
 
 
-def make_sample(index: int, seed: int) -> dict:
-    """Question ``index`` of the stream ``seed`` (deterministic); see the module docstring for the keys."""
-    rng = np.random.default_rng([seed, index])
-    category = CATEGORIES[index % len(CATEGORIES)]
+def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
     n_objects = int(rng.integers(2, 5))
     quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), size=n_objects, replace=False))
     colours = [str(c) for c in rng.choice(list(COLOURS), size=n_objects, replace=False)]
@@ -91,8 +88,11 @@ def make_sample(index: int, seed: int) -> dict:
         y = row * CELL + int(rng.integers(low, high + 1))
         _draw(draw, shape, x, y, radius, COLOURS[colour])
         objects.append({"shape": shape, "colour": colour, "row": row, "col": col, "quadrant": QUADRANTS[quadrant]})
+    return image, objects
 
-    asked = int(rng.integers(n_objects))
+
+def _ask(rng: np.random.Generator, image: Image.Image, objects: list[dict], category: str) -> dict:
+    asked = int(rng.integers(len(objects)))
     target = objects[asked]
     others = [o for i, o in enumerate(objects) if i != asked]
     if category == "colour":
@@ -111,10 +111,26 @@ def make_sample(index: int, seed: int) -> dict:
         "answer": "ABCD"[options.index(answer_text)],
         "answer_text": answer_text,
         "category": category,
-        "n_objects": n_objects,
+        "n_objects": len(objects),
         "target_tokens": [target["row"] * GRID + target["col"]],
         "objects": objects,
     }
+
+
+def make_sample(index: int, seed: int) -> dict:
+    """Question ``index`` of the stream ``seed`` (deterministic); see the module docstring for the keys."""
+    rng = np.random.default_rng([seed, index])
+    image, objects = _draw_scene(rng)
+    return _ask(rng, image, objects, CATEGORIES[index % len(CATEGORIES)])
+
+
+def make_training_scene(index: int, seed: int) -> list[dict]:
+    """One image with one question of every category (samples sharing ``image``), for training.
+
+    Drawn from a random stream of its own (a third key), distinct from every ``make_sample`` stream."""
+    rng = np.random.default_rng([seed, index, 1])
+    image, objects = _draw_scene(rng)
+    return [_ask(rng, image, objects, category) for category in CATEGORIES]
 
 
 def mcq_prompt(sample) -> str:
