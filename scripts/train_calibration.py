@@ -1,4 +1,4 @@
-"""Train the calibration model: a tiny Qwen2.5-VL that really solves ShapesCalib (``scripts/calibration_data.py``).
+"""Train the calibration model: a tiny Qwen2.5-VL trained to solve ShapesCalib (``scripts/calibration_data.py``).
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
 tokens. This model has the real Qwen2.5-VL architecture (``Qwen2_5_VLForConditionalGeneration``, ~1.3 M
@@ -21,7 +21,8 @@ raised held-out accuracy from 33 % to 50 %).
 Image size: 224 x 224 (8 x 8 = 64 LLM visual tokens), so that keep ratios such as 0.111 (7 of 64 tokens) are
 meaningful. Measured on one thread (AMD EPYC): a step of 32 images (96 sequences) took 2.3 s, 1.3 s of it in
 the language model, whose sequences are ~130 tokens of which only 64 are visual; 168 x 168 (36 tokens) would
-therefore save well under half of the time, and we kept 224 with batches of 8 images (~0.5 s a step).
+therefore save well under half of the time. 224 is kept with batches of 8 images (~0.5 s a step); what held
+training back so far was the language model's retrieval of the asked object, not the image size.
 
 Reproducibility: data come from ``(seed, index)`` streams (one DataLoader worker builds the batch of each step
 from the step number alone) and training runs on one thread (``torch.set_num_threads(1)``); the same seed, steps
