@@ -1,0 +1,180 @@
+"""ShapesCalib: the synthetic visual task of the calibration model, in VLMEvalKit's custom-MCQ TSV layout.
+
+A 224 x 224 image is split into 2 x 2 quadrants; 2 to 4 of them hold one coloured shape each. Every object is
+drawn strictly inside one 28 x 28 cell (a random cell of its quadrant), and a 28 x 28 cell is exactly one LLM
+visual token of Qwen2-VL / Qwen2.5-VL (14 px patches, 2 x 2 merge), so the answer to a question lives in one
+known visual token (``target_tokens``). Colours and shapes are distinct within an image. Three question types:
+
+- ``colour``: "What colour is the <shape>?" (answer a colour word);
+- ``shape``: "What shape is the <colour> one?" (answer a shape word);
+- ``position``: "What colour is the object in the <top left|...>?" (answer a colour word): only where the
+  tokens are tells the objects apart, so scrambling token positions must break it.
+
+The options are attribute words; the distractors are first the attributes of the other objects in the image
+(so reading any object other than the asked one is wrong), then random ones. VLMEvalKit's exact matching maps
+an answer containing exactly one option's text to its letter, so the model answers with the word.
+
+Everything is seeded: ``make_sample(index, seed)`` depends on nothing else. The evaluation set uses
+``EVAL_SEED``; training uses other seeds (``scripts/train_calibration.py`` refuses ``EVAL_SEED``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+NAME = "ShapesCalib"
+CELL = 28  # pixels per LLM visual token side (patch 14 x merge 2)
+GRID = 8  # LLM visual tokens per image side
+IMAGE_SIZE = GRID * CELL  # 224: a multiple of 28, so neither processor resizes it
+CATEGORIES = ("colour", "shape", "position")
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+           "purple": (140, 50, 170), "orange": (245, 130, 20)}
+SHAPES = ("square", "circle", "triangle", "diamond")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # row-major over the 2 x 2 quadrants
+EVAL_SEED = 20_240_917
+DEFAULT_EVAL_SIZE = 300
+
+_QUADRANT_CELLS = GRID // 2
+_MIN_RADIUS, _MAX_RADIUS = 8, 11  # pixels; with the 2 px margin below an object never leaves its cell
+_MARGIN = 2
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, radius: int, colour) -> None:
+    """Draw ``shape`` within the box [x - radius, x + radius] x [y - radius, y + radius] (inclusive)."""
+    box = [x - radius, y - radius, x + radius, y + radius]
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour)
+    else:
+        draw.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=colour)
+
+
+def _options(rng: np.random.Generator, correct: str, others_in_image: list[str], pool) -> list[str]:
+    """The correct word, the other objects' words, then random words of ``pool``: four, shuffled."""
+    distractors = [word for word in others_in_image if word != correct]
+    spare = [word for word in pool if word != correct and word not in distractors]
+    distractors += [str(word) for word in rng.permutation(spare)]
+    options = [correct] + distractors[:3]
+    rng.shuffle(options)
+    return options
+
+
+def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+    n_objects = int(rng.integers(2, 5))
+    quadrants = sorted(int(q) for q in rng.choice(len(QUADRANTS), size=n_objects, replace=False))
+    colours = [str(c) for c in rng.choice(list(COLOURS), size=n_objects, replace=False)]
+    shapes = [str(s) for s in rng.choice(SHAPES, size=n_objects, replace=False)]
+    background = tuple(int(v) for v in rng.integers(225, 256, size=3))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for quadrant, colour, shape in zip(quadrants, colours, shapes):
+        row = (quadrant // 2) * _QUADRANT_CELLS + int(rng.integers(_QUADRANT_CELLS))
+        col = (quadrant % 2) * _QUADRANT_CELLS + int(rng.integers(_QUADRANT_CELLS))
+        radius = int(rng.integers(_MIN_RADIUS, _MAX_RADIUS + 1))
+        low, high = _MARGIN + radius, CELL - 1 - _MARGIN - radius  # centre offsets keeping the box in the cell
+        x = col * CELL + int(rng.integers(low, high + 1))
+        y = row * CELL + int(rng.integers(low, high + 1))
+        _draw(draw, shape, x, y, radius, COLOURS[colour])
+        objects.append({"shape": shape, "colour": colour, "row": row, "col": col, "quadrant": QUADRANTS[quadrant]})
+    return image, objects
+
+
+def _ask(rng: np.random.Generator, image: Image.Image, objects: list[dict], category: str) -> dict:
+    asked = int(rng.integers(len(objects)))
+    target = objects[asked]
+    others = [o for i, o in enumerate(objects) if i != asked]
+    if category == "colour":
+        question = f"What colour is the {target['shape']}?"
+        answer_text, options = target["colour"], _options(rng, target["colour"], [o["colour"] for o in others], COLOURS)
+    elif category == "shape":
+        question = f"What shape is the {target['colour']} one?"
+        answer_text, options = target["shape"], _options(rng, target["shape"], [o["shape"] for o in others], SHAPES)
+    else:
+        question = f"What colour is the object in the {target['quadrant']}?"
+        answer_text, options = target["colour"], _options(rng, target["colour"], [o["colour"] for o in others], COLOURS)
+    return {
+        "image": image,
+        "question": question,
+        **dict(zip("ABCD", options)),
+        "answer": "ABCD"[options.index(answer_text)],
+        "answer_text": answer_text,
+        "category": category,
+        "n_objects": len(objects),
+        "target_tokens": [target["row"] * GRID + target["col"]],
+        "objects": objects,
+    }
+
+
+def make_sample(index: int, seed: int) -> dict:
+    """Question ``index`` of the stream ``seed`` (deterministic); see the module docstring for the keys."""
+    rng = np.random.default_rng([seed, index])
+    image, objects = _draw_scene(rng)
+    return _ask(rng, image, objects, CATEGORIES[index % len(CATEGORIES)])
+
+
+def make_training_scene(index: int, seed: int) -> list[dict]:
+    """One image with one question of every category (samples sharing ``image``), for training.
+
+    Drawn from a random stream of its own (a third key), distinct from every ``make_sample`` stream."""
+    rng = np.random.default_rng([seed, index, 1])
+    image, objects = _draw_scene(rng)
+    return [_ask(rng, image, objects, category) for category in CATEGORIES]
+
+
+def mcq_prompt(sample) -> str:
+    """The text VLMEvalKit's Qwen2VLChat puts after the image for an MCQ row (``_build_mcq_prompt``)."""
+    options = "".join(f"{letter}. {sample[letter]}\n" for letter in "ABCD")
+    return (f"Question: {sample['question']}\nOptions:\n{options}"
+            "Please select the correct answer from the options above.")
+
+
+def _base64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int = EVAL_SEED) -> Path:
+    """Write ``<lmudata_dir>/ShapesCalib.tsv`` with questions 0..n-1 of ``seed``; returns its path."""
+    rows = []
+    for index in range(n):
+        sample = make_sample(index, seed)
+        rows.append({
+            "index": index,
+            "image": _base64_png(sample["image"]),
+            "question": sample["question"],
+            **{letter: sample[letter] for letter in "ABCD"},
+            "answer": sample["answer"],
+            "category": sample["category"],
+            "n_objects": sample["n_objects"],
+            "target_tokens": json.dumps(sample["target_tokens"]),
+        })
+    path = Path(lmudata_dir) / f"{NAME}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lmudata", help="folder to write ShapesCalib.tsv into (point $LMUData at it)")
+    parser.add_argument("-n", type=int, default=DEFAULT_EVAL_SIZE, help="number of questions")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    args = parser.parse_args()
+    print(write_dataset(args.lmudata, args.n, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The calibration task and model: deterministic data, prompts identical to VLMEvalKit's, reproducible training,
+and the shipped checkpoint (``calibration/qwen2.5-vl-shapes``) loading with the checksum of its TRAINING.md."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from scripts import calibration_data as data
+from scripts import train_calibration as training
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "calibration" / "qwen2.5-vl-shapes"
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_samples_are_deterministic(index):
+    first, second = data.make_sample(index, data.EVAL_SEED), data.make_sample(index, data.EVAL_SEED)
+    assert _png_bytes(first["image"]) == _png_bytes(second["image"])
+    assert {k: v for k, v in first.items() if k != "image"} == {k: v for k, v in second.items() if k != "image"}
+    other_seed = data.make_sample(index, data.EVAL_SEED + 1)
+    assert _png_bytes(other_seed["image"]) != _png_bytes(first["image"])
+
+
+@pytest.mark.parametrize("index", range(30))
+def test_target_token_holds_the_asked_object_and_only_it(index):
+    sample = data.make_sample(index, data.EVAL_SEED)
+    pixels = np.asarray(sample["image"]).astype(int)
+    assert pixels.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3)
+    drawn = np.abs(pixels - pixels[0, 0]).sum(-1) > 0  # the corner is background: objects keep a margin
+
+    def cell(token):
+        row, col = divmod(token, data.GRID)
+        return drawn[row * data.CELL:(row + 1) * data.CELL, col * data.CELL:(col + 1) * data.CELL]
+
+    object_tokens = [obj["row"] * data.GRID + obj["col"] for obj in sample["objects"]]
+    assert len(set(object_tokens)) == sample["n_objects"] == len(sample["objects"])
+    # Every drawn pixel lies in an object's cell, so each object is held by exactly one visual token.
+    assert sum(cell(token).sum() for token in object_tokens) == drawn.sum()
+    [target] = sample["target_tokens"]
+    assert target in object_tokens and cell(target).sum() > 20
+    asked = sample["objects"][object_tokens.index(target)]
+    attribute = "shape" if sample["category"] == "shape" else "colour"
+    assert asked[attribute] == sample["answer_text"] == sample[sample["answer"]]
+    others = [obj[attribute] for obj in sample["objects"] if obj is not asked]
+    assert sample["answer_text"] not in others  # attributes are unique, so the answer names one object
+    if sample["category"] == "position":
+        assert sample["question"].endswith(f"in the {asked['quadrant']}?")
+
+
+def test_categories_are_balanced_and_options_distinct():
+    samples = [data.make_sample(i, data.EVAL_SEED) for i in range(30)]
+    assert [s["category"] for s in samples].count("position") == 10
+    for sample in samples:
+        assert len({sample[letter] for letter in "ABCD"}) == 4
+
+
+def test_tsv_columns(tmp_path):
+    path = data.write_dataset(tmp_path, n=6)
+    assert path == tmp_path / f"{data.NAME}.tsv"
+    table = pd.read_csv(path, sep="\t")
+    assert list(table.columns) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category",
+                                   "n_objects", "target_tokens"]
+    first = data.make_sample(0, data.EVAL_SEED)
+    assert json.loads(table.loc[0, "target_tokens"]) == first["target_tokens"]
+    assert table.loc[0, "question"] == first["question"]
+
+
+def test_mcq_prompt_is_vlmevalkits(tmp_path):
+    from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
+
+    builder = Qwen2VLPromptMixin()
+    builder.set_dump_image(lambda line: str(tmp_path / "image.png"))
+    for index in range(3):
+        sample = data.make_sample(index, data.EVAL_SEED)
+        row = pd.Series({key: sample[key] for key in ("question", "A", "B", "C", "D", "answer", "category")})
+        messages = builder._build_mcq_prompt(row, data.NAME)
+        assert [m["type"] for m in messages] == ["image", "text"]
+        assert messages[1]["value"] == data.mcq_prompt(sample)
+
+
+def test_processor_keeps_the_image_size():
+    from qwen_vl_utils import process_vision_info
+
+    sample = data.make_sample(0, data.EVAL_SEED)
+    messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
+                                             {"type": "text", "text": data.mcq_prompt(sample)}]}]
+    images, _ = process_vision_info([messages])
+    assert images[0].size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
+    inputs = training.build_processor()(text=[training.chat_text(sample)], images=images, return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 2 * data.GRID, 2 * data.GRID]]
+    assert int((inputs["input_ids"] == training.build_config().image_token_id).sum()) == data.GRID**2
+
+
+def test_words_are_single_tokens():
+    training.word_token_ids(training.build_tokenizer(), list(data.COLOURS) + list(data.SHAPES))
+
+
+def test_training_is_reproducible():
+    def checksum(seed):
+        return training.weights_checksum(training.train(steps=3, seed=seed, batch_size=2, log_every=0, workers=0))
+
+    first = checksum(1)
+    assert checksum(1) == first
+    assert checksum(2) != first
+
+
+def test_shipped_checkpoint_loads_with_its_checksum():
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    if not (CHECKPOINT / "config.json").exists():
+        pytest.skip("no trained checkpoint shipped yet")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT)
+    processor = AutoProcessor.from_pretrained(CHECKPOINT)
+    recorded = re.search(r"checksum[^0-9a-f]*([0-9a-f]{64})", (CHECKPOINT / "TRAINING.md").read_text()).group(1)
+    assert training.weights_checksum(model) == recorded
+    samples = [data.make_sample(i, data.EVAL_SEED) for i in range(6)]
+    assert training.evaluate(model, processor, samples)["overall"] == 1.0
