@@ -1,12 +1,9 @@
-"""The calibration task and model: deterministic data, prompts identical to VLMEvalKit's, reproducible training,
-and the shipped checkpoint (``calibration/qwen2.5-vl-shapes``) loading with the checksum of its TRAINING.md."""
+"""The calibration task and model: deterministic data, prompts identical to VLMEvalKit's, reproducible training."""
 
 from __future__ import annotations
 
 import io
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +12,6 @@ from PIL import Image
 
 from scripts import calibration_data as data
 from scripts import train_calibration as training
-
-CHECKPOINT = Path(__file__).resolve().parent.parent / "calibration" / "qwen2.5-vl-shapes"
-
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -116,15 +110,3 @@ def test_training_is_reproducible():
     assert checksum(1) == first
     assert checksum(2) != first
 
-
-def test_shipped_checkpoint_loads_with_its_checksum():
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    if not (CHECKPOINT / "config.json").exists():
-        pytest.skip("no trained checkpoint shipped yet")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT)
-    processor = AutoProcessor.from_pretrained(CHECKPOINT)
-    recorded = re.search(r"checksum[^0-9a-f]*([0-9a-f]{64})", (CHECKPOINT / "TRAINING.md").read_text()).group(1)
-    assert training.weights_checksum(model) == recorded
-    samples = [data.make_sample(i, data.EVAL_SEED) for i in range(6)]
-    assert training.evaluate(model, processor, samples)["overall"] == 1.0
