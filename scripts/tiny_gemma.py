@@ -40,6 +40,8 @@ from transformers import (
 )
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts, Gemma4VisionPatchEmbedder
 
+from scripts import tiny_models
+
 VARIANTS = ("e2b", "dense31b", "moe26b")
 
 KINDS = ("image", "two_images", "video", "text", "batch", "ragged_batch")
@@ -396,23 +398,13 @@ def visual_token_ids(model) -> dict:
 
 
 def make_image(seed: int, size=(96, 64)) -> PIL.Image.Image:
-    """Colourful image of PIL ``size`` (width, height): random 16-px blocks plus noise,
-    so that different patches carry clearly different content."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    blocks = rng.integers(0, 256, size=(-(-height // 16), -(-width // 16), 3), dtype=np.uint8)
-    img = np.kron(blocks, np.ones((16, 16, 1), dtype=np.uint8))[:height, :width]
-    noise = rng.integers(-30, 31, size=img.shape)
-    return PIL.Image.fromarray(np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8))
+    """Colourful image with one random 16-px square per Gemma 4 patch (see ``tiny_models.make_image``)."""
+    return tiny_models.make_image(seed, size, block=16)
 
 
 def make_video(seed: int, frames: int = 2, size=(64, 64)) -> np.ndarray:
-    """(frames, height, width, 3) uint8 clip: a random scene drifting one block per
-    frame, so consecutive frames are related but not identical."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    scene = np.asarray(make_image(int(rng.integers(2**31)), size=(width + 16 * frames, height)))
-    return np.stack([scene[:, 16 * f : 16 * f + width] for f in range(frames)])
+    """A clip drifting one 16-px block per frame (see ``tiny_models.make_video``)."""
+    return tiny_models.make_video(seed, frames, size, block=16)
 
 
 def _video_metadata(video: np.ndarray) -> dict:

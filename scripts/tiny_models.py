@@ -365,24 +365,24 @@ def visual_token_ids(model) -> dict:
     return {"image": model.config.image_token_id, "video": model.config.video_token_id}
 
 
-def make_image(seed: int, size=(84, 56)) -> PIL.Image.Image:
-    """Colourful image of PIL ``size`` (width, height): random blocks plus noise,
+def make_image(seed: int, size=(84, 56), block: int = 14) -> PIL.Image.Image:
+    """Colourful image of PIL ``size`` (width, height): random ``block``-px squares (one per patch) plus noise,
     so that different patches carry clearly different content."""
     rng = np.random.default_rng(seed)
     width, height = size
-    blocks = rng.integers(0, 256, size=(-(-height // 14), -(-width // 14), 3), dtype=np.uint8)
-    img = np.kron(blocks, np.ones((14, 14, 1), dtype=np.uint8))[:height, :width]
+    blocks = rng.integers(0, 256, size=(-(-height // block), -(-width // block), 3), dtype=np.uint8)
+    img = np.kron(blocks, np.ones((block, block, 1), dtype=np.uint8))[:height, :width]
     noise = rng.integers(-30, 31, size=img.shape)
     return PIL.Image.fromarray(np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-def make_video(seed: int, frames: int = 4, size=(56, 56)) -> np.ndarray:
+def make_video(seed: int, frames: int = 4, size=(56, 56), block: int = 14) -> np.ndarray:
     """(frames, height, width, 3) uint8 clip: a random scene drifting one block per
     frame, so consecutive frames are related but not identical."""
     rng = np.random.default_rng(seed)
     width, height = size
-    scene = np.asarray(make_image(int(rng.integers(2**31)), size=(width + 14 * frames, height)))
-    return np.stack([scene[:, 14 * f : 14 * f + width] for f in range(frames)])
+    scene = np.asarray(make_image(int(rng.integers(2**31)), size=(width + block * frames, height), block=block))
+    return np.stack([scene[:, block * f : block * f + width] for f in range(frames)])
 
 
 def _video_metadata(video: np.ndarray) -> dict:
