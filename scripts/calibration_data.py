@@ -21,23 +21,23 @@ Everything is seeded: ``make_sample(index, seed)`` depends on nothing else. The 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from scripts import shapes_data  # noqa: E402
 
 NAME = "ShapesCalib"
 CELL = 28  # pixels per LLM visual token side (patch 14 x merge 2)
 GRID = 8  # LLM visual tokens per image side
 IMAGE_SIZE = GRID * CELL  # 224: a multiple of 28, so neither processor resizes it
 CATEGORIES = ("colour", "shape", "position")
-COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
-           "purple": (140, 50, 170), "orange": (245, 130, 20)}
-SHAPES = ("square", "circle", "triangle", "diamond")
+COLOURS, SHAPES = shapes_data.COLOURS, shapes_data.SHAPES  # the demo data set's palette and shapes
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # row-major over the 2 x 2 quadrants
 EVAL_SEED = 20_240_917
 DEFAULT_EVAL_SIZE = 300
@@ -45,19 +45,6 @@ DEFAULT_EVAL_SIZE = 300
 _QUADRANT_CELLS = GRID // 2
 _MIN_RADIUS, _MAX_RADIUS = 8, 11  # pixels; with the 2 px margin below an object never leaves its cell
 _MARGIN = 2
-
-
-def _draw(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, radius: int, colour) -> None:
-    """Draw ``shape`` within the box [x - radius, x + radius] x [y - radius, y + radius] (inclusive)."""
-    box = [x - radius, y - radius, x + radius, y + radius]
-    if shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour)
-    else:
-        draw.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=colour)
 
 
 def _options(rng: np.random.Generator, correct: str, others_in_image: list[str], pool) -> list[str]:
@@ -86,7 +73,7 @@ def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
         low, high = _MARGIN + radius, CELL - 1 - _MARGIN - radius  # centre offsets keeping the box in the cell
         x = col * CELL + int(rng.integers(low, high + 1))
         y = row * CELL + int(rng.integers(low, high + 1))
-        _draw(draw, shape, x, y, radius, COLOURS[colour])
+        shapes_data.draw_shape(draw, shape, (x, y), radius, COLOURS[colour])
         objects.append({"shape": shape, "colour": colour, "row": row, "col": col, "quadrant": QUADRANTS[quadrant]})
     return image, objects
 
@@ -140,12 +127,6 @@ def mcq_prompt(sample) -> str:
             "Please select the correct answer from the options above.")
 
 
-def _base64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int = EVAL_SEED) -> Path:
     """Write ``<lmudata_dir>/ShapesCalib.tsv`` with questions 0..n-1 of ``seed``; returns its path."""
     rows = []
@@ -153,7 +134,7 @@ def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int
         sample = make_sample(index, seed)
         rows.append({
             "index": index,
-            "image": _base64_png(sample["image"]),
+            "image": shapes_data.base64_png(sample["image"]),
             "question": sample["question"],
             **{letter: sample[letter] for letter in "ABCD"},
             "answer": sample["answer"],
@@ -161,10 +142,7 @@ def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int
             "n_objects": sample["n_objects"],
             "target_tokens": json.dumps(sample["target_tokens"]),
         })
-    path = Path(lmudata_dir) / f"{NAME}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    return path
+    return shapes_data.write_tsv(rows, lmudata_dir, NAME)
 
 
 def main() -> None:

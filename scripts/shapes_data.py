@@ -29,7 +29,8 @@ SHAPES = ("square", "circle", "triangle", "diamond")
 POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, colour) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, colour) -> None:
+    """Fill ``shape`` inside the box of half-side ``radius`` around ``centre``."""
     x, y = centre
     if shape == "square":
         draw.rectangle([x - radius, y - radius, x + radius, y + radius], fill=colour)
@@ -64,13 +65,13 @@ def make_question(index: int, seed: int = 0) -> dict:
         slots = rng.permutation(list(POSITIONS))[:count]
         for slot in slots:
             fx, fy = POSITIONS[slot]
-            _draw(draw, shape, (fx * width, fy * height), radius * 0.8, COLOURS[colour])
+            draw_shape(draw, shape, (fx * width, fy * height), radius * 0.8, COLOURS[colour])
         options, answer = _options(rng, str(count), ["1", "2", "3", "4"])
         question = "How many shapes are in the image?"
     else:
         position = str(rng.choice(list(POSITIONS)))
         fx, fy = POSITIONS[position]
-        _draw(draw, shape, (fx * width, fy * height), radius, COLOURS[colour])
+        draw_shape(draw, shape, (fx * width, fy * height), radius, COLOURS[colour])
         correct, pool, question = {
             "colour": (colour, list(COLOURS), "What colour is the shape?"),
             "shape": (shape, list(SHAPES), "Which shape is in the image?"),
@@ -81,7 +82,8 @@ def make_question(index: int, seed: int = 0) -> dict:
             "category": category}
 
 
-def _base64_png(image: Image.Image) -> str:
+def base64_png(image: Image.Image) -> str:
+    """An image as VLMEvalKit's TSV ``image`` column holds it."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -92,7 +94,12 @@ def write_dataset(lmudata: str | Path, n: int = 32, seed: int = 0, name: str = N
     rows = []
     for index in range(n):
         question = make_question(index, seed)
-        rows.append({"index": index, **question, "image": _base64_png(question["image"])})
+        rows.append({"index": index, **question, "image": base64_png(question["image"])})
+    return write_tsv(rows, lmudata, name)
+
+
+def write_tsv(rows: list[dict], lmudata: str | Path, name: str) -> Path:
+    """``<lmudata>/<name>.tsv``, where VLMEvalKit looks for a custom data set of that name."""
     path = Path(lmudata) / f"{name}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
