@@ -171,11 +171,16 @@ _VIDEO_FPS = 2.0
 
 @functools.lru_cache(maxsize=None)
 def build_tokenizer() -> Qwen2Tokenizer:
-    """Byte-level BPE (256 byte symbols + 144 merges) + the Qwen special tokens.
+    """Byte-level BPE (256 byte symbols + 144 merges) + the Qwen special tokens, trained on a small corpus.
+    Shared by all families (the real ones share a vocabulary too)."""
+    return train_qwen_tokenizer(_CORPUS.splitlines())
+
+
+def train_qwen_tokenizer(lines, vocab_size: int = 400) -> Qwen2Tokenizer:
+    """A ``Qwen2Tokenizer`` whose byte-level BPE is trained on ``lines``, + the Qwen special tokens.
 
     The BPE is trained with exactly Qwen2Tokenizer's normalizer/pre-tokenizer so the
     learnt merges are valid for it; the byte alphabet guarantees any text encodes.
-    Shared by all families (the real ones share a vocabulary too).
     """
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -186,9 +191,9 @@ def build_tokenizer() -> Qwen2Tokenizer:
         ]
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    bpe.train_from_iterator(lines, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     # eos starts as <|endoftext|> so the specials get appended in SPECIAL_TOKENS order;

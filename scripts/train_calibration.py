@@ -34,14 +34,12 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
     Qwen2_5_VLConfig,
@@ -51,12 +49,11 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen2VLVideoProcessor,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from scripts import calibration_data as data  # noqa: E402
-from scripts.tiny_models import _QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from scripts.tiny_models import _QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer  # noqa: E402
 
 DEFAULT_SEED = 0
 DEFAULT_STEPS = 1800
@@ -87,23 +84,7 @@ def _corpus() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def build_tokenizer() -> Qwen2Tokenizer:
     """Byte-level BPE trained on the task's texts (its words are single tokens) + the Qwen special tokens."""
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    # Qwen2Tokenizer's own pre-tokenization, so the learnt merges are valid for it.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    # eos starts as <|endoftext|> so that the specials are appended in Qwen's order; then <|im_end|> as released.
-    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|endoftext|>",
-                               pad_token="<|endoftext|>", extra_special_tokens=list(SPECIAL_TOKENS[1:]))
-    tokenizer.eos_token = "<|im_end|>"
-    return tokenizer
+    return train_qwen_tokenizer(_corpus())
 
 
 def word_token_ids(tokenizer, words, prefix: str = "") -> list[int]:
