@@ -6,7 +6,7 @@ visual token of Qwen2-VL / Qwen2.5-VL (14 px patches, 2 x 2 merge), so the answe
 known visual token (``target_tokens``). Colours and shapes are distinct within an image. Three question types:
 
 - ``colour``: "What colour is the <shape>?" (answer a colour word);
-- ``shape``: "What shape is the <colour> one?" (answer a shape word);
+- ``shape``: "Which shape is <colour>?" (answer a shape word);
 - ``position``: "What colour is the object in the <top left|...>?" (answer a colour word): only where the
   tokens are tells the objects apart, so scrambling token positions must break it.
 
@@ -86,7 +86,7 @@ def _ask(rng: np.random.Generator, image: Image.Image, objects: list[dict], cate
         question = f"What colour is the {target['shape']}?"
         answer_text, options = target["colour"], _options(rng, target["colour"], [o["colour"] for o in others], COLOURS)
     elif category == "shape":
-        question = f"What shape is the {target['colour']} one?"
+        question = f"Which shape is {target['colour']}?"
         answer_text, options = target["shape"], _options(rng, target["shape"], [o["shape"] for o in others], SHAPES)
     else:
         question = f"What colour is the object in the {target['quadrant']}?"
@@ -121,10 +121,12 @@ def make_training_scene(index: int, seed: int) -> list[dict]:
 
 
 def mcq_prompt(sample) -> str:
-    """The text VLMEvalKit's Qwen2VLChat puts after the image for an MCQ row (``_build_mcq_prompt``)."""
+    """The text VLMEvalKit puts after the image for a row of this data set: a local TSV is a custom MCQ data
+    set, which model wrappers do not re-prompt (Qwen2VLChat's own MCQ prompt is for registered data sets
+    only), so the prompt is ``CustomMCQDataset.build_prompt``'s, trailing space and newline included."""
     options = "".join(f"{letter}. {sample[letter]}\n" for letter in "ABCD")
     return (f"Question: {sample['question']}\nOptions:\n{options}"
-            "Please select the correct answer from the options above.")
+            "Please select the correct answer from the options above. \n")
 
 
 def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int = EVAL_SEED) -> Path:

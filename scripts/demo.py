@@ -1,11 +1,12 @@
-"""The offline demo: tiny local checkpoint, generated multiple-choice data, the real VLMEvalKit pipeline.
+"""The offline demo: the shipped calibration model, its held-out questions, the real VLMEvalKit pipeline.
 
-On a machine without network or GPU: builds a tiny random Qwen2.5-VL checkpoint (answers restricted to the
-letters A-D) and a 32-question data set of generated shape images, evaluates it with ``run_qwenvl.py`` stock
-and with a few methods at a couple of keep ratios (one runner process per configuration, VLMEvalKit's
-exact-matching judge), then prints the results table and writes the table, the accuracy plot and the
-kept-token view into the work dir. The model is random, so its accuracy is chance level: the demo shows the
-pipeline, not a method ranking.
+On a machine without network or GPU: evaluates the calibration model (``calibration/qwen2.5-vl-shapes``, a
+tiny Qwen2.5-VL trained here on coloured shapes, see ``scripts/train_calibration.py``) on held-out questions
+(``scripts/calibration_data.py``) with ``run_qwenvl.py``: stock, then random, DivPrune (pre-LLM) and FastV
+(intra-LLM, before layer 2) at a couple of keep ratios, one runner process per configuration, VLMEvalKit's
+exact-matching judge. The answer to each question lives in one known visual token, so the table shows real
+differences between methods. Prints the results table and writes it, the accuracy plot and the kept-token
+view into the work dir.
 
     python scripts/demo.py                      # about two minutes on 2 CPU cores; outputs in demo_outputs/
 
@@ -24,42 +25,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import shapes_data, sweep  # noqa: E402
+from scripts import calibration_data, sweep  # noqa: E402
 
-METHODS = ("divprune_pre_llm", "fastv_intra_llm")
-RATIOS = (0.25, 0.5)
-
-
-def build_demo_checkpoint(folder: Path) -> Path:
-    """The demo's model: a tiny random Qwen2.5-VL that answers with one of A-D. Swap in any Qwen-VL checkpoint
-    folder (e.g. a trained calibration model) here."""
-    from scripts.tiny_checkpoints import save_checkpoint
-
-    if not (folder / "config.json").exists():
-        save_checkpoint(folder, family="qwen2_5_vl", answers="ABCD")
-    return folder
+CHECKPOINT = Path(__file__).resolve().parent.parent / "calibration" / "qwen2.5-vl-shapes"
+METHODS = ("random_pre_llm", "divprune_pre_llm", "fastv_intra_llm")
+RATIOS = (0.25, 0.111)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="demo_outputs")
-    parser.add_argument("--samples", type=int, default=32, help="questions in the generated data set")
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT), help="any Qwen-VL checkpoint folder")
+    parser.add_argument("--samples", type=int, default=90, help="held-out questions")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--parallel", type=int, default=2, help="runner processes at a time (one thread each)")
     args = parser.parse_args(argv)
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"
-    print(f"[1/4] tiny checkpoint and {args.samples}-question data set in {work}", flush=True)
-    checkpoint = build_demo_checkpoint(work / "checkpoints" / "tiny-qwen2.5-vl")
-    shapes_data.write_dataset(lmudata, args.samples)
+    print(f"[1/4] {args.samples} held-out questions in {lmudata}", flush=True)
+    checkpoint = Path(args.checkpoint).resolve()
+    calibration_data.write_dataset(lmudata, args.samples)
 
     print("[2/4] VLMEvalKit runs (stock, then each method and keep ratio)", flush=True)
     runner_flags = ["--device", "cpu", "--judge", "exact_matching",
-                    "--model-kwargs", json.dumps({"max_new_tokens": 1})]  # one letter is the whole answer
-    jobs = sweep.plan("run_qwenvl.py", [str(checkpoint)], [shapes_data.NAME], args.methods, args.ratios,
+                    "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
+    jobs = sweep.plan("run_qwenvl.py", [str(checkpoint)], [calibration_data.NAME], args.methods, args.ratios,
                       str(work / "runs"), stock=True, extra=runner_flags)
-    failed = sweep.run(jobs, work / "runs" / "sweep_logs", {**os.environ, "LMUData": str(lmudata)})
+    failed = sweep.run(jobs, work / "runs" / "sweep_logs", {**os.environ, "LMUData": str(lmudata)},
+                       parallel=args.parallel)
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -85,12 +80,13 @@ def kept_token_view(checkpoint: Path, methods, ratio: float, path: Path) -> Path
 
     from scripts import kept_tokens
 
-    question = shapes_data.make_question(0)
+    sample = calibration_data.make_sample(0, calibration_data.EVAL_SEED)
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     configs = {"stock": kept_tokens.method_config(None, 1.0)}
     configs.update({f"{m} @ {ratio:g}": kept_tokens.method_config(m, ratio) for m in methods})
-    masks, resized = kept_tokens.kept_masks(model, processor, question["image"], question["question"], configs)
+    masks, resized = kept_tokens.kept_masks(model, processor, sample["image"], calibration_data.mcq_prompt(sample),
+                                             configs)
     return kept_tokens.render(resized, masks, path)
 
 

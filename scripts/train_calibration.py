@@ -4,25 +4,38 @@ A random tiny checkpoint shows that pruning hooks are exact, not whether a metho
 tokens. This model has the real Qwen2.5-VL architecture (``Qwen2_5_VLForConditionalGeneration``, ~1.3 M
 parameters) and is trained from scratch on a CPU, so accuracy against keep ratio is a real measurement offline.
 
-Training uses exactly the evaluation format of VLMEvalKit's Qwen2VLChat: the MCQ prompt of
-``calibration_data.mcq_prompt`` after the image, the Qwen2-VL chat template with its default system prompt and
+Training uses exactly the evaluation format of VLMEvalKit with Qwen2VLChat: the data set's MCQ prompt
+(``calibration_data.mcq_prompt``) after the image, the Qwen2-VL chat template with its default system prompt and
 the assistant prefix; the target reply is the attribute word (e.g. ``red``) then ``<|im_end|>``, the tokens
 of the reply loss. Every image is asked one question of each category, as three separate
 single-question sequences that share one vision-encoder pass (``mm_encoder_outputs``), so all training
-sequences have the layout of the evaluation prompts. An auxiliary loss scores each merged visual token (the
-LLM input embedding of the vision merger) against the model's own input embeddings of the colour and shape
-words (as spelt inside the prompt, " red"), with the attributes of the object drawn in that token as targets.
+sequences have the layout of the evaluation prompts.
 
-The training-only losses add no parameter, so the checkpoint stays a plain Qwen2.5-VL: the visual-token loss
-above, and a prompt-word loss on the colour and shape words of the question and the options (they name objects
-of the image, so predicting them teaches the model to read its visual tokens; in one 600-step comparison it
-raised held-out accuracy from 33 % to 50 %).
+The reply loss alone stayed near chance (25-45 % after up to 1,500 steps of 8 images): the language model has
+to find the asked object's token among 64 by its content and carry its attribute ~40 tokens to the reply, and
+that two-step circuit did not emerge in the budget, although every visual token's attributes were linearly
+readable. Training-only losses, which add no parameter (the checkpoint stays a plain Qwen2.5-VL), build it:
+
+- attention routes (``_routes``): head 0 of layer 1 at the question's last word ("square", "red", "left")
+  attends to the asked object's visual token, head 0 of layer 2 at the question mark to that word, head 0 of
+  layer 3 at the reply position to the question mark (for position questions, head 0 of layer 0 at "left"
+  also attends to "top"); the loss is ``-log`` of each routed attention weight (eager attention during
+  training, for the weights); the question's last word and the question mark also predict the reply word;
+- visual tokens: each merged visual token (the LLM input embedding of the vision merger) is scored against the
+  model's own input embeddings of the colour and shape words (as spelt inside the prompt, " red"), with the
+  attributes of the object drawn in that token as targets;
+- prompt words: the colour and shape words of the question and the options are predicted (they name objects
+  of the image).
+
+The routes never send the reply position to a visual token, so methods that rank visual tokens by the last
+token's attention (FastV reads layer 2) are not handed the answer; and no route reads a visual token at
+layer 0, so that an intra-LLM stage at layer 1 still decides what the model sees (the tests check both ways).
 
 Image size: 224 x 224 (8 x 8 = 64 LLM visual tokens), so that keep ratios such as 0.111 (7 of 64 tokens) are
 meaningful. Measured on one thread (AMD EPYC): a step of 32 images (96 sequences) took 2.3 s, 1.3 s of it in
 the language model, whose sequences are ~130 tokens of which only 64 are visual; 168 x 168 (36 tokens) would
 therefore save well under half of the time. 224 is kept with batches of 8 images (~0.5 s a step); what held
-training back so far was the language model's retrieval of the asked object, not the image size.
+training back was the language model's retrieval of the asked object, not the image size.
 
 Reproducibility: data come from ``(seed, index)`` streams (one DataLoader worker builds the batch of each step
 from the step number alone) and training runs on one thread (``torch.set_num_threads(1)``); the same seed, steps
@@ -55,13 +68,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from scripts import calibration_data as data  # noqa: E402
 from scripts.tiny_models import _QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer  # noqa: E402
 
-DEFAULT_SEED = 0
-DEFAULT_STEPS = 1800
+DEFAULT_SEED = 1  # the shipped checkpoint (seed 0: 93.0 % held-out, see the README)
+DEFAULT_STEPS = 1000
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 100
 AUX_LOSS_WEIGHT = 1.0
 PROMPT_WORDS_LOSS_WEIGHT = 0.5
+ROUTE_LOSS_WEIGHT = 1.0
+ROUTE_HEAD = 0  # the head of each layer that the attention routes supervise
+MAX_ROUTES = 4
 MAX_NEW_TOKENS = 4
 
 
@@ -76,7 +92,7 @@ def _corpus() -> list[str]:
     lines += [f"{letter}. {word}" for letter in "ABCD" for word in words]
     lines += words  # the replies: the words without a leading space
     lines += [f"What colour is the {shape}?" for shape in data.SHAPES]
-    lines += [f"What shape is the {colour} one?" for colour in data.COLOURS]
+    lines += [f"Which shape is {colour}?" for colour in data.COLOURS]
     lines += [f"What colour is the object in the {quadrant}?" for quadrant in data.QUADRANTS]
     return lines * 4  # repeated so that whole words win the merge counts
 
@@ -159,7 +175,7 @@ def build_model(seed: int = DEFAULT_SEED) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def chat_text(sample) -> str:
-    """The evaluation prompt of VLMEvalKit's Qwen2VLChat: template applied, ending with the assistant prefix."""
+    """The prompt VLMEvalKit's Qwen2VLChat generates from: chat template applied, ending with the assistant prefix."""
     messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
                                              {"type": "text", "text": data.mcq_prompt(sample)}]}]
     return build_processor().apply_chat_template([messages], tokenize=False, add_generation_prompt=True)[0]
@@ -179,10 +195,27 @@ class _TrainingBatches(torch.utils.data.Dataset):
         return collate(scenes)
 
 
-def collate(scenes: list[list[dict]]) -> dict:
-    """Processor inputs of all questions (right-padded), labels on the reply tokens, per-token attributes.
+def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[int, int, int]]:
+    """The attention links ``(layer, query position, key position)`` that head ``ROUTE_HEAD`` of ``layer`` is
+    trained to follow for one question: find the asked object, then carry its attribute to the reply.
 
-    ``images_inputs`` holds the pixels of each scene once; ``scene_of_sequence`` maps sequences to scenes."""
+    Every question ends with the word that names the asked object ("... the square?", "... red?", "... top
+    left?"). At layer 1 that word attends to the object's visual token (a quadrant's second word has gathered
+    the first one at layer 0), at layer 2 the question mark attends to that word, and at layer 3 the reply
+    position attends to the question mark, which is equally far from it in every category (every option word
+    is one token). Visual tokens are read from layer 1 on, so an intra-LLM stage at layer 1 still decides
+    what the model sees; the reply position is never routed to a visual token."""
+    key_word = question_mark - 1
+    routes = [(1, key_word, target), (2, question_mark, key_word), (3, reply, question_mark)]
+    if sample["category"] == "position":
+        routes.insert(0, (0, key_word, key_word - 1))  # "left" gathers "top"
+    return routes
+
+
+def collate(scenes: list[list[dict]]) -> dict:
+    """Processor inputs of all questions (right-padded), labels, attention routes, per-token attributes.
+
+    ``pixel_values`` / ``scene_grid_thw`` hold each scene's image once; its questions follow each other."""
     processor = build_processor()
     tokenizer = processor.tokenizer
     samples = [sample for scene in scenes for sample in scene]
@@ -202,6 +235,20 @@ def collate(scenes: list[list[dict]]) -> dict:
     attribute_ids = torch.tensor(word_token_ids(tokenizer, list(data.COLOURS) + list(data.SHAPES), prefix=" "))
     prompt_labels = torch.where(torch.isin(inputs["input_ids"], attribute_ids) & (labels == -100),
                                 inputs["input_ids"], -100)
+    # Attention routes (see ``_routes``), padded to MAX_ROUTES per sequence; the question's last word and its
+    # question mark predict the reply word too, so what a route carries is read out on the way.
+    routes = torch.zeros(len(samples), MAX_ROUTES, 3, dtype=torch.long)
+    route_mask = torch.zeros(len(samples), MAX_ROUTES, dtype=torch.bool)
+    image_start = inputs["input_ids"] == processor.image_token_id
+    [question_mark_id] = tokenizer.encode("?")
+    for row, sample in enumerate(samples):
+        first_visual = int(image_start[row].nonzero()[0])
+        question_mark = first_visual + int((inputs["input_ids"][row, first_visual:] == question_mark_id).nonzero()[0])
+        reply_start = int((labels[row] != -100).nonzero()[0])
+        sample_routes = _routes(sample, question_mark, reply_start - 1, first_visual + sample["target_tokens"][0])
+        routes[row, :len(sample_routes)] = torch.tensor(sample_routes)
+        route_mask[row, :len(sample_routes)] = True
+        labels[row, question_mark] = labels[row, question_mark + 1] = labels[row, reply_start]
     images = processor.image_processor([scene[0]["image"] for scene in scenes], return_tensors="pt")
     # Attribute of the object in each visual token (row-major), -100 where there is only background.
     tokens = data.GRID**2
@@ -222,6 +269,8 @@ def collate(scenes: list[list[dict]]) -> dict:
         "pixel_values": images["pixel_values"],
         "scene_grid_thw": images["image_grid_thw"],
         "questions_per_scene": len(scenes[0]),
+        "routes": routes,
+        "route_mask": route_mask,
         "colour_targets": colour_targets.flatten(),
         "shape_targets": shape_targets.flatten(),
     }
@@ -231,7 +280,8 @@ def collate(scenes: list[list[dict]]) -> dict:
 
 
 def _losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Language-model loss on the replies; weighted sum of the visual-token and prompt-word losses."""
+    """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
+    and attention-route losses. Needs eager attention (the route loss reads attention weights)."""
     image_outputs = model.model.get_image_features(batch["pixel_values"], batch["scene_grid_thw"], return_dict=True)
     visual_tokens = torch.cat(image_outputs.pooler_output)  # (scenes * 64, hidden), scene by scene
     # Every question of a scene reuses that scene's features: one vision pass per image.
@@ -239,7 +289,7 @@ def _losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         features for features in image_outputs.pooler_output for _ in range(batch["questions_per_scene"]))
     output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-                   labels=batch["labels"], mm_encoder_outputs={"image": image_outputs})
+                   labels=batch["labels"], mm_encoder_outputs={"image": image_outputs}, output_attentions=True)
     tokenizer = build_tokenizer()
     embeddings = model.get_input_embeddings().weight
     visual_token_loss = 0.0
@@ -249,7 +299,13 @@ def _losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets, ignore_index=-100)
     prompt_loss = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1),
                                                     batch["prompt_labels"][:, 1:].flatten(), ignore_index=-100)
-    return output.loss, AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
+    routes, mask = batch["routes"], batch["route_mask"]
+    head = torch.stack([layer[:, ROUTE_HEAD] for layer in output.attentions])  # (layers, sequences, query, key)
+    rows = torch.arange(len(routes)).unsqueeze(1).expand_as(mask)
+    followed = head[routes[..., 0], rows, routes[..., 1], routes[..., 2]]
+    route_loss = -(followed.clamp_min(1e-9).log() * mask).sum() / mask.sum()
+    return output.loss, (AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
+                         + ROUTE_LOSS_WEIGHT * route_loss)
 
 
 def _learning_rate(step: int, steps: int) -> float:
@@ -272,6 +328,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, batch_size: int 
         raise ValueError("the evaluation seed must not be used for training")
     torch.set_num_threads(1)  # bit-reproducibility needs a fixed thread count; one is as fast as two here
     model = build_model(seed).train()
+    model.set_attn_implementation("eager")  # the route loss reads attention weights
     optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     # One worker builds the next batches on the other core while this process trains.
     batches = torch.utils.data.DataLoader(_TrainingBatches(seed, steps, batch_size), batch_size=None,
@@ -291,9 +348,10 @@ def train(steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, batch_size: int 
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             lm, side = (sum(values) / len(running) for values in zip(*running))
             elapsed = time.perf_counter() - start
-            log(f"step {step + 1}/{steps}  reply loss {lm:.4f}  visual-token + prompt-word loss {side:.4f}  "
+            log(f"step {step + 1}/{steps}  reply loss {lm:.4f}  side losses {side:.4f}  "
                 f"{elapsed / (step + 1):.2f} s/step  {elapsed:.0f} s")
             running = []
+    model.set_attn_implementation("sdpa")
     return model.eval()
 
 
@@ -350,6 +408,40 @@ def evaluate(model, processor, samples) -> dict:
     return result
 
 
+RECORD_FILE = "TRAINING.md"
+
+
+def write_training_record(folder: str | Path, *, steps: int, seed: int, batch_size: int, seconds: float,
+                          checksum: str, accuracy: dict) -> Path:
+    """``TRAINING.md`` in the checkpoint folder: how to reproduce it, on what, how long, and what it scores."""
+    import transformers
+
+    from scripts.calibration_report import machine
+
+    per_category = ", ".join(f"{key} {value:.1%}" for key, value in accuracy.items() if key not in ("overall", "n"))
+    text = "\n".join([
+        "# Calibration model: how it was trained",
+        "",
+        "Reproduce (bit for bit on the same machine and software; training runs on one thread):",
+        "",
+        "```bash",
+        f"python scripts/train_calibration.py --steps {steps} --seed {seed} --batch-size {batch_size} "
+        f"--out {Path(folder).as_posix()}",
+        "```",
+        "",
+        f"- steps {steps}, seed {seed}, batch {batch_size} images (3 questions each), 1 training thread + 1 data worker",
+        f"- training wall time: {seconds / 60:.1f} min",
+        f"- machine: {machine()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"- weights checksum: `{checksum}`",
+        f"- held-out accuracy ({accuracy['n']} questions of seed {data.EVAL_SEED}): {accuracy['overall']:.1%} "
+        f"({per_category})",
+        "",
+    ])
+    path = Path(folder) / RECORD_FILE
+    path.write_text(text)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="calibration/qwen2.5-vl-shapes", help="checkpoint folder to write")
@@ -368,8 +460,11 @@ def main() -> None:
     print("held-out accuracy: " + "  ".join(
         f"{key} {value:.1%}" for key, value in accuracy.items() if key != "n") + f"  ({accuracy['n']} questions)")
     print(f"training wall time {train_seconds:.0f} s")
-    print(f"weights checksum {weights_checksum(model)}")
-    print(f"saved to {args.out}")
+    checksum = weights_checksum(model)
+    print(f"weights checksum {checksum}")
+    write_training_record(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                          seconds=train_seconds, checksum=checksum, accuracy=accuracy)
+    print(f"saved to {args.out} (with {RECORD_FILE})")
 
 
 if __name__ == "__main__":

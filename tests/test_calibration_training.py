@@ -72,17 +72,20 @@ def test_tsv_columns(tmp_path):
     assert table.loc[0, "question"] == first["question"]
 
 
-def test_mcq_prompt_is_vlmevalkits(tmp_path):
+def test_mcq_prompt_is_vlmevalkits(tmp_path, monkeypatch):
+    """The prompt VLMEvalKit really sends for this local TSV: Qwen2VLChat leaves a custom data set's prompt to
+    the data set (its own MCQ prompt, without the trailing " \\n", is for registered data sets only)."""
+    from vlmeval.dataset import build_dataset
     from vlmeval.vlm.qwen2_vl.prompt import Qwen2VLPromptMixin
 
-    builder = Qwen2VLPromptMixin()
-    builder.set_dump_image(lambda line: str(tmp_path / "image.png"))
+    data.write_dataset(tmp_path, n=3)
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    assert not Qwen2VLPromptMixin().use_custom_prompt(data.NAME)
+    dataset = build_dataset(data.NAME)
     for index in range(3):
-        sample = data.make_sample(index, data.EVAL_SEED)
-        row = pd.Series({key: sample[key] for key in ("question", "A", "B", "C", "D", "answer", "category")})
-        messages = builder._build_mcq_prompt(row, data.NAME)
+        messages = dataset.build_prompt(dataset.data.iloc[index])
         assert [m["type"] for m in messages] == ["image", "text"]
-        assert messages[1]["value"] == data.mcq_prompt(sample)
+        assert messages[1]["value"] == data.mcq_prompt(data.make_sample(index, data.EVAL_SEED))
 
 
 def test_processor_keeps_the_image_size():

@@ -1,0 +1,193 @@
+"""The shipped calibration model (``calibration/qwen2.5-vl-shapes``) measures whether pruning keeps the right tokens.
+
+Each held-out question is about one object, held by known visual tokens (``target_tokens`` of
+``scripts/calibration_data.py``). Through the real VLMEvalKit pipeline the model scores at least 95 % at keep 1.0;
+test-only methods that read that metadata bound what a method can do: keeping the asked object's tokens (oracle)
+keeps the accuracy at keep 25 %, dropping them (anti-oracle) brings it down to about chance, through the pre-LLM
+and the intra-LLM hooks alike. A test-only patch that scrambles where the visual tokens sit (their features
+permuted over the image's positions) must cost the positional questions their accuracy while the colour and
+shape questions, which do not depend on positions, stay.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import custom_qwenvl
+import methods
+from scripts import calibration_data as data
+from scripts import summarize
+from scripts import train_calibration as training
+from tests.conftest import run_runner
+from tests.oracle import patched
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "calibration" / "qwen2.5-vl-shapes"
+QUESTIONS = 90  # held-out questions evaluated in-process per configuration
+KEEP = 0.25
+INTRA_LAYER = 1  # the earliest layer an intra-LLM stage can drop tokens after the model has seen them
+
+# The asked object's visual tokens of the sample being generated (set per sample by ``accuracy``).
+ASKED_TOKENS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("asked_tokens")
+
+
+def _oracle_keep(ctx: methods.PruneContext, keep_asked: bool) -> torch.Tensor:
+    """``ctx.keep`` tokens: the asked object's tokens first (oracle) or none of them (anti-oracle); the rest of
+    the budget drawn at random from the other tokens."""
+    asked = torch.tensor(ASKED_TOKENS.get(), dtype=torch.long)
+    is_asked = torch.zeros(ctx.num_tokens, dtype=torch.bool)
+    is_asked[asked] = True
+    others = torch.nonzero(~is_asked).flatten()
+    others = others[torch.randperm(others.numel(), generator=ctx.generator(0))]
+    chosen = torch.cat([asked, others]) if keep_asked else others
+    return chosen[:ctx.keep]
+
+
+ORACLES = {
+    "calibration_oracle_pre_llm": dict(keep_asked=True),
+    "calibration_anti_oracle_pre_llm": dict(keep_asked=False),
+    "calibration_oracle_intra_llm": dict(keep_asked=True, default_layer=INTRA_LAYER),
+    "calibration_anti_oracle_intra_llm": dict(keep_asked=False, default_layer=INTRA_LAYER),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def oracle_methods():
+    for name, spec in ORACLES.items():
+        keep_asked = spec["keep_asked"]
+        methods.register_prune(name, default_layer=spec.get("default_layer"))(
+            lambda ctx, keep_asked=keep_asked: _oracle_keep(ctx, keep_asked))
+    yield
+    for name in ORACLES:
+        methods._base._REGISTRY.pop(name)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    return model, AutoProcessor.from_pretrained(CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [data.make_sample(i, data.EVAL_SEED) for i in range(QUESTIONS)]
+
+
+def reply(model, processor, sample) -> str:
+    """The model's answer to one question, prompted exactly as VLMEvalKit prompts it (data set prompt, chat template)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[sample["image"]], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+
+
+def is_correct(sample, answer: str) -> bool:
+    """VLMEvalKit's exact matching of a free answer: it names exactly one option, the right one."""
+    named = [letter for letter in "ABCD" if sample[letter] in answer]
+    return named == [sample["answer"]]
+
+
+def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
+    """Accuracy in % per question category and overall (``all``), each sample with its asked tokens set."""
+    hits: dict[str, list[bool]] = {}
+    for sample in samples:
+        if categories and sample["category"] not in categories:
+            continue
+        token = ASKED_TOKENS.set(sample["target_tokens"])
+        try:
+            correct = is_correct(sample, reply(model, processor, sample))
+        finally:
+            ASKED_TOKENS.reset(token)
+        hits.setdefault(sample["category"], []).append(correct)
+        hits.setdefault("all", []).append(correct)
+    return {category: 100.0 * sum(v) / len(v) for category, v in hits.items()}
+
+
+def chance(samples) -> float:
+    return 100.0 / 4  # four options
+
+
+# ---------------------------------------------------------------- the shipped checkpoint is the documented one
+def test_shipped_checkpoint_is_the_recorded_training_output():
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    record = (CHECKPOINT / training.RECORD_FILE).read_text()
+    recorded = re.search(r"weights checksum: `([0-9a-f]{64})`", record).group(1)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT)
+    assert training.weights_checksum(model) == recorded
+    shipped_config = AutoConfig.from_pretrained(CHECKPOINT).to_dict()
+    assert shipped_config["text_config"] == training.build_config().to_dict()["text_config"]
+    shipped = AutoProcessor.from_pretrained(CHECKPOINT)
+    assert shipped.tokenizer.get_vocab() == training.build_tokenizer().get_vocab()
+    assert shipped.chat_template == training.build_processor().chat_template
+
+
+# ---------------------------------------------------------------- through VLMEvalKit
+def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(tmp_path, lmudata_env):
+    data.write_dataset(lmudata_env, n=200)
+    argv = ["--model", str(CHECKPOINT), "--data", data.NAME, "--work-dir", str(tmp_path), "--device", "cpu",
+            "--judge", "exact_matching", "--model-kwargs", '{"max_new_tokens": 4}']
+    assert run_runner(argv, {}) == 0
+    table = summarize.collect(tmp_path)
+    row = table.iloc[0]
+    assert (row["method"], row["samples"]) == ("stock", 200)
+    assert row["score"] >= 95.0, table.to_string()
+
+
+# ---------------------------------------------------------------- oracle bounds, in-process
+def test_oracle_keeps_and_anti_oracle_loses_the_accuracy_pre_llm(model_and_processor, samples):
+    model, processor = model_and_processor
+    with patched(custom_qwenvl, PRUNE_METHOD="calibration_oracle_pre_llm", KEEP_RATIO=KEEP):
+        oracle = accuracy(model, processor, samples)
+    with patched(custom_qwenvl, PRUNE_METHOD="calibration_anti_oracle_pre_llm", KEEP_RATIO=KEEP):
+        anti = accuracy(model, processor, samples)
+    assert oracle["all"] >= 95.0, oracle
+    assert anti["all"] <= chance(samples) + 15.0, anti
+
+
+def test_oracle_keeps_and_anti_oracle_loses_the_accuracy_intra_llm(model_and_processor, samples):
+    model, processor = model_and_processor
+    with patched(custom_qwenvl, PRUNE_METHOD="calibration_oracle_intra_llm", KEEP_RATIO=KEEP):
+        oracle = accuracy(model, processor, samples)
+    with patched(custom_qwenvl, PRUNE_METHOD="calibration_anti_oracle_intra_llm", KEEP_RATIO=KEEP):
+        anti = accuracy(model, processor, samples)
+    assert oracle["all"] >= 95.0, oracle
+    assert anti["all"] <= chance(samples) + 15.0, anti
+
+
+# ---------------------------------------------------------------- positions matter
+def test_scrambled_positions_cost_the_positional_questions_only(model_and_processor, samples):
+    model, processor = model_and_processor
+    intact = accuracy(model, processor, samples)
+    # Token (r, c) gets the features of token (r + G/2, c + G/2) (cyclically): every object moves to the opposite
+    # quadrant, its shape and colour intact.
+    half = data.GRID // 2
+    permutation = torch.arange(data.GRID * data.GRID).view(data.GRID, data.GRID).roll((-half, -half), (0, 1))
+
+    def scramble(module, args, output):
+        # One image per prompt: pooler_output holds its merged visual tokens in raster order.
+        output.pooler_output = output.pooler_output[permutation.flatten()]
+        return output
+
+    handle = model.model.visual.register_forward_hook(scramble)
+    try:
+        broken = accuracy(model, processor, samples)
+    finally:
+        handle.remove()
+    positional = ("position",)  # the only question type that needs to know where each object is
+    for category in positional:
+        assert broken[category] <= chance(samples) + 20.0 and intact[category] - broken[category] >= 40.0, \
+            (category, intact, broken)
+    for category in set(intact) - set(positional) - {"all"}:
+        assert broken[category] >= intact[category] - 10.0, (category, intact, broken)
+
