@@ -85,12 +85,14 @@ def _ratio(value: float) -> str:
 
 
 def run_tag(config: PruneConfig) -> str:
-    """Readable name of the pruning stages: ``stock``, ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``, or
-    several joined with ``+``."""
+    """Readable name of the pruning stages: ``stock``, ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``,
+    ``pdrop_intra_llm-0.25`` (a method that schedules its own layers), or several joined with ``+``."""
     if not config.active:
         return "stock"
     parts = [f"{config.pre_llm.method}-{_ratio(config.pre_llm.ratio)}"] if config.pre_llm else []
     parts += [f"L{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.intra_llm]
+    if config.scheduled:
+        parts.append(f"{config.scheduled.method}-{_ratio(config.scheduled.ratio)}")
     return "+".join(parts)
 
 

@@ -67,6 +67,7 @@ def plot(table, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     stock = table.loc[table["method"] == "stock", "score"]
@@ -80,6 +81,7 @@ def plot(table, path: Path) -> Path:
         for score in stock:
             ax.axhline(score, color="black", linestyle="--", linewidth=1, label="stock (keep 1.0)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the measured ratios are labelled
         ax.set_xticks(sorted(set(rows["keep_ratio"])) or [1.0])
         ax.set_xticklabels([f"{r:g}" for r in sorted(set(rows["keep_ratio"]))] or ["1"])
         ax.set_xlabel("keep ratio (KEEP_RATIO)")

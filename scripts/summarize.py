@@ -54,11 +54,16 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one).
     """
     pre, intra = pruning.get("pre_llm"), pruning.get("intra_llm") or []
-    if not pre and not intra:
+    scheduled = pruning.get("scheduled")  # a method that picks its own layers from the model's depth
+    if not pre and not intra and not scheduled:
         return "stock", "-", 1.0
     methods = ([pre["method"]] if pre else []) + [s["method"] for s in intra]
     stages = (["pre-LLM"] if pre else []) + [f"intra-LLM L{s['layer']}" for s in intra]
     ratio = (pre["ratio"] if pre else 1.0) * (intra[-1]["ratio"] if intra else 1.0)
+    if scheduled:
+        methods.append(scheduled["method"])
+        stages.append("intra-LLM scheduled")
+        ratio *= scheduled["ratio"]
     return " + ".join(dict.fromkeys(methods)), " + ".join(stages), ratio
 
 

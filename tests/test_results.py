@@ -33,6 +33,18 @@ def test_summary_has_one_row_per_run_with_measured_values(table, evaluated):
     assert list(table["samples"]) == [QUESTIONS] * 3 and list(table["token_records"]) == [QUESTIONS] * 3
 
 
+def test_self_scheduling_methods_are_described_not_taken_for_stock():
+    """PDrop, SparseVLM and VTW pick their layers once the model's depth is known; the run's pruning config
+    records them as ``scheduled`` with no layer."""
+    pruning = {"pre_llm": None, "intra_llm": [], "scheduled": {"method": "pdrop_intra_llm", "ratio": 0.25,
+                                                                  "layer": None}}
+    assert summarize.describe_stages(pruning) == ("pdrop_intra_llm", "intra-LLM scheduled", 0.25)
+    with_pre = {**pruning, "pre_llm": {"method": "divprune_pre_llm", "ratio": 0.5}}
+    assert summarize.describe_stages(with_pre) == ("divprune_pre_llm + pdrop_intra_llm",
+                                                   "pre-LLM + intra-LLM scheduled", 0.125)
+    assert summarize.describe_stages({"pre_llm": None, "intra_llm": []}) == ("stock", "-", 1.0)
+
+
 def test_categories_with_enough_samples_are_broken_down(table, evaluated):
     # Categories cycle colour, shape, position, count: 10 questions give 3, 3, 2, 2 samples.
     assert sorted(c for c in table if c.startswith("cat:")) == ["cat:colour", "cat:shape"]

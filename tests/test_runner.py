@@ -55,6 +55,10 @@ def test_run_names_carry_every_setting_that_changes_predictions():
     specs = config(KEEP_RATIO=0.5, PRUNE_METHOD_PRE_LLM="divprune_pre_llm",
                    INTRA_LLM_LAYER_SPECS="3:random_intra_llm:0.25;2:fastv_intra_llm")
     assert evalkit.run_tag(specs) == "divprune_pre_llm-0.5+L2-fastv_intra_llm-0.5+L3-random_intra_llm-0.25"
+    # Methods that schedule their own layers (PDrop, SparseVLM, VTW) are named too, never "stock" or blank.
+    scheduled = config(PRUNE_METHOD="pdrop_intra_llm", KEEP_RATIO=0.25)
+    assert evalkit.run_tag(scheduled) == "pdrop_intra_llm-0.25"
+    assert name_of(scheduled).startswith("M__pdrop_intra_llm-0.25__")
 
 
 def test_runner_flags_are_split_off_and_never_clash_with_vlmeval():
