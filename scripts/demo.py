@@ -16,7 +16,6 @@ A second run reuses the predictions already in the work dir (VLMEvalKit resumes)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from scripts import calibration_data, sweep  # noqa: E402
+from scripts.calibration_report import CHECKPOINT, RUNNER_FLAGS  # noqa: E402
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "calibration" / "qwen2.5-vl-shapes"
 METHODS = ("random_pre_llm", "divprune_pre_llm", "fastv_intra_llm")
 RATIOS = (0.25, 0.111)
 
@@ -49,10 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration_data.write_dataset(lmudata, args.samples)
 
     print("[2/4] VLMEvalKit runs (stock, then each method and keep ratio)", flush=True)
-    runner_flags = ["--device", "cpu", "--judge", "exact_matching",
-                    "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
     jobs = sweep.plan("run_qwenvl.py", [str(checkpoint)], [calibration_data.NAME], args.methods, args.ratios,
-                      str(work / "runs"), stock=True, extra=runner_flags)
+                      str(work / "runs"), stock=True, extra=RUNNER_FLAGS)
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", {**os.environ, "LMUData": str(lmudata)},
                        parallel=args.parallel)
     if failed:

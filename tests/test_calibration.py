@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "calibration" / "qwen2.5-vl-shapes"
 QUESTIONS = 90  # held-out questions evaluated in-process per configuration
 KEEP = 0.25
+CHANCE = 100.0 / 4  # % for four options
 INTRA_LAYER = 1  # the earliest layer an intra-LLM stage can drop tokens after the model has seen them
 
 # The asked object's visual tokens of the sample being generated (set per sample by ``accuracy``).
@@ -91,12 +92,6 @@ def reply(model, processor, sample) -> str:
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
-def is_correct(sample, answer: str) -> bool:
-    """VLMEvalKit's exact matching of a free answer: it names exactly one option, the right one."""
-    named = [letter for letter in "ABCD" if sample[letter] in answer]
-    return named == [sample["answer"]]
-
-
 def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
     """Accuracy in % per question category and overall (``all``), each sample with its asked tokens set."""
     hits: dict[str, list[bool]] = {}
@@ -105,16 +100,12 @@ def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
             continue
         token = ASKED_TOKENS.set(sample["target_tokens"])
         try:
-            correct = is_correct(sample, reply(model, processor, sample))
+            correct = training.score(reply(model, processor, sample), sample)
         finally:
             ASKED_TOKENS.reset(token)
         hits.setdefault(sample["category"], []).append(correct)
         hits.setdefault("all", []).append(correct)
     return {category: 100.0 * sum(v) / len(v) for category, v in hits.items()}
-
-
-def chance(samples) -> float:
-    return 100.0 / 4  # four options
 
 
 # ---------------------------------------------------------------- the shipped checkpoint is the documented one
@@ -145,24 +136,15 @@ def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(tmp_pa
 
 
 # ---------------------------------------------------------------- oracle bounds, in-process
-def test_oracle_keeps_and_anti_oracle_loses_the_accuracy_pre_llm(model_and_processor, samples):
+@pytest.mark.parametrize("stage", ["pre_llm", "intra_llm"])
+def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(model_and_processor, samples, stage):
     model, processor = model_and_processor
-    with patched(custom_qwenvl, PRUNE_METHOD="calibration_oracle_pre_llm", KEEP_RATIO=KEEP):
+    with patched(custom_qwenvl, PRUNE_METHOD=f"calibration_oracle_{stage}", KEEP_RATIO=KEEP):
         oracle = accuracy(model, processor, samples)
-    with patched(custom_qwenvl, PRUNE_METHOD="calibration_anti_oracle_pre_llm", KEEP_RATIO=KEEP):
+    with patched(custom_qwenvl, PRUNE_METHOD=f"calibration_anti_oracle_{stage}", KEEP_RATIO=KEEP):
         anti = accuracy(model, processor, samples)
     assert oracle["all"] >= 95.0, oracle
-    assert anti["all"] <= chance(samples) + 15.0, anti
-
-
-def test_oracle_keeps_and_anti_oracle_loses_the_accuracy_intra_llm(model_and_processor, samples):
-    model, processor = model_and_processor
-    with patched(custom_qwenvl, PRUNE_METHOD="calibration_oracle_intra_llm", KEEP_RATIO=KEEP):
-        oracle = accuracy(model, processor, samples)
-    with patched(custom_qwenvl, PRUNE_METHOD="calibration_anti_oracle_intra_llm", KEEP_RATIO=KEEP):
-        anti = accuracy(model, processor, samples)
-    assert oracle["all"] >= 95.0, oracle
-    assert anti["all"] <= chance(samples) + 15.0, anti
+    assert anti["all"] <= CHANCE + 15.0, anti
 
 
 # ---------------------------------------------------------------- positions matter
@@ -186,7 +168,7 @@ def test_scrambled_positions_cost_the_positional_questions_only(model_and_proces
         handle.remove()
     positional = ("position",)  # the only question type that needs to know where each object is
     for category in positional:
-        assert broken[category] <= chance(samples) + 20.0 and intact[category] - broken[category] >= 40.0, \
+        assert broken[category] <= CHANCE + 20.0 and intact[category] - broken[category] >= 40.0, \
             (category, intact, broken)
     for category in set(intact) - set(positional) - {"all"}:
         assert broken[category] >= intact[category] - 10.0, (category, intact, broken)
