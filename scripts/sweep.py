@@ -53,7 +53,10 @@ def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: 
     """Run the jobs with a progress bar, ``parallel`` at a time; returns the labels of those that failed.
 
     With ``parallel > 1`` each runner gets ``OMP_NUM_THREADS=1`` (unless the caller set it), so that the processes
-    do not fight over the cores."""
+    do not fight over the cores, and the first job runs alone before the others start: VLMEvalKit writes a data
+    set's images into ``$LMUData/images`` on first use, not atomically, so two first runs at once can read a
+    half-written image ("cannot identify image file"). Every job evaluates every data set, so after the first
+    one the images are all there."""
     base = {k: v for k, v in (os.environ if base_env is None else base_env).items() if k not in SELECTION_VARS}
     if parallel > 1:
         base.setdefault("OMP_NUM_THREADS", "1")
@@ -66,7 +69,9 @@ def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: 
     failed = []
     with tqdm(total=len(jobs), unit="run", desc="sweep") as bar, \
             concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-        futures = {pool.submit(one, job): job for job in jobs}
+        first = {pool.submit(one, job): job for job in jobs[:1]}
+        concurrent.futures.wait(first)
+        futures = {**first, **{pool.submit(one, job): job for job in jobs[1:]}}
         for future in concurrent.futures.as_completed(futures):
             job, code = futures[future], future.result()
             bar.update()

@@ -113,3 +113,13 @@ def test_sweep_sets_each_configuration_and_clears_the_callers_selection(tmp_path
               "PATH": "/usr/bin:/bin"}
     assert sweep.run(jobs, tmp_path, caller, parallel=parallel) == ["wrong"]
     assert (tmp_path / "wrong.log").exists()
+
+
+def test_sweep_runs_the_first_job_alone_before_the_others(tmp_path):
+    """The first run dumps VLMEvalKit's images; the others start only once it has finished."""
+    marker = tmp_path / "first-done"
+    first = ("import pathlib, sys, time; time.sleep(1.0); pathlib.Path(sys.argv[1]).touch()")
+    later = "import pathlib, sys; sys.exit(0 if pathlib.Path(sys.argv[1]).exists() else 5)"
+    jobs = [sweep.Job("first", {}, [sys.executable, "-c", first, str(marker)])]
+    jobs += [sweep.Job(f"later{i}", {}, [sys.executable, "-c", later, str(marker)]) for i in range(3)]
+    assert sweep.run(jobs, tmp_path / "logs", {"PATH": "/usr/bin:/bin"}, parallel=3) == []
