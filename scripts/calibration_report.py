@@ -1,15 +1,16 @@
 """Calibration report: accuracy vs keep ratio of every registered method on the calibration model.
 
-The calibration model (``calibration/qwen2.5-vl-shapes``, trained by ``scripts/train_calibration.py``) answers
-questions about coloured shapes whose answer lives in one known visual token, so a method that keeps the wrong
+A calibration model (``calibration/qwen2.5-vl-shapes`` or ``calibration/gemma4-shapes``, trained by
+``scripts/train_calibration.py``) answers questions about coloured shapes whose answer lives in one known visual token, so a method that keeps the wrong
 tokens loses accuracy visibly. This script evaluates it on the held-out ``ShapesCalib`` data set
-(``scripts/calibration_data.py``) through the real runner and VLMEvalKit's exact-matching judge: stock, then
+(``scripts/calibration_data.py``) through the family's real runner and VLMEvalKit's exact-matching judge: stock, then
 every registered method (pre-LLM and intra-LLM, random included) at each keep ratio, one runner process per
 configuration. It writes into the work dir: the results table (``summary.csv``/``.json``, ``report.md`` with
 the machine and the time it took) and ``calibration_accuracy.png`` (one panel per stage kind).
 
     python scripts/calibration_report.py                        # every method, keep 0.5 / 0.25 / 0.111
     python scripts/calibration_report.py --methods fastv_intra_llm divprune_pre_llm --ratios 0.25
+    python scripts/calibration_report.py --family gemma4 --work-dir calibration_outputs_gemma4
 
 Settings fitted to the small model (stated in report.md): VTC-CLS sums the encoder attention of its last
 layer only (``VTC_CLS_START_LAYER=-1``: the encoder has 3 layers, the official start layer 16 assumes 24), and
@@ -20,6 +21,7 @@ the same ratio. Methods whose count ignores the keep ratio (VTW) run once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,9 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from scripts import calibration_data, sweep  # noqa: E402
+from scripts.calibration_models import FAMILIES, QWEN  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "calibration" / "qwen2.5-vl-shapes"
+CHECKPOINT = QWEN.checkpoint  # the default
 RATIOS = (0.5, 0.25, 0.111)
 PLOT_FILE = "calibration_accuracy.png"
 REPORT_FILE = "report.md"
@@ -50,17 +52,34 @@ def registered_methods() -> list[str]:
     return sorted(methods.load_methods([]))
 
 
-def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_dir: Path) -> list[sweep.Job]:
+def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_dir: Path,
+         runner: str = QWEN.runner, intra_layer: int | None = None) -> list[sweep.Job]:
+    """Stock, then every method at every ratio (ratio-free ones once). With ``intra_layer``, intra-LLM methods
+    that run at one layer run at that layer (``INTRA_LLM_LAYER_SPECS``) instead of their default one."""
     def jobs(names, ratios_, stock):
-        return sweep.plan("run_qwenvl.py", [str(checkpoint)], [calibration_data.NAME], names, ratios_,
+        return sweep.plan(runner, [str(checkpoint)], [calibration_data.NAME], names, ratios_,
                           str(work_dir), stock=stock, extra=RUNNER_FLAGS)
 
     with_ratio = [m for m in method_names if m not in RATIO_FREE]
     ratio_free = [m for m in method_names if m in RATIO_FREE]
-    return jobs(with_ratio, ratios, True) + (jobs(ratio_free, ratios[:1], False) if ratio_free else [])
+    planned = jobs(with_ratio, ratios, True) + (jobs(ratio_free, ratios[:1], False) if ratio_free else [])
+    return planned if intra_layer is None else [_at_layer(job, intra_layer) for job in planned]
 
 
-def plot(table, path: Path) -> Path:
+def _at_layer(job: sweep.Job, layer: int) -> sweep.Job:
+    import methods
+
+    name = job.env.get("PRUNE_METHOD")
+    spec = methods.load_methods([]).get(name) if name else None
+    if spec is None or spec.default_layer is None:  # stock, pre-LLM, or a method with its own schedule
+        return job
+    ratio = job.env["KEEP_RATIO"]
+    model, _ = job.label.split("__", 1)
+    return dataclasses.replace(job, label=f"{model}__L{layer}-{name}-{ratio}",
+                               env={"INTRA_LLM_LAYER_SPECS": f"{layer}:{name}:{ratio}"})
+
+
+def plot(table, path: Path, title: str) -> Path:
     """Accuracy vs keep ratio, pre-LLM and intra-LLM methods in two panels, stock dashed, random thick. Methods
     that ignore the keep ratio (VTW) are in the table only."""
     import matplotlib
@@ -89,7 +108,7 @@ def plot(table, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     axes[0].set_ylabel("accuracy (%)")
-    fig.suptitle(f"Calibration model on {calibration_data.NAME}", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -107,14 +126,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
-def write_report(table, work: Path, samples: int, seconds: float, parallel: int) -> Path:
+def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None) -> Path:
     from scripts import summarize
 
     text = "\n".join([
-        f"# Calibration report: {calibration_data.NAME}, {samples} held-out questions",
+        f"# Calibration report: {title}",
         "",
         f"Machine: {machine()}; {parallel} runner process(es) at a time; total time {seconds / 60:.1f} min.",
         f"Settings for the small model: {', '.join(f'{k}={v}' for k, v in SMALL_MODEL_PARAMS.items())}.",
+        "Single-layer intra-LLM methods at " + ("their default layers." if intra_layer is None
+                                                 else f"layer {intra_layer} (INTRA_LLM_LAYER_SPECS)."),
         "",
         summarize.format_table(table),
         "",
@@ -126,19 +147,27 @@ def write_report(table, work: Path, samples: int, seconds: float, parallel: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name,
+                        help="model family: its shipped checkpoint and runner")
+    parser.add_argument("--checkpoint", default=None, help="default: the family's shipped calibration model")
     parser.add_argument("--work-dir", default="calibration_outputs")
     parser.add_argument("--samples", type=int, default=300, help="held-out questions")
     parser.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--parallel", type=int, default=2, help="runner processes at a time (one thread each)")
+    parser.add_argument("--intra-layer", type=int, default=None,
+                        help="run the single-layer intra-LLM methods at this decoder layer instead of their default "
+                             "(the calibration models read the asked object into text tokens at layer 1)")
     args = parser.parse_args(argv)
+    family = FAMILIES[args.family]
+    checkpoint = Path(args.checkpoint or family.checkpoint).resolve()
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"
     calibration_data.write_dataset(lmudata, n=args.samples)
     method_names = args.methods or registered_methods()
-    jobs = plan(Path(args.checkpoint).resolve(), method_names, args.ratios, work / "runs")
+    jobs = plan(checkpoint, method_names, args.ratios, work / "runs", runner=family.runner,
+                intra_layer=args.intra_layer)
     print(f"{len(jobs)} runs of {args.samples} questions into {work}", flush=True)
     env = {**os.environ, "LMUData": str(lmudata), **SMALL_MODEL_PARAMS}
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel)
@@ -148,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     from scripts import summarize
 
     table = summarize.collect(work / "runs")
-    written = summarize.save_table(table, work) + [plot(table, work / PLOT_FILE),
-                                                   write_report(table, work, args.samples, time.time() - started,
-                                                                args.parallel)]
+    title = f"{checkpoint.name} ({family.name}) on {calibration_data.NAME}, {args.samples} held-out questions"
+    written = summarize.save_table(table, work) + [
+        plot(table, work / PLOT_FILE, title),
+        write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))
     if failed:

@@ -131,8 +131,8 @@ _POOLING_KERNEL_SIZE = 3
 _VIDEO_FPS = 1.0
 
 
-def _train_bpe() -> tuple[list[str], list[tuple[str, str]]]:
-    """Learnt pieces (ASCII alphabet + merges) in id order, and the merges.
+def _train_bpe(lines, vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Learnt pieces (ASCII alphabet + merges) in id order, and the merges, trained on ``lines``.
 
     Trained with GemmaTokenizer's own normalizer (" " -> "▁"); the training-only
     pre-tokenizer keeps merges inside "▁word" units and off punctuation/digits, like
@@ -149,23 +149,23 @@ def _train_bpe() -> tuple[list[str], list[tuple[str, str]]]:
         ]
     )
     alphabet = [c for c in string.printable if c not in " \t\r\x0b\x0c"] + ["▁"]
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(lines, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     pieces = sorted(model["vocab"], key=model["vocab"].get)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return pieces, merges
 
 
-def _build_tokenizer() -> GemmaTokenizer:
-    """Real ``GemmaTokenizer`` (BPE with byte fallback) with the Gemma 4 special tokens,
-    configured as the released instruct tokenizer (no automatic <bos>: the chat
-    template writes it; left padding).
+def train_gemma_tokenizer(lines, vocab_size: int = 400) -> GemmaTokenizer:
+    """Real ``GemmaTokenizer`` (BPE with byte fallback, trained on ``lines``) with the
+    Gemma 4 special tokens, configured as the released instruct tokenizer (no automatic
+    <bos>: the chat template writes it; left padding).
 
-    Not cached on its own: Gemma4Processor mutates the tokenizer it is given (it
-    registers <|video|>), so only the processor's copy is shared.
+    Not cached: Gemma4Processor mutates the tokenizer it is given (it registers
+    <|video|>), so only a processor's copy is shared.
     """
-    pieces, merges = _train_bpe()
+    pieces, merges = _train_bpe(lines, vocab_size)
     tokens = [
         *_CONTROL_TOKENS,
         *_CHAT_TOKENS.values(),
@@ -192,6 +192,12 @@ def build_processor() -> Gemma4Processor:
     Cached and therefore shared between callers: do not mutate it (pass per-call
     kwargs such as ``padding_side`` instead).
     """
+    return make_processor(train_gemma_tokenizer(_CORPUS.splitlines()))
+
+
+def make_processor(tokenizer: GemmaTokenizer) -> Gemma4Processor:
+    """``Gemma4Processor`` around ``tokenizer`` with the smallest soft-token budget and
+    the instruct chat template."""
     vision = dict(patch_size=_PATCH_SIZE, max_soft_tokens=_MAX_SOFT_TOKENS, pooling_kernel_size=_POOLING_KERNEL_SIZE)
     # The audio feature extractor is unused here, but Gemma4Processor requires all four
     # parts. Pixels stay in [0, 1] (no normalisation, as released): the patch embedder
@@ -199,7 +205,7 @@ def build_processor() -> Gemma4Processor:
     return Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
         image_processor=Gemma4ImageProcessorPil(**vision),
-        tokenizer=_build_tokenizer(),
+        tokenizer=tokenizer,
         video_processor=Gemma4VideoProcessor(**vision),
         chat_template=_CHAT_TEMPLATE,
         image_seq_length=_MAX_SOFT_TOKENS,

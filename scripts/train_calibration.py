@@ -1,27 +1,32 @@
-"""Train the calibration model: a tiny Qwen2.5-VL trained to solve ShapesCalib (``scripts/calibration_data.py``).
+"""Train a calibration model: a tiny VLM trained to solve ShapesCalib (``scripts/calibration_data.py``).
+
+    python scripts/train_calibration.py                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
+    python scripts/train_calibration.py --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
-tokens. This model has the real Qwen2.5-VL architecture (``Qwen2_5_VLForConditionalGeneration``, ~1.3 M
-parameters) and is trained from scratch on a CPU, so accuracy against keep ratio is a real measurement offline.
+tokens. These models have the real architectures (``Qwen2_5_VLForConditionalGeneration``,
+``Gemma4ForConditionalGeneration``; ~1.2-1.3 M parameters, see ``scripts/calibration_models.py``) and are trained
+from scratch on a CPU, so accuracy against keep ratio is a real measurement offline. One recipe trains both.
 
-Training uses exactly the evaluation format of VLMEvalKit with Qwen2VLChat: the data set's MCQ prompt
-(``calibration_data.mcq_prompt``) after the image, the Qwen2-VL chat template with its default system prompt and
-the assistant prefix; the target reply is the attribute word (e.g. ``red``) then ``<|im_end|>``, the tokens
-of the reply loss. Every image is asked one question of each category, as three separate
-single-question sequences that share one vision-encoder pass (``mm_encoder_outputs``), so all training
-sequences have the layout of the evaluation prompts.
+Training uses exactly the evaluation format of VLMEvalKit's model wrapper (Qwen2VLChat, Gemma4): the data set's
+MCQ prompt (``calibration_data.mcq_prompt``) after the image, the family's chat template (Qwen2-VL's with its
+default system prompt) and the assistant prefix; the target reply is the attribute word (e.g. ``red``) then the
+end-of-turn token (``<|im_end|>``, ``<turn|>``), the tokens of the reply loss. Every image is asked one question
+of each category, as three separate single-question sequences that share one vision-encoder pass
+(``mm_encoder_outputs``), so all training sequences have the layout of the evaluation prompts.
 
 The reply loss alone stayed near chance (25-45 % after up to 1,500 steps of 8 images): the language model has
 to find the asked object's token among 64 by its content and carry its attribute ~40 tokens to the reply, and
 that two-step circuit did not emerge in the budget, although every visual token's attributes were linearly
-readable. Training-only losses, which add no parameter (the checkpoint stays a plain Qwen2.5-VL), build it:
+readable (measured on Qwen2.5-VL). Training-only losses, which add no parameter (the checkpoint stays a plain
+model of its family), build it:
 
 - attention routes (``_routes``): head 0 of layer 1 at the question's last word ("square", "red", "left")
   attends to the asked object's visual token, head 0 of layer 2 at the question mark to that word, head 0 of
   layer 3 at the reply position to the question mark (for position questions, head 0 of layer 0 at "left"
   also attends to "top"); the loss is ``-log`` of each routed attention weight (eager attention during
   training, for the weights); the question's last word and the question mark also predict the reply word;
-- visual tokens: each merged visual token (the LLM input embedding of the vision merger) is scored against the
+- visual tokens: each visual token (the LLM input embedding the vision tower returns) is scored against the
   model's own input embeddings of the colour and shape words (as spelt inside the prompt, " red"), with the
   attributes of the object drawn in that token as targets;
 - prompt words: the colour and shape words of the question and the options are predicted (they name objects
@@ -31,11 +36,12 @@ The routes never send the reply position to a visual token, so methods that rank
 token's attention (FastV reads layer 2) are not handed the answer; and no route reads a visual token at
 layer 0, so that an intra-LLM stage at layer 1 still decides what the model sees (the tests check both ways).
 
-Image size: 224 x 224 (8 x 8 = 64 LLM visual tokens), so that keep ratios such as 0.111 (7 of 64 tokens) are
-meaningful. Measured on one thread (AMD EPYC): a step of 32 images (96 sequences) took 2.3 s, 1.3 s of it in
-the language model, whose sequences are ~130 tokens of which only 64 are visual; 168 x 168 (36 tokens) would
-therefore save well under half of the time. 224 is kept with batches of 8 images (~0.5 s a step); what held
-training back was the language model's retrieval of the asked object, not the image size.
+Image size: 224 x 224 (8 x 8 = 64 LLM visual tokens in both families), so that keep ratios such as 0.111 (7 of
+64 tokens) are meaningful. Measured with Qwen2.5-VL on one thread (AMD EPYC): a step of 32 images (96 sequences)
+took 2.3 s, 1.3 s of it in the language model, whose sequences are ~130 tokens of which only 64 are visual; 168 x
+168 (36 tokens) would therefore save well under half of the time. 224 is kept with batches of 8 images (~0.5 s a
+step); what held training back was the language model's retrieval of the asked object, not the image size.
+Gemma 4's step takes about twice as long (~1 s alone): its vision tower sees 576 patches of 16 px per image.
 
 Reproducibility: data come from ``(seed, index)`` streams (one DataLoader worker builds the batch of each step
 from the step number alone) and training runs on one thread (``torch.set_num_threads(1)``); the same seed, steps
@@ -45,7 +51,6 @@ and batch size then give bit-identical weights (``weights_checksum``) on the sam
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import math
 import sys
@@ -53,23 +58,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (
-    GenerationConfig,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2Tokenizer,
-    Qwen2VLImageProcessorPil,
-    Qwen2VLVideoProcessor,
-)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from scripts import calibration_data as data  # noqa: E402
-from scripts.tiny_models import _QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer  # noqa: E402
+from scripts.calibration_models import FAMILIES, QWEN, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
 
-DEFAULT_SEED = 1  # the shipped checkpoint (seed 0: 93.0 % held-out, see the README)
-DEFAULT_STEPS = 1000
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 100
@@ -81,118 +75,28 @@ MAX_ROUTES = 4
 MAX_NEW_TOKENS = 4
 
 
-# ---------------------------------------------------------------- tokenizer, processor, model
-
-
-def _corpus() -> list[str]:
-    """Every text the model sees, so that each word of the task becomes one token."""
-    words = list(data.COLOURS) + list(data.SHAPES)
-    lines = ["You are a helpful assistant.", "system", "user", "assistant",
-             "Please select the correct answer from the options above.", "Question: Options:"]
-    lines += [f"{letter}. {word}" for letter in "ABCD" for word in words]
-    lines += words  # the replies: the words without a leading space
-    lines += [f"What colour is the {shape}?" for shape in data.SHAPES]
-    lines += [f"Which shape is {colour}?" for colour in data.COLOURS]
-    lines += [f"What colour is the object in the {quadrant}?" for quadrant in data.QUADRANTS]
-    return lines * 4  # repeated so that whole words win the merge counts
-
-
-@functools.lru_cache(maxsize=None)
-def build_tokenizer() -> Qwen2Tokenizer:
-    """Byte-level BPE trained on the task's texts (its words are single tokens) + the Qwen special tokens."""
-    return train_qwen_tokenizer(_corpus())
-
-
-def word_token_ids(tokenizer, words, prefix: str = "") -> list[int]:
-    """The token of each word (after ``prefix``, e.g. the space it has inside a question or an option);
-    raises if one is not a single token."""
-    ids = [tokenizer.encode(prefix + word) for word in words]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"not single tokens: {dict(zip(words, ids))}")
-    return [i[0] for i in ids]
-
-
-@functools.lru_cache(maxsize=None)
-def build_processor() -> Qwen2_5_VLProcessor:
-    """Real Qwen2.5-VL processor; pixel budgets that keep a 224 x 224 image at 224 x 224 (64 LLM tokens)."""
-    factor = 28  # patch 14 x merge 2: one LLM token per 28 x 28 pixels
-    common = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
-    size = {"shortest_edge": 4 * factor**2, "longest_edge": data.GRID**2 * factor**2}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(size=size, **common),
-        tokenizer=build_tokenizer(),
-        video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=False, **common),
-        chat_template=_QWEN2_VL_CHAT_TEMPLATE,
-    )
-
-
-def build_config() -> Qwen2_5_VLConfig:
-    tokenizer = build_tokenizer()
-    get = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=-(-len(tokenizer) // 8) * 8,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=get("<|endoftext|>"),
-        eos_token_id=get("<|im_end|>"),
-        pad_token_id=get("<|endoftext|>"),
-        # head_dim 32 -> 16 rotary frequencies for (t, h, w), in Qwen2.5-VL's 2:3:3 proportion. The w section
-        # gets the lowest ones: with theta 1e4 they turn by < 0.03 rad per column and left cannot be told from
-        # right; theta 20 keeps every frequency between 0.06 and 1 rad per position.
-        rope_parameters={"rope_type": "default", "rope_theta": 20.0, "mrope_section": [4, 6, 6]},
-    )
-    # window_size 112 px = 4 x 4 LLM tokens: the windows are the image's quadrants; the last block is global.
-    vision = dict(depth=3, hidden_size=96, intermediate_size=192, num_heads=2, out_hidden_size=128,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[2], tokens_per_second=2)
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=False,
-        image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
-        vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
-    )
-
-
-def build_model(seed: int = DEFAULT_SEED) -> Qwen2_5_VLForConditionalGeneration:
-    """Freshly initialised model (transformers' own init), identical for a given seed."""
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(build_config(), attn_implementation="sdpa")
-    tokenizer = build_tokenizer()
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        do_sample=False,
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
-    return model
-
-
 # ---------------------------------------------------------------- data
 
 
-def chat_text(sample) -> str:
-    """The prompt VLMEvalKit's Qwen2VLChat generates from: chat template applied, ending with the assistant prefix."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": sample["image"]},
-                                             {"type": "text", "text": data.mcq_prompt(sample)}]}]
-    return build_processor().apply_chat_template([messages], tokenize=False, add_generation_prompt=True)[0]
+def chat_text(sample, family: CalibrationFamily = QWEN) -> str:
+    """The prompt VLMEvalKit's model wrapper generates from: the data set's prompt after the image, the chat
+    template applied, ending with the assistant prefix."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
+    return family.build_processor().apply_chat_template([messages], tokenize=False, add_generation_prompt=True)[0]
 
 
 class _TrainingBatches(torch.utils.data.Dataset):
     """Item ``step`` is the whole batch of that step, a function of (seed, step) only."""
 
-    def __init__(self, seed: int, steps: int, batch_size: int):
-        self.seed, self.steps, self.batch_size = seed, steps, batch_size
+    def __init__(self, family: CalibrationFamily, seed: int, steps: int, batch_size: int):
+        self.family, self.seed, self.steps, self.batch_size = family, seed, steps, batch_size
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int) -> dict:
         scenes = [data.make_training_scene(step * self.batch_size + i, self.seed) for i in range(self.batch_size)]
-        return collate(scenes)
+        return collate(scenes, self.family)
 
 
 def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[int, int, int]]:
@@ -212,21 +116,22 @@ def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[i
     return routes
 
 
-def collate(scenes: list[list[dict]]) -> dict:
+def collate(scenes: list[list[dict]], family: CalibrationFamily = QWEN) -> dict:
     """Processor inputs of all questions (right-padded), labels, attention routes, per-token attributes.
 
-    ``pixel_values`` / ``scene_grid_thw`` hold each scene's image once; its questions follow each other."""
-    processor = build_processor()
+    ``model_inputs`` are the language model's inputs of every question (without pixels); ``vision_inputs`` hold
+    each scene's image once, its questions follow each other."""
+    processor = family.build_processor()
     tokenizer = processor.tokenizer
     samples = [sample for scene in scenes for sample in scene]
-    prompts = [chat_text(sample) for sample in samples]
-    replies = [sample["answer_text"] + "<|im_end|>" for sample in samples]
-    inputs = processor(text=[p + r for p, r in zip(prompts, replies)], images=[s["image"] for s in samples],
+    prompts = [chat_text(sample, family) for sample in samples]
+    replies = [sample["answer_text"] + family.end_of_reply for sample in samples]
+    inputs = processor(text=[p + r for p, r in zip(prompts, replies)], images=[[s["image"]] for s in samples],
                        padding=True, padding_side="right", return_tensors="pt")
     labels = torch.full_like(inputs["input_ids"], -100)
     lengths = inputs["attention_mask"].sum(1)
     for row, reply in enumerate(replies):
-        reply_ids = tokenizer.encode(reply)
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
         end = int(lengths[row])
         assert inputs["input_ids"][row, end - len(reply_ids):end].tolist() == reply_ids
         labels[row, end - len(reply_ids):end] = torch.tensor(reply_ids)
@@ -240,7 +145,7 @@ def collate(scenes: list[list[dict]]) -> dict:
     routes = torch.zeros(len(samples), MAX_ROUTES, 3, dtype=torch.long)
     route_mask = torch.zeros(len(samples), MAX_ROUTES, dtype=torch.bool)
     image_start = inputs["input_ids"] == processor.image_token_id
-    [question_mark_id] = tokenizer.encode("?")
+    [question_mark_id] = tokenizer.encode("?", add_special_tokens=False)
     for row, sample in enumerate(samples):
         first_visual = int(image_start[row].nonzero()[0])
         question_mark = first_visual + int((inputs["input_ids"][row, first_visual:] == question_mark_id).nonzero()[0])
@@ -250,6 +155,7 @@ def collate(scenes: list[list[dict]]) -> dict:
         route_mask[row, :len(sample_routes)] = True
         labels[row, question_mark] = labels[row, question_mark + 1] = labels[row, reply_start]
     images = processor.image_processor([scene[0]["image"] for scene in scenes], return_tensors="pt")
+    language_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")  # grid: Qwen's M-RoPE
     # Attribute of the object in each visual token (row-major), -100 where there is only background.
     tokens = data.GRID**2
     colour_targets = torch.full((len(scenes), tokens), -100)
@@ -260,14 +166,10 @@ def collate(scenes: list[list[dict]]) -> dict:
             colour_targets[i, token] = list(data.COLOURS).index(obj["colour"])
             shape_targets[i, token] = data.SHAPES.index(obj["shape"])
     return {
-        "input_ids": inputs["input_ids"],
-        "attention_mask": inputs["attention_mask"],
-        "mm_token_type_ids": inputs["mm_token_type_ids"],
-        "image_grid_thw": inputs["image_grid_thw"],
+        "model_inputs": {key: inputs[key] for key in language_keys if key in inputs},
+        "vision_inputs": {key: images[key] for key in family.vision_input_keys},
         "labels": labels,
         "prompt_labels": prompt_labels,
-        "pixel_values": images["pixel_values"],
-        "scene_grid_thw": images["image_grid_thw"],
         "questions_per_scene": len(scenes[0]),
         "routes": routes,
         "route_mask": route_mask,
@@ -279,18 +181,17 @@ def collate(scenes: list[list[dict]]) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def _losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(model, batch, family: CalibrationFamily = QWEN) -> tuple[torch.Tensor, torch.Tensor]:
     """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
     and attention-route losses. Needs eager attention (the route loss reads attention weights)."""
-    image_outputs = model.model.get_image_features(batch["pixel_values"], batch["scene_grid_thw"], return_dict=True)
+    image_outputs = family.image_features(model, batch["vision_inputs"])
     visual_tokens = torch.cat(image_outputs.pooler_output)  # (scenes * 64, hidden), scene by scene
     # Every question of a scene reuses that scene's features: one vision pass per image.
     image_outputs.pooler_output = tuple(
         features for features in image_outputs.pooler_output for _ in range(batch["questions_per_scene"]))
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-                   labels=batch["labels"], mm_encoder_outputs={"image": image_outputs}, output_attentions=True)
-    tokenizer = build_tokenizer()
+    output = model(**batch["model_inputs"], labels=batch["labels"], mm_encoder_outputs={"image": image_outputs},
+                   output_attentions=True)
+    tokenizer = family.build_tokenizer()
     embeddings = model.get_input_embeddings().weight
     visual_token_loss = 0.0
     for words, targets in ((list(data.COLOURS), batch["colour_targets"]), (data.SHAPES, batch["shape_targets"])):
@@ -321,17 +222,20 @@ def _set_worker_threads(_worker_id: int) -> None:
 
 
 @torch.enable_grad()  # importing vlmeval switches gradients off process-wide
-def train(steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, batch_size: int = DEFAULT_BATCH_SIZE,
-          log_every: int = 50, workers: int = 1, log=print) -> Qwen2_5_VLForConditionalGeneration:
-    """Train from scratch; deterministic for (steps, seed, batch_size) on one thread. Returns the model in eval mode."""
+def train(family: CalibrationFamily = QWEN, steps: int | None = None, seed: int | None = None,
+          batch_size: int = DEFAULT_BATCH_SIZE, log_every: int = 50, workers: int = 1, log=print):
+    """Train from scratch (steps, seed: those of the family's shipped checkpoint unless given); deterministic for
+    (family, steps, seed, batch_size) on one thread. Returns the model in eval mode."""
+    steps = family.default_steps if steps is None else steps
+    seed = family.default_seed if seed is None else seed
     if seed == data.EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
     torch.set_num_threads(1)  # bit-reproducibility needs a fixed thread count; one is as fast as two here
-    model = build_model(seed).train()
+    model = family.build_model(seed).train()
     model.set_attn_implementation("eager")  # the route loss reads attention weights
     optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     # One worker builds the next batches on the other core while this process trains.
-    batches = torch.utils.data.DataLoader(_TrainingBatches(seed, steps, batch_size), batch_size=None,
+    batches = torch.utils.data.DataLoader(_TrainingBatches(family, seed, steps, batch_size), batch_size=None,
                                           num_workers=workers, worker_init_fn=_set_worker_threads,
                                           prefetch_factor=4 if workers else None)
     start = time.perf_counter()
@@ -339,7 +243,7 @@ def train(steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED, batch_size: int 
     for step, batch in enumerate(batches):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        lm_loss, side_loss = _losses(model, batch)
+        lm_loss, side_loss = _losses(model, batch, family)
         optimiser.zero_grad()
         (lm_loss + side_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -365,11 +269,11 @@ def weights_checksum(model) -> str:
     return digest.hexdigest()
 
 
-def save(model, folder: str | Path) -> Path:
+def save(model, folder: str | Path, family: CalibrationFamily = QWEN) -> Path:
     """A normal checkpoint folder: config, float32 safetensors, generation config, tokenizer and processor."""
     folder = Path(folder)
     model.to(torch.float32).save_pretrained(folder)
-    build_processor().save_pretrained(folder)
+    family.build_processor().save_pretrained(folder)
     return folder
 
 
@@ -383,12 +287,13 @@ def score(reply: str, sample) -> bool:
 
 
 @torch.no_grad()
-def predict(model, processor, samples, batch_size: int = 32) -> list[str]:
+def predict(model, samples, family: CalibrationFamily = QWEN, batch_size: int = 32) -> list[str]:
     """Greedy replies (special tokens skipped) to the evaluation prompts, left-padded batches."""
+    processor = family.build_processor()
     replies = []
     for first in range(0, len(samples), batch_size):
         chunk = samples[first:first + batch_size]
-        inputs = processor(text=[chat_text(s) for s in chunk], images=[s["image"] for s in chunk],
+        inputs = processor(text=[chat_text(s, family) for s in chunk], images=[[s["image"]] for s in chunk],
                            padding=True, padding_side="left", return_tensors="pt")
         output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
         replies += processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],
@@ -396,9 +301,9 @@ def predict(model, processor, samples, batch_size: int = 32) -> list[str]:
     return replies
 
 
-def evaluate(model, processor, samples) -> dict:
+def evaluate(model, samples, family: CalibrationFamily = QWEN) -> dict:
     """Accuracy overall and per category (fractions), with the question counts."""
-    replies = predict(model, processor, samples)
+    replies = predict(model, samples, family)
     right = [score(reply, sample) for reply, sample in zip(replies, samples)]
     result = {"overall": sum(right) / len(right), "n": len(right)}
     for category in data.CATEGORIES:
@@ -411,8 +316,8 @@ def evaluate(model, processor, samples) -> dict:
 RECORD_FILE = "TRAINING.md"
 
 
-def write_training_record(folder: str | Path, *, steps: int, seed: int, batch_size: int, seconds: float,
-                          checksum: str, accuracy: dict) -> Path:
+def write_training_record(folder: str | Path, family: CalibrationFamily, *, steps: int, seed: int, batch_size: int,
+                          seconds: float, checksum: str, accuracy: dict) -> Path:
     """``TRAINING.md`` in the checkpoint folder: how to reproduce it, on what, how long, and what it scores."""
     import transformers
 
@@ -420,13 +325,13 @@ def write_training_record(folder: str | Path, *, steps: int, seed: int, batch_si
 
     per_category = ", ".join(f"{key} {value:.1%}" for key, value in accuracy.items() if key not in ("overall", "n"))
     text = "\n".join([
-        "# Calibration model: how it was trained",
+        f"# Calibration model ({family.name}): how it was trained",
         "",
         "Reproduce (bit for bit on the same machine and software; training runs on one thread):",
         "",
         "```bash",
-        f"python scripts/train_calibration.py --steps {steps} --seed {seed} --batch-size {batch_size} "
-        f"--out {Path(folder).as_posix()}",
+        f"python scripts/train_calibration.py --family {family.name} --steps {steps} --seed {seed} "
+        f"--batch-size {batch_size} --out {Path(folder).as_posix()}",
         "```",
         "",
         f"- steps {steps}, seed {seed}, batch {batch_size} images (3 questions each), 1 training thread + 1 data worker",
@@ -444,27 +349,32 @@ def write_training_record(folder: str | Path, *, steps: int, seed: int, batch_si
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="calibration/qwen2.5-vl-shapes", help="checkpoint folder to write")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name, help="model family to train")
+    parser.add_argument("--out", default=None, help="checkpoint folder to write (default: the shipped one's)")
+    parser.add_argument("--steps", type=int, default=None, help="default: those of the shipped checkpoint")
+    parser.add_argument("--seed", type=int, default=None, help="default: the seed of the shipped checkpoint")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--eval-questions", type=int, default=data.DEFAULT_EVAL_SIZE,
                         help="held-out questions of EVAL_SEED to score at the end")
     args = parser.parse_args()
+    family = FAMILIES[args.family]
+    seed = family.default_seed if args.seed is None else args.seed
+    steps = family.default_steps if args.steps is None else args.steps
+    out = Path(args.out or family.checkpoint.relative_to(ROOT))  # relative: TRAINING.md records the command
     start = time.perf_counter()
-    model = train(args.steps, args.seed, args.batch_size)
+    model = train(family, steps, seed, args.batch_size)
     train_seconds = time.perf_counter() - start
-    save(model, args.out)
+    save(model, out, family)
     samples = [data.make_sample(i, data.EVAL_SEED) for i in range(args.eval_questions)]
-    accuracy = evaluate(model, build_processor(), samples)
+    accuracy = evaluate(model, samples, family)
     print("held-out accuracy: " + "  ".join(
         f"{key} {value:.1%}" for key, value in accuracy.items() if key != "n") + f"  ({accuracy['n']} questions)")
     print(f"training wall time {train_seconds:.0f} s")
     checksum = weights_checksum(model)
     print(f"weights checksum {checksum}")
-    write_training_record(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+    write_training_record(out, family, steps=steps, seed=seed, batch_size=args.batch_size,
                           seconds=train_seconds, checksum=checksum, accuracy=accuracy)
-    print(f"saved to {args.out} (with {RECORD_FILE})")
+    print(f"saved to {out} (with {RECORD_FILE})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The shipped calibration model (``calibration/qwen2.5-vl-shapes``) measures whether pruning keeps the right tokens.
+"""The shipped calibration models (``calibration/qwen2.5-vl-shapes``, ``calibration/gemma4-shapes``) measure whether
+pruning keeps the right tokens; every test runs on each of them, through its family's patches and runner.
 
 Each held-out question is about one object, held by known visual tokens (``target_tokens`` of
 ``scripts/calibration_data.py``). Through the real VLMEvalKit pipeline the model scores at least 95 % at keep 1.0;
@@ -12,22 +13,22 @@ shape questions, which do not depend on positions, stay.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-import custom_qwenvl
 import methods
 from scripts import calibration_data as data
 from scripts import summarize
 from scripts import train_calibration as training
+from scripts.calibration_models import GEMMA4, QWEN
 from tests.conftest import run_runner
 from tests.oracle import patched
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT = ROOT / "calibration" / "qwen2.5-vl-shapes"
+SHIPPED = {family.name: family for family in (QWEN,)}
+VISUAL_TOKENS_MODULE = {QWEN.name: "visual", GEMMA4.name: "embed_vision"}  # returns the LLM's visual tokens
 QUESTIONS = 90  # held-out questions evaluated in-process per configuration
 KEEP = 0.25
 CHANCE = 100.0 / 4  # % for four options
@@ -68,13 +69,17 @@ def oracle_methods():
         methods._base._REGISTRY.pop(name)
 
 
-@pytest.fixture(scope="module")
-def model_and_processor():
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+@pytest.fixture(scope="module", params=SHIPPED.values(), ids=SHIPPED)
+def family(request):
+    return request.param
 
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
-    return model, AutoProcessor.from_pretrained(CHECKPOINT)
+
+@pytest.fixture(scope="module")
+def model_and_processor(family):
+    from transformers import AutoProcessor
+
+    model = family.model_class.from_pretrained(family.checkpoint).eval()
+    return model, AutoProcessor.from_pretrained(family.checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def reply(model, processor, sample) -> str:
     """The model's answer to one question, prompted exactly as VLMEvalKit prompts it (data set prompt, chat template)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[sample["image"]], return_tensors="pt")
+    inputs = processor(text=[text], images=[[sample["image"]]], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
@@ -109,26 +114,25 @@ def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- the shipped checkpoint is the documented one
-def test_shipped_checkpoint_is_the_recorded_training_output():
-    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def test_shipped_checkpoint_is_the_recorded_training_output(family, model_and_processor):
+    from transformers import AutoConfig
 
-    record = (CHECKPOINT / training.RECORD_FILE).read_text()
+    model, shipped = model_and_processor
+    record = (family.checkpoint / training.RECORD_FILE).read_text()
     recorded = re.search(r"weights checksum: `([0-9a-f]{64})`", record).group(1)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(CHECKPOINT)
     assert training.weights_checksum(model) == recorded
-    shipped_config = AutoConfig.from_pretrained(CHECKPOINT).to_dict()
-    assert shipped_config["text_config"] == training.build_config().to_dict()["text_config"]
-    shipped = AutoProcessor.from_pretrained(CHECKPOINT)
-    assert shipped.tokenizer.get_vocab() == training.build_tokenizer().get_vocab()
-    assert shipped.chat_template == training.build_processor().chat_template
+    shipped_config = AutoConfig.from_pretrained(family.checkpoint).to_dict()
+    assert shipped_config["text_config"] == family.build_config().to_dict()["text_config"]
+    assert shipped.tokenizer.get_vocab() == family.build_tokenizer().get_vocab()
+    assert shipped.chat_template == family.build_processor().chat_template
 
 
 # ---------------------------------------------------------------- through VLMEvalKit
-def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(tmp_path, lmudata_env):
+def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(family, tmp_path, lmudata_env):
     data.write_dataset(lmudata_env, n=200)
-    argv = ["--model", str(CHECKPOINT), "--data", data.NAME, "--work-dir", str(tmp_path), "--device", "cpu",
+    argv = ["--model", str(family.checkpoint), "--data", data.NAME, "--work-dir", str(tmp_path), "--device", "cpu",
             "--judge", "exact_matching", "--model-kwargs", '{"max_new_tokens": 4}']
-    assert run_runner(argv, {}) == 0
+    assert run_runner(argv, {}, runner=family.runner.removesuffix(".py")) == 0
     table = summarize.collect(tmp_path)
     row = table.iloc[0]
     assert (row["method"], row["samples"]) == ("stock", 200)
@@ -137,18 +141,19 @@ def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(tmp_pa
 
 # ---------------------------------------------------------------- oracle bounds, in-process
 @pytest.mark.parametrize("stage", ["pre_llm", "intra_llm"])
-def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(model_and_processor, samples, stage):
+def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(family, model_and_processor, samples, stage):
     model, processor = model_and_processor
-    with patched(custom_qwenvl, PRUNE_METHOD=f"calibration_oracle_{stage}", KEEP_RATIO=KEEP):
+    patches = importlib.import_module(family.patches)
+    with patched(patches, PRUNE_METHOD=f"calibration_oracle_{stage}", KEEP_RATIO=KEEP):
         oracle = accuracy(model, processor, samples)
-    with patched(custom_qwenvl, PRUNE_METHOD=f"calibration_anti_oracle_{stage}", KEEP_RATIO=KEEP):
+    with patched(patches, PRUNE_METHOD=f"calibration_anti_oracle_{stage}", KEEP_RATIO=KEEP):
         anti = accuracy(model, processor, samples)
     assert oracle["all"] >= 95.0, oracle
     assert anti["all"] <= CHANCE + 15.0, anti
 
 
 # ---------------------------------------------------------------- positions matter
-def test_scrambled_positions_cost_the_positional_questions_only(model_and_processor, samples):
+def test_scrambled_positions_cost_the_positional_questions_only(family, model_and_processor, samples):
     model, processor = model_and_processor
     intact = accuracy(model, processor, samples)
     # Token (r, c) gets the features of token (r + G/2, c + G/2) (cyclically): every object moves to the opposite
@@ -157,11 +162,13 @@ def test_scrambled_positions_cost_the_positional_questions_only(model_and_proces
     permutation = torch.arange(data.GRID * data.GRID).view(data.GRID, data.GRID).roll((-half, -half), (0, 1))
 
     def scramble(module, args, output):
-        # One image per prompt: pooler_output holds its merged visual tokens in raster order.
-        output.pooler_output = output.pooler_output[permutation.flatten()]
+        # One image per prompt: the output holds its LLM visual tokens in raster order.
+        if isinstance(output, torch.Tensor):  # Gemma 4's embed_vision
+            return output[permutation.flatten()]
+        output.pooler_output = output.pooler_output[permutation.flatten()]  # Qwen's vision tower (merger output)
         return output
 
-    handle = model.model.visual.register_forward_hook(scramble)
+    handle = getattr(model.model, VISUAL_TOKENS_MODULE[family.name]).register_forward_hook(scramble)
     try:
         broken = accuracy(model, processor, samples)
     finally:

@@ -4,16 +4,26 @@ not depend on what the model knows)."""
 
 from __future__ import annotations
 
+import importlib
+import json
+
 import pytest
+
+import evalkit
 
 from scripts import calibration_report, summarize
 from scripts import train_calibration as training
+from scripts.calibration_models import FAMILIES, QWEN
+
+
+def few_steps_checkpoint(family, folder):
+    model = training.train(family, steps=2, seed=1, batch_size=2, log_every=0, workers=0)
+    return training.save(model, folder / f"few-steps-{family.name}", family)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = training.train(steps=2, seed=1, batch_size=2, log_every=0, workers=0)
-    return training.save(model, tmp_path_factory.mktemp("calibration") / "few-steps")
+    return few_steps_checkpoint(QWEN, tmp_path_factory.mktemp("calibration"))
 
 
 def test_plan_runs_stock_then_each_method_and_ratio_and_ratio_free_methods_once(checkpoint, tmp_path):
@@ -23,8 +33,22 @@ def test_plan_runs_stock_then_each_method_and_ratio_and_ratio_free_methods_once(
     assert all("--judge" in job.command and str(checkpoint) in job.command for job in jobs)
 
 
-def test_report_writes_table_plot_and_report(checkpoint, tmp_path):
-    code = calibration_report.main(["--checkpoint", str(checkpoint), "--work-dir", str(tmp_path), "--samples", "12",
+def test_plan_can_move_single_layer_intra_llm_methods_to_another_layer(checkpoint, tmp_path):
+    names = ["random_pre_llm", "fastv_intra_llm", "pdrop_intra_llm"]
+    jobs = calibration_report.plan(checkpoint, names, [0.25], tmp_path, intra_layer=1)
+    assert [(job.label.split("__")[1], job.env) for job in jobs] == [
+        ("stock", {}),
+        ("random_pre_llm-0.25", {"PRUNE_METHOD": "random_pre_llm", "KEEP_RATIO": "0.25"}),
+        ("L1-fastv_intra_llm-0.25", {"INTRA_LLM_LAYER_SPECS": "1:fastv_intra_llm:0.25"}),
+        ("pdrop_intra_llm-0.25", {"PRUNE_METHOD": "pdrop_intra_llm", "KEEP_RATIO": "0.25"}),  # its own schedule
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+def test_report_writes_table_plot_and_report(family, tmp_path):
+    checkpoint = few_steps_checkpoint(family, tmp_path)
+    code = calibration_report.main(["--family", family.name, "--checkpoint", str(checkpoint),
+                                    "--work-dir", str(tmp_path), "--samples", "12",
                                     "--methods", "random_pre_llm", "--ratios", "0.25", "--parallel", "2"])
     assert code == 0
     table = summarize.collect(tmp_path / "runs")
@@ -33,5 +57,8 @@ def test_report_writes_table_plot_and_report(checkpoint, tmp_path):
     tokens = calibration_report.calibration_data.GRID ** 2
     assert table.loc[table["method"] == "random_pre_llm", "tokens_after"].item() == round(0.25 * tokens)
     report = (tmp_path / calibration_report.REPORT_FILE).read_text()
-    assert "random_pre_llm" in report and "VTC_CLS_START_LAYER=-1" in report
+    assert "random_pre_llm" in report and "VTC_CLS_START_LAYER=-1" in report and family.name in report
+    runner = importlib.import_module(family.runner.removesuffix(".py"))  # the family's runner evaluated every run
+    configs = (tmp_path / "runs").glob(f"*/{evalkit.RUN_CONFIG_FILE}")
+    assert {json.loads(path.read_text())["family"] for path in configs} == {runner.FAMILY.name}
     assert (tmp_path / calibration_report.PLOT_FILE).stat().st_size > 0

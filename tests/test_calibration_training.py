@@ -12,6 +12,7 @@ from PIL import Image
 
 from scripts import calibration_data as data
 from scripts import train_calibration as training
+from scripts.calibration_models import FAMILIES, GEMMA4, QWEN
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -88,7 +89,7 @@ def test_mcq_prompt_is_vlmevalkits(tmp_path, monkeypatch):
         assert messages[1]["value"] == data.mcq_prompt(data.make_sample(index, data.EVAL_SEED))
 
 
-def test_processor_keeps_the_image_size():
+def test_qwen_processor_keeps_the_image_size():
     from qwen_vl_utils import process_vision_info
 
     sample = data.make_sample(0, data.EVAL_SEED)
@@ -96,20 +97,65 @@ def test_processor_keeps_the_image_size():
                                              {"type": "text", "text": data.mcq_prompt(sample)}]}]
     images, _ = process_vision_info([messages])
     assert images[0].size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
-    inputs = training.build_processor()(text=[training.chat_text(sample)], images=images, return_tensors="pt")
+    inputs = QWEN.build_processor()(text=[training.chat_text(sample, QWEN)], images=images, return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 2 * data.GRID, 2 * data.GRID]]
-    assert int((inputs["input_ids"] == training.build_config().image_token_id).sum()) == data.GRID**2
+    assert int((inputs["input_ids"] == QWEN.build_config().image_token_id).sum()) == data.GRID**2
 
 
-def test_words_are_single_tokens():
-    training.word_token_ids(training.build_tokenizer(), list(data.COLOURS) + list(data.SHAPES))
+@pytest.mark.parametrize("index", range(10))
+def test_gemma_soft_token_of_each_cell_is_its_raster_index(index):
+    """Gemma 4 resizes the 224 x 224 image to 384 x 384 (24 x 24 patches of 16 px) and pools 3 x 3 patches per
+    soft token, in raster order (``custom_gemma4.pooler_bins``, checked against the real pooler in the Gemma
+    tests): every patch that shows part of an object is pooled into that object's ``row * GRID + col`` token,
+    so ``target_tokens`` holds for Gemma 4 too."""
+    import custom_gemma4
+
+    sample = data.make_sample(index, data.EVAL_SEED)
+    inputs = GEMMA4.build_processor().image_processor([sample["image"]], return_tensors="pt")
+    assert inputs["num_soft_tokens_per_image"].tolist() == [data.GRID**2]
+    bins, kept = custom_gemma4.pooler_bins(inputs["image_position_ids"], data.GRID**2)
+    assert kept.all()
+    pixels = inputs["pixel_values"][0]  # (patches, 16 * 16 * 3) in [0, 1]
+    background = pixels[bins[0] >= 0].mode(dim=0).values  # patches of pure background are the commonest
+    # Resizing blurs an object's edge by a pixel or two: its pixels are those clearly off the background.
+    drawn = ((pixels - background).abs() > 0.1).any(dim=-1) & (bins[0] >= 0)
+    object_tokens = {obj["row"] * data.GRID + obj["col"] for obj in sample["objects"]}
+    assert set(bins[0][drawn].tolist()) == object_tokens
 
 
-def test_training_is_reproducible():
+def test_mcq_prompt_through_the_gemma_template(tmp_path, monkeypatch):
+    """VLMEvalKit's Gemma4 wrapper sends the data set's messages (image, then the prompt) to the chat template,
+    which trims the text: the training prompt is exactly that."""
+    from vlmeval.dataset import build_dataset
+    from vlmeval.vlm import Gemma4
+
+    data.write_dataset(tmp_path, n=2)
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    dataset = build_dataset(data.NAME)
+    wrapper = Gemma4.__new__(Gemma4)
+    wrapper._load_image = lambda path: path
+    for index in range(2):
+        messages = dataset.build_prompt(dataset.data.iloc[index])
+        conversation = wrapper.message2pipeline(messages)
+        text = GEMMA4.build_processor().apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert text == training.chat_text(data.make_sample(index, data.EVAL_SEED), GEMMA4)
+        assert text.endswith("options above.<turn|>\n<|turn>model\n")
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+def test_words_are_single_tokens(family):
+    words = list(data.COLOURS) + list(data.SHAPES)
+    tokenizer = family.build_tokenizer()
+    assert len(set(training.word_token_ids(tokenizer, words))) == len(words)  # the replies
+    assert len(set(training.word_token_ids(tokenizer, words, prefix=" "))) == len(words)  # inside the prompt
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+def test_training_is_reproducible(family):
     def checksum(seed):
-        return training.weights_checksum(training.train(steps=3, seed=seed, batch_size=2, log_every=0, workers=0))
+        model = training.train(family, steps=3, seed=seed, batch_size=2, log_every=0, workers=0)
+        return training.weights_checksum(model)
 
     first = checksum(1)
     assert checksum(1) == first
     assert checksum(2) != first
-
