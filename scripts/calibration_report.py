@@ -79,23 +79,27 @@ def _at_layer(job: sweep.Job, layer: int) -> sweep.Job:
                                env={"INTRA_LLM_LAYER_SPECS": f"{layer}:{name}:{ratio}"})
 
 
-def plot(table, path: Path, title: str) -> Path:
-    """Accuracy vs keep ratio, pre-LLM and intra-LLM methods in two panels, stock dashed, random thick. Methods
-    that ignore the keep ratio (VTW) are in the table only."""
+def plot(table, path: Path, title: str, category: str | None = None) -> Path:
+    """Accuracy (overall, or of one question ``category``) vs keep ratio, one panel per stage kind that was run
+    (pre-LLM, intra-LLM), stock dashed, random thick. Methods that ignore the keep ratio (VTW) are in the table
+    only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    stock = table.loc[table["method"] == "stock", "score"]
-    for ax, (title, prefix) in zip(axes, (("pre-LLM", "pre-LLM"), ("intra-LLM", "intra-LLM"))):
-        rows = table[table["stage"].str.startswith(prefix) & ~table["method"].isin(RATIO_FREE)]
+    column = "score" if category is None else f"cat:{category}"
+    curves = table[~table["method"].isin(("stock", *RATIO_FREE))]
+    kinds = [kind for kind in ("pre-LLM", "intra-LLM") if curves["stage"].str.startswith(kind).any()] or ["pre-LLM"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(max(9, 6.5 * len(kinds)), 5), sharey=True, squeeze=False)
+    stock = table.loc[table["method"] == "stock", column]
+    for ax, kind in zip(axes[0], kinds):
+        rows = curves[curves["stage"].str.startswith(kind)]
         for method, line in rows.groupby("method"):
             line = line.sort_values("keep_ratio")
             is_random = method.startswith("random")
-            ax.plot(line["keep_ratio"], line["score"], marker="o", linewidth=3 if is_random else 1.3,
+            ax.plot(line["keep_ratio"], line[column], marker="o", linewidth=3 if is_random else 1.3,
                     color="grey" if is_random else None, label=method.removesuffix("_pre_llm").removesuffix("_intra_llm"))
         for score in stock:
             ax.axhline(score, color="black", linestyle="--", linewidth=1, label="stock (keep 1.0)")
@@ -104,10 +108,10 @@ def plot(table, path: Path, title: str) -> Path:
         ax.set_xticks(sorted(set(rows["keep_ratio"])) or [1.0])
         ax.set_xticklabels([f"{r:g}" for r in sorted(set(rows["keep_ratio"]))] or ["1"])
         ax.set_xlabel("keep ratio (KEEP_RATIO)")
-        ax.set_title(f"{title} methods")
+        ax.set_title(f"{kind} methods")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0][0].set_ylabel("accuracy (%)" if category is None else f"accuracy on {category} questions (%)")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -158,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-layer", type=int, default=None,
                         help="run the single-layer intra-LLM methods at this decoder layer instead of their default "
                              "(the calibration models read the asked object into text tokens at layer 1)")
+    parser.add_argument("--plot-category", choices=calibration_data.CATEGORIES, default=None,
+                        help="plot the accuracy on this question type instead of the overall accuracy (e.g. colour "
+                             "for the Gemma 4 model, which has learned only those)")
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]
     checkpoint = Path(args.checkpoint or family.checkpoint).resolve()
+    if not (checkpoint / "config.json").is_file():
+        parser.error(f"--checkpoint {checkpoint}: no model there (config.json missing); train one with "
+                     f"python scripts/train_calibration.py --family {family.name} --out {checkpoint}")
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"
@@ -177,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     from scripts import summarize
 
     table = summarize.collect(work / "runs")
-    title = f"{checkpoint.name} ({family.name}) on {calibration_data.NAME}, {args.samples} held-out questions"
+    title = f"{checkpoint.name} ({family.name}) on {calibration_data.NAME}, {args.samples} held-out questions" + (
+        "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}")
     written = summarize.save_table(table, work) + [
-        plot(table, work / PLOT_FILE, title),
+        plot(table, work / PLOT_FILE, title, args.plot_category),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))

@@ -62,3 +62,11 @@ def test_report_writes_table_plot_and_report(family, tmp_path):
     configs = (tmp_path / "runs").glob(f"*/{evalkit.RUN_CONFIG_FILE}")
     assert {json.loads(path.read_text())["family"] for path in configs} == {runner.FAMILY.name}
     assert (tmp_path / calibration_report.PLOT_FILE).stat().st_size > 0
+
+
+def test_a_missing_checkpoint_is_named_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        calibration_report.main(["--checkpoint", str(tmp_path / "nothing"), "--work-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "nothing: no model there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
