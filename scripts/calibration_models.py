@@ -205,10 +205,7 @@ def _gemma_config() -> Gemma4Config:
         attention_k_eq_v=False,
         final_logit_softcapping=30.0,
         max_position_embeddings=1024,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
-        },
+        rope_parameters=tiny_gemma.released_rope_parameters(),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, get("<turn|>")],

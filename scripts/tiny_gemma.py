@@ -292,6 +292,15 @@ _VISION_VARIANTS = {
 }
 
 
+def released_rope_parameters() -> dict:
+    """The released per-type RoPE (a fresh dict): default theta 1e4 on sliding layers, proportional (a quarter
+    of the head rotated) theta 1e6 on full layers."""
+    return {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+    }
+
+
 def _config(variant: str) -> Gemma4Config:
     if variant not in _TEXT_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -309,12 +318,7 @@ def _config(variant: str) -> Gemma4Config:
         sliding_window=_SLIDING_WINDOW,
         final_logit_softcapping=30.0,
         max_position_embeddings=4096,
-        # The released per-type RoPE: default theta 1e4 on sliding layers,
-        # proportional (a quarter of the head rotated) theta 1e6 on full layers.
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
-        },
+        rope_parameters=released_rope_parameters(),
         pad_token_id=ids["pad_token_id"],
         bos_token_id=ids["bos_token_id"],
         eos_token_id=[ids["eos_token_id"], ids["eot_token_id"]],
