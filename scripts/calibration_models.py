@@ -72,7 +72,7 @@ class CalibrationFamily:
 
     name: str
     checkpoint: Path  # where the shipped model lives
-    runner: str  # the toolkit's runner script that evaluates it
+    runner: str  # the toolkit's runner that evaluates it (module name; the script is ``<runner>.py``)
     patches: str  # the toolkit module that patches it
     model_class: type
     end_of_reply: str  # the token that ends the assistant's reply
@@ -155,7 +155,7 @@ def _qwen_generation_ids(tokenizer) -> dict:
 QWEN = CalibrationFamily(
     name="qwen2.5-vl",
     checkpoint=ROOT / "calibration" / "qwen2.5-vl-shapes",
-    runner="run_qwenvl.py",
+    runner="run_qwenvl",
     patches="custom_qwenvl",
     model_class=Qwen2_5_VLForConditionalGeneration,
     end_of_reply="<|im_end|>",
@@ -230,7 +230,7 @@ def _gemma_generation_ids(tokenizer) -> dict:
 GEMMA4 = CalibrationFamily(
     name="gemma4",
     checkpoint=ROOT / "calibration" / "gemma4-shapes",
-    runner="run_gemma4.py",
+    runner="run_gemma4",
     patches="custom_gemma4",
     model_class=Gemma4ForConditionalGeneration,
     end_of_reply="<turn|>",

@@ -1,10 +1,10 @@
 """Calibration report: accuracy vs keep ratio of every registered method on the calibration model.
 
 A calibration model (``calibration/qwen2.5-vl-shapes`` or ``calibration/gemma4-shapes``, trained by
-``scripts/train_calibration.py``) answers questions about coloured shapes whose answer lives in one known visual token, so a method that keeps the wrong
-tokens loses accuracy visibly. This script evaluates it on the held-out ``ShapesCalib`` data set
-(``scripts/calibration_data.py``) through the family's real runner and VLMEvalKit's exact-matching judge: stock, then
-every registered method (pre-LLM and intra-LLM, random included) at each keep ratio, one runner process per
+``scripts/train_calibration.py``) answers questions about coloured shapes whose answer lives in one known visual
+token, so a method that keeps the wrong tokens loses accuracy visibly. This script evaluates it on the held-out
+``ShapesCalib`` data set (``scripts/calibration_data.py``) through the family's real runner and VLMEvalKit's
+exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio, one runner process per
 configuration. It writes into the work dir: the results table (``summary.csv``/``.json``, ``report.md`` with
 the machine and the time it took) and ``calibration_accuracy.png`` (one panel per stage kind).
 
@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from scripts import calibration_data, sweep  # noqa: E402
 from scripts.calibration_models import FAMILIES, QWEN  # noqa: E402
 
-CHECKPOINT = QWEN.checkpoint  # the default
 RATIOS = (0.5, 0.25, 0.111)
 PLOT_FILE = "calibration_accuracy.png"
 REPORT_FILE = "report.md"
@@ -57,23 +56,25 @@ def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_di
     """Stock, then every method at every ratio (ratio-free ones once). With ``intra_layer``, intra-LLM methods
     that run at one layer run at that layer (``INTRA_LLM_LAYER_SPECS``) instead of their default one."""
     def jobs(names, ratios_, stock):
-        return sweep.plan(runner, [str(checkpoint)], [calibration_data.NAME], names, ratios_,
+        return sweep.plan(f"{runner}.py", [str(checkpoint)], [calibration_data.NAME], names, ratios_,
                           str(work_dir), stock=stock, extra=RUNNER_FLAGS)
 
     with_ratio = [m for m in method_names if m not in RATIO_FREE]
     ratio_free = [m for m in method_names if m in RATIO_FREE]
     planned = jobs(with_ratio, ratios, True) + (jobs(ratio_free, ratios[:1], False) if ratio_free else [])
-    return planned if intra_layer is None else [_at_layer(job, intra_layer) for job in planned]
+    if intra_layer is None:
+        return planned
+    import methods
+
+    # Not stock, pre-LLM or a method with its own schedule.
+    single_layer = {name for name, spec in methods.load_methods([]).items() if spec.default_layer is not None}
+    return [_at_layer(job, intra_layer) if job.env.get("PRUNE_METHOD") in single_layer else job
+            for job in planned]
 
 
 def _at_layer(job: sweep.Job, layer: int) -> sweep.Job:
-    import methods
-
-    name = job.env.get("PRUNE_METHOD")
-    spec = methods.load_methods([]).get(name) if name else None
-    if spec is None or spec.default_layer is None:  # stock, pre-LLM, or a method with its own schedule
-        return job
-    ratio = job.env["KEEP_RATIO"]
+    """The job with its (single-layer intra-LLM) method at ``layer`` through ``INTRA_LLM_LAYER_SPECS``."""
+    name, ratio = job.env["PRUNE_METHOD"], job.env["KEEP_RATIO"]
     model, _ = job.label.split("__", 1)
     return dataclasses.replace(job, label=f"{model}__L{layer}-{name}-{ratio}",
                                env={"INTRA_LLM_LAYER_SPECS": f"{layer}:{name}:{ratio}"})

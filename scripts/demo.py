@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import calibration_data, sweep  # noqa: E402
-from scripts.calibration_report import CHECKPOINT, RUNNER_FLAGS  # noqa: E402
+from scripts import calibration_data, calibration_report, sweep  # noqa: E402
+from scripts.calibration_models import QWEN  # noqa: E402
 
 METHODS = ("random_pre_llm", "divprune_pre_llm", "fastv_intra_llm")
 RATIOS = (0.25, 0.111)
@@ -34,7 +34,7 @@ RATIOS = (0.25, 0.111)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="demo_outputs")
-    parser.add_argument("--checkpoint", default=str(CHECKPOINT), help="any Qwen-VL checkpoint folder")
+    parser.add_argument("--checkpoint", default=str(QWEN.checkpoint), help="any Qwen-VL checkpoint folder")
     parser.add_argument("--samples", type=int, default=90, help="held-out questions")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration_data.write_dataset(lmudata, args.samples)
 
     print("[2/4] VLMEvalKit runs (stock, then each method and keep ratio)", flush=True)
-    jobs = sweep.plan("run_qwenvl.py", [str(checkpoint)], [calibration_data.NAME], args.methods, args.ratios,
-                      str(work / "runs"), stock=True, extra=RUNNER_FLAGS)
+    jobs = calibration_report.plan(checkpoint, args.methods, args.ratios, work / "runs")
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", {**os.environ, "LMUData": str(lmudata)},
                        parallel=args.parallel)
     if failed:

@@ -78,7 +78,7 @@ MAX_NEW_TOKENS = 4
 # ---------------------------------------------------------------- data
 
 
-def chat_text(sample, family: CalibrationFamily = QWEN) -> str:
+def chat_text(sample, family: CalibrationFamily) -> str:
     """The prompt VLMEvalKit's model wrapper generates from: the data set's prompt after the image, the chat
     template applied, ending with the assistant prefix."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
@@ -116,7 +116,7 @@ def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[i
     return routes
 
 
-def collate(scenes: list[list[dict]], family: CalibrationFamily = QWEN) -> dict:
+def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
     """Processor inputs of all questions (right-padded), labels, attention routes, per-token attributes.
 
     ``model_inputs`` are the language model's inputs of every question (without pixels); ``vision_inputs`` hold
@@ -181,7 +181,7 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily = QWEN) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def _losses(model, batch, family: CalibrationFamily = QWEN) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(model, batch, family: CalibrationFamily) -> tuple[torch.Tensor, torch.Tensor]:
     """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
     and attention-route losses. Needs eager attention (the route loss reads attention weights)."""
     image_outputs = family.image_features(model, batch["vision_inputs"])
@@ -222,12 +222,10 @@ def _set_worker_threads(_worker_id: int) -> None:
 
 
 @torch.enable_grad()  # importing vlmeval switches gradients off process-wide
-def train(family: CalibrationFamily = QWEN, steps: int | None = None, seed: int | None = None,
-          batch_size: int = DEFAULT_BATCH_SIZE, log_every: int = 50, workers: int = 1, log=print):
-    """Train from scratch (steps, seed: those of the family's shipped checkpoint unless given); deterministic for
-    (family, steps, seed, batch_size) on one thread. Returns the model in eval mode."""
-    steps = family.default_steps if steps is None else steps
-    seed = family.default_seed if seed is None else seed
+def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DEFAULT_BATCH_SIZE,
+          log_every: int = 50, workers: int = 1, log=print):
+    """Train from scratch; deterministic for (family, steps, seed, batch_size) on one thread. Returns the model in
+    eval mode."""
     if seed == data.EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
     torch.set_num_threads(1)  # bit-reproducibility needs a fixed thread count; one is as fast as two here
@@ -269,7 +267,7 @@ def weights_checksum(model) -> str:
     return digest.hexdigest()
 
 
-def save(model, folder: str | Path, family: CalibrationFamily = QWEN) -> Path:
+def save(model, folder: str | Path, family: CalibrationFamily) -> Path:
     """A normal checkpoint folder: config, float32 safetensors, generation config, tokenizer and processor."""
     folder = Path(folder)
     model.to(torch.float32).save_pretrained(folder)
@@ -287,7 +285,7 @@ def score(reply: str, sample) -> bool:
 
 
 @torch.no_grad()
-def predict(model, samples, family: CalibrationFamily = QWEN, batch_size: int = 32) -> list[str]:
+def predict(model, samples, family: CalibrationFamily, batch_size: int = 32) -> list[str]:
     """Greedy replies (special tokens skipped) to the evaluation prompts, left-padded batches."""
     processor = family.build_processor()
     replies = []
@@ -301,7 +299,7 @@ def predict(model, samples, family: CalibrationFamily = QWEN, batch_size: int = 
     return replies
 
 
-def evaluate(model, samples, family: CalibrationFamily = QWEN) -> dict:
+def evaluate(model, samples, family: CalibrationFamily) -> dict:
     """Accuracy overall and per category (fractions), with the question counts."""
     replies = predict(model, samples, family)
     right = [score(reply, sample) for reply, sample in zip(replies, samples)]

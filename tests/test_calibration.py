@@ -137,7 +137,7 @@ def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(family
     data.write_dataset(lmudata_env, n=200)
     argv = ["--model", str(family.checkpoint), "--data", data.NAME, "--work-dir", str(tmp_path), "--device", "cpu",
             "--judge", "exact_matching", "--model-kwargs", '{"max_new_tokens": 4}']
-    assert run_runner(argv, {}, runner=family.runner.removesuffix(".py")) == 0
+    assert run_runner(argv, {}, runner=family.runner) == 0
     table = summarize.collect(tmp_path)
     row = table.iloc[0]
     assert (row["method"], row["samples"]) == ("stock", 200)

@@ -58,7 +58,7 @@ def test_report_writes_table_plot_and_report(family, tmp_path):
     assert table.loc[table["method"] == "random_pre_llm", "tokens_after"].item() == round(0.25 * tokens)
     report = (tmp_path / calibration_report.REPORT_FILE).read_text()
     assert "random_pre_llm" in report and "VTC_CLS_START_LAYER=-1" in report and family.name in report
-    runner = importlib.import_module(family.runner.removesuffix(".py"))  # the family's runner evaluated every run
+    runner = importlib.import_module(family.runner)  # the family's runner evaluated every run
     configs = (tmp_path / "runs").glob(f"*/{evalkit.RUN_CONFIG_FILE}")
     assert {json.loads(path.read_text())["family"] for path in configs} == {runner.FAMILY.name}
     assert (tmp_path / calibration_report.PLOT_FILE).stat().st_size > 0
