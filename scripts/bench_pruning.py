@@ -46,7 +46,6 @@ import custom_qwenvl  # noqa: E402
 import methods  # noqa: E402
 import profiling  # noqa: E402
 from methods.divprune import cosine_distance, max_min_greedy  # noqa: E402
-from scripts.tiny_models import special_ids  # noqa: E402
 from utils import PruneConfig  # noqa: E402
 
 KEEP = 0.25
@@ -68,6 +67,10 @@ QUADRATIC = {
 ATTENTION_SCORED = ("fastv_intra_llm", "pdrop_intra_llm", "fitprune_intra_llm", "sparsevlm_intra_llm")
 # The benchmark's encoder has 2 blocks: VTC-CLS sums its globally attending layers from the last one.
 BENCH_PARAMS = {"VTC_CLS_START_LAYER": "-1"}
+# Token ids of the random model: 400 text tokens, then the Qwen special tokens in their released order (the
+# layout of the tests' tiny tokenizer; no tokenizer is needed, the inputs are generated as ids).
+SPECIAL_IDS = dict(image_token_id=412, video_token_id=413, vision_start_token_id=409, vision_end_token_id=410,
+                   eos_token_id=402, endoftext_id=400, first_special_id=400, vocab_size=416)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediat
     """A random Qwen2.5-VL (default weight init; the tiny models' vocabulary and special ids)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = special_ids()
+    ids = SPECIAL_IDS
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # Qwen's 16/24/24 of 64 frequencies
     text = dict(vocab_size=ids["vocab_size"], hidden_size=hidden, intermediate_size=intermediate,
@@ -99,7 +102,7 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediat
 def make_inputs(model, tokens: int, device) -> dict:
     """One image of ``tokens`` visual tokens (a grid as square as possible) between two stretches of text, laid
     out as Qwen's processor does; random pixels (the model is random too)."""
-    ids = special_ids()
+    ids = SPECIAL_IDS
     h = 2 ** (int(math.log2(tokens)) // 2)
     w = tokens // h
     generator = torch.Generator().manual_seed(tokens)

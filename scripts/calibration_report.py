@@ -1,9 +1,9 @@
 """Calibration report: accuracy vs keep ratio of every registered method on the calibration model.
 
 A calibration model (``calibration/qwen2.5-vl-shapes`` or ``calibration/gemma4-shapes``, trained by
-``scripts/train_calibration.py``) answers questions about coloured shapes whose answer lives in one known visual
+``calibration/train.py``) answers questions about coloured shapes whose answer lives in one known visual
 token, so a method that keeps the wrong tokens loses accuracy visibly. This script evaluates it on the held-out
-``ShapesCalib`` data set (``scripts/calibration_data.py``) through the family's real runner and VLMEvalKit's
+``ShapesCalib`` data set (``calibration/data.py``) through the family's real runner and VLMEvalKit's
 exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio, one runner process per
 configuration. It writes into the work dir: the results table (``summary.csv``/``.json``, ``report.md`` with
 the machine and the time it took) and ``calibration_accuracy.png`` (one panel per stage kind).
@@ -32,8 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import calibration_data, sweep  # noqa: E402
-from scripts.calibration_models import FAMILIES, QWEN  # noqa: E402
+from scripts import sweep  # noqa: E402
+from calibration import data as calibration_data  # noqa: E402
+from calibration.models import FAMILIES, QWEN  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.111)
 PLOT_FILE = "calibration_accuracy.png"
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint or family.checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {checkpoint}: no model there (config.json missing); train one with "
-                     f"python scripts/train_calibration.py --family {family.name} --out {checkpoint}")
+                     f"python -m calibration.train --family {family.name} --out {checkpoint}")
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"

@@ -1,8 +1,8 @@
 """The offline demo: the shipped calibration model, its held-out questions, the real VLMEvalKit pipeline.
 
 On a machine without network or GPU: evaluates the calibration model (``calibration/qwen2.5-vl-shapes``, a
-tiny Qwen2.5-VL trained here on coloured shapes, see ``scripts/train_calibration.py``) on held-out questions
-(``scripts/calibration_data.py``) with ``run_qwenvl.py``: stock, then random, DivPrune (pre-LLM) and FastV
+tiny Qwen2.5-VL trained here on coloured shapes, see ``calibration/train.py``) on held-out questions
+(``calibration/data.py``) with ``run_qwenvl.py``: stock, then random, DivPrune (pre-LLM) and FastV
 (intra-LLM, before layer 2) at a couple of keep ratios, one runner process per configuration, VLMEvalKit's
 exact-matching judge. The answer to each question lives in one known visual token, so the table shows real
 differences between methods. Prints the results table and writes it, the accuracy plot and the kept-token
@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import calibration_data, calibration_report, sweep  # noqa: E402
-from scripts.calibration_models import QWEN  # noqa: E402
+from scripts import calibration_report, sweep  # noqa: E402
+from calibration import data as calibration_data  # noqa: E402
+from calibration.models import QWEN  # noqa: E402
 
 METHODS = ("random_pre_llm", "divprune_pre_llm", "fastv_intra_llm")
 RATIOS = (0.25, 0.111)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import evalkit
-from scripts import shapes_data
-from scripts.tiny_checkpoints import save_checkpoint
+from tests.support import shapes_data
+from tests.support.tiny_checkpoints import save_checkpoint
 
 QUESTIONS = 10
 TOKENS_PER_IMAGE = 24  # a 168 x 112 image: 6 x 4 merged patches

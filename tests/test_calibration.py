@@ -3,7 +3,7 @@ pruning keeps the right tokens; every test runs on each of them, through its fam
 accuracy bounds apply to the question types the model has learned (``LEARNED``).
 
 Each held-out question is about one object, held by known visual tokens (``target_tokens`` of
-``scripts/calibration_data.py``). Through the real VLMEvalKit pipeline the model scores at least 95 % at keep 1.0;
+``calibration/data.py``). Through the real VLMEvalKit pipeline the model scores at least 95 % at keep 1.0;
 test-only methods that read that metadata bound what a method can do: keeping the asked object's tokens (oracle)
 keeps the accuracy at keep 25 %, dropping them (anti-oracle) brings it down to about chance, through the pre-LLM
 and the intra-LLM hooks alike. A test-only patch that scrambles where the visual tokens sit (their features
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import methods
-from scripts import calibration_data as data
+from calibration import data
 from scripts import summarize
-from scripts import train_calibration as training
-from scripts.calibration_models import GEMMA4, QWEN
+from calibration import train as training
+from calibration.models import GEMMA4, QWEN
 from tests.conftest import run_runner
 from tests.oracle import patched
 

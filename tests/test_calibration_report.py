@@ -12,8 +12,8 @@ import pytest
 import evalkit
 
 from scripts import calibration_report, summarize
-from scripts import train_calibration as training
-from scripts.calibration_models import FAMILIES, QWEN
+from calibration import train as training
+from calibration.models import FAMILIES, QWEN
 
 
 def few_steps_checkpoint(family, folder):

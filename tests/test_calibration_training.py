@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scripts import calibration_data as data
-from scripts import train_calibration as training
-from scripts.calibration_models import FAMILIES, GEMMA4, QWEN
+from calibration import data
+from calibration import train as training
+from calibration.models import FAMILIES, GEMMA4, QWEN
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()

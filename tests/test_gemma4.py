@@ -12,7 +12,7 @@ from transformers.masking_utils import create_masks_for_generate
 from transformers.models.gemma4 import modeling_gemma4 as gm
 
 import custom_gemma4
-from scripts.tiny_gemma import VARIANTS, build_model, build_processor, make_inputs
+from tests.support.tiny_gemma import VARIANTS, build_model, build_processor, make_inputs
 from tests import oracle
 from tests.oracle import ATTN, STEPS, capture_lm_inputs, forward_logits, gather, greedy, image_runs, kept_mask
 from utils import PruneConfigError, keep_count

@@ -14,8 +14,8 @@ from transformers.models.gemma4 import modeling_gemma4 as gm
 import custom_gemma4
 import methods
 from methods import VisionNeeds
-from scripts import tiny_gemma
-from scripts.tiny_gemma import build_model
+from tests.support import tiny_gemma
+from tests.support.tiny_gemma import build_model
 from tests.oracle import forward_logits, gather, greedy
 from tests.test_gemma4 import inputs_for, patched, single, visual_mask
 from tests.test_vision_signals import ENV, VISION_METHODS

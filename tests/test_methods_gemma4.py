@@ -18,7 +18,7 @@ import torch
 
 import custom_gemma4
 import methods
-from scripts.tiny_gemma import build_model
+from tests.support.tiny_gemma import build_model
 from tests.oracle import TINY_PARAMS, check_registered_method, forward_logits, greedy
 from tests.test_gemma4 import inputs_for, patched
 from utils import PruneConfigError, keep_count

@@ -21,7 +21,7 @@ from methods.sparsevlm import text_raters
 from tests.oracle import TINY_PARAMS, check_registered_method
 from tests.test_qwenvl import (capture_lm_inputs, extend, forward_logits, gather, greedy, inputs_for, patched,
                                reference_intra)
-from scripts.tiny_models import build_model
+from tests.support.tiny_models import build_model
 from utils import keep_count
 
 REGISTRY = methods.load_methods()

@@ -13,8 +13,9 @@ import torch
 import custom_qwenvl
 import evalkit
 import profiling
-from scripts import shapes_data, summarize
-from scripts.tiny_models import build_model, build_processor, make_inputs
+from scripts import summarize
+from tests.support import shapes_data
+from tests.support.tiny_models import build_model, build_processor, make_inputs
 from tests import oracle
 from tests.conftest import QUESTIONS, TOKENS_PER_IMAGE, run_runner
 from utils import PruneConfig, PruneConfigError, keep_count

@@ -11,7 +11,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 import custom_qwenvl
-from scripts.tiny_models import FAMILIES, build_model, build_processor, make_inputs
+from tests.support.tiny_models import FAMILIES, build_model, build_processor, make_inputs
 from tests import oracle
 from tests.oracle import ATTN, STEPS, capture_lm_inputs, forward_logits, gather, greedy, image_runs
 from utils import PruneConfig, PruneConfigError, keep_count

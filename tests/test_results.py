@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from scripts import kept_tokens, shapes_data, summarize, sweep
+from scripts import kept_tokens, summarize, sweep
+from tests.support import shapes_data
 from tests.conftest import QUESTIONS, TOKENS_PER_IMAGE
 from utils import keep_count
 

@@ -17,8 +17,8 @@ import pytest
 
 import evalkit
 import run_qwenvl
-from scripts import shapes_data
-from scripts.tiny_checkpoints import save_checkpoint
+from tests.support import shapes_data
+from tests.support.tiny_checkpoints import save_checkpoint
 from tests.conftest import CONFIGS, QUESTIONS, RUNNER_FLAGS, TOKENS_PER_IMAGE, run_runner
 from utils import PruneConfig, keep_count
 

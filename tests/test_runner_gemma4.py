@@ -16,9 +16,9 @@ import torch
 
 import evalkit
 import run_gemma4
-from scripts import shapes_data
-from scripts.tiny_checkpoints import save_checkpoint
-from scripts.tiny_gemma import build_processor
+from tests.support import shapes_data
+from tests.support.tiny_checkpoints import save_checkpoint
+from tests.support.tiny_gemma import build_processor
 from tests import conftest
 from tests.conftest import QUESTIONS, RUNNER_FLAGS, evaluate, run_runner
 from tests.test_runner import predictions, token_records

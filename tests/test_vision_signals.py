@@ -15,7 +15,7 @@ import custom_qwenvl
 import hooks
 import methods
 from methods import VisionNeeds
-from scripts.tiny_models import FAMILIES, build_model
+from tests.support.tiny_models import FAMILIES, build_model
 from tests.test_qwenvl import forward_logits, gather, greedy, inputs_for, patched, single
 from utils import keep_count
 

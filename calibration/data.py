@@ -15,29 +15,30 @@ The options are attribute words; the distractors are first the attributes of the
 an answer containing exactly one option's text to its letter, so the model answers with the word.
 
 Everything is seeded: ``make_sample(index, seed)`` depends on nothing else. The evaluation set uses
-``EVAL_SEED``; training uses other seeds (``scripts/train_calibration.py`` refuses ``EVAL_SEED``).
+``EVAL_SEED``; training uses other seeds (``calibration/train.py`` refuses ``EVAL_SEED``).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-
-from scripts import shapes_data  # noqa: E402
 
 NAME = "ShapesCalib"
 CELL = 28  # pixels per LLM visual token side (patch 14 x merge 2)
 GRID = 8  # LLM visual tokens per image side
 IMAGE_SIZE = GRID * CELL  # 224: a multiple of 28, so neither processor resizes it
 CATEGORIES = ("colour", "shape", "position")
-COLOURS, SHAPES = shapes_data.COLOURS, shapes_data.SHAPES  # the demo data set's palette and shapes
+# Palette and shapes (also drawn by the tests' small TinyShapes data set).
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
+           "purple": (140, 50, 170), "orange": (245, 130, 20)}
+SHAPES = ("square", "circle", "triangle", "diamond")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # row-major over the 2 x 2 quadrants
 EVAL_SEED = 20_240_917
 DEFAULT_EVAL_SIZE = 300
@@ -45,6 +46,34 @@ DEFAULT_EVAL_SIZE = 300
 _QUADRANT_CELLS = GRID // 2
 _MIN_RADIUS, _MAX_RADIUS = 8, 11  # pixels; with the 2 px margin below an object never leaves its cell
 _MARGIN = 2
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, colour) -> None:
+    """Fill ``shape`` inside the box of half-side ``radius`` around ``centre``."""
+    x, y = centre
+    if shape == "square":
+        draw.rectangle([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    elif shape == "circle":
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour)
+    else:
+        draw.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=colour)
+
+
+def base64_png(image: Image.Image) -> str:
+    """An image as VLMEvalKit's TSV ``image`` column holds it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_tsv(rows: list[dict], lmudata: str | Path, name: str) -> Path:
+    """``<lmudata>/<name>.tsv``, where VLMEvalKit looks for a custom data set of that name."""
+    path = Path(lmudata) / f"{name}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
 
 
 def _options(rng: np.random.Generator, correct: str, others_in_image: list[str], pool) -> list[str]:
@@ -73,7 +102,7 @@ def _draw_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
         low, high = _MARGIN + radius, CELL - 1 - _MARGIN - radius  # centre offsets keeping the box in the cell
         x = col * CELL + int(rng.integers(low, high + 1))
         y = row * CELL + int(rng.integers(low, high + 1))
-        shapes_data.draw_shape(draw, shape, (x, y), radius, COLOURS[colour])
+        draw_shape(draw, shape, (x, y), radius, COLOURS[colour])
         objects.append({"shape": shape, "colour": colour, "row": row, "col": col, "quadrant": QUADRANTS[quadrant]})
     return image, objects
 
@@ -136,7 +165,7 @@ def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int
         sample = make_sample(index, seed)
         rows.append({
             "index": index,
-            "image": shapes_data.base64_png(sample["image"]),
+            "image": base64_png(sample["image"]),
             "question": sample["question"],
             **{letter: sample[letter] for letter in "ABCD"},
             "answer": sample["answer"],
@@ -144,7 +173,7 @@ def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int
             "n_objects": sample["n_objects"],
             "target_tokens": json.dumps(sample["target_tokens"]),
         })
-    return shapes_data.write_tsv(rows, lmudata_dir, NAME)
+    return write_tsv(rows, lmudata_dir, NAME)
 
 
 def main() -> None:

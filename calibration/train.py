@@ -1,11 +1,11 @@
-"""Train a calibration model: a tiny VLM trained to solve ShapesCalib (``scripts/calibration_data.py``).
+"""Train a calibration model: a tiny VLM trained to solve ShapesCalib (``calibration/data.py``).
 
-    python scripts/train_calibration.py                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
-    python scripts/train_calibration.py --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
+    python -m calibration.train                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
+    python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
 tokens. These models have the real architectures (``Qwen2_5_VLForConditionalGeneration``,
-``Gemma4ForConditionalGeneration``; ~1.2-1.3 M parameters, see ``scripts/calibration_models.py``) and are trained
+``Gemma4ForConditionalGeneration``; ~1.2-1.3 M parameters, see ``calibration/models.py``) and are trained
 from scratch on a CPU, so accuracy against keep ratio is a real measurement offline. One recipe trains both.
 
 Training uses exactly the evaluation format of VLMEvalKit's model wrapper (Qwen2VLChat, Gemma4): the data set's
@@ -61,8 +61,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import calibration_data as data  # noqa: E402
-from scripts.calibration_models import FAMILIES, QWEN, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
+from calibration import data  # noqa: E402
+from calibration.models import FAMILIES, QWEN, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
@@ -328,7 +328,7 @@ def write_training_record(folder: str | Path, family: CalibrationFamily, *, step
         "Reproduce (bit for bit on the same machine and software; training runs on one thread):",
         "",
         "```bash",
-        f"python scripts/train_calibration.py --family {family.name} --steps {steps} --seed {seed} "
+        f"python -m calibration.train --family {family.name} --steps {steps} --seed {seed} "
         f"--batch-size {batch_size} --out {Path(folder).as_posix()}",
         "```",
         "",

@@ -1,6 +1,6 @@
 """Tiny, offline, randomly initialised Gemma 4 vision-language models and processor.
 
-The Gemma 4 counterpart of ``scripts/tiny_models.py``: used by the tests (exactness
+The Gemma 4 counterpart of ``tests/support/tiny_models.py``: used by the tests (exactness
 oracles) and by the offline demo.
 
 Everything is built in-process (no Hub access): a BPE tokenizer with byte fallback is
@@ -22,60 +22,32 @@ the default 0.02 init greedy decoding collapses to a single constant token, and 
 from __future__ import annotations
 
 import functools
-import json
-import string
 
 import numpy as np
 import PIL.Image
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-    Gemma4AudioFeatureExtractor,
     Gemma4Config,
     Gemma4ForConditionalGeneration,
-    Gemma4ImageProcessorPil,
     Gemma4Processor,
-    Gemma4VideoProcessor,
-    GemmaTokenizer,
 )
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts, Gemma4VisionPatchEmbedder
 
-from scripts import tiny_models
+from calibration.processors import (
+    GEMMA_CHAT_TOKENS,
+    GEMMA_MULTIMODAL_TOKENS,
+    GEMMA_PATCH_SIZE,
+    GEMMA_POOLING_KERNEL_SIZE,
+    GEMMA_VIDEO_TOKEN,
+    make_processor,
+    released_rope_parameters,
+    train_gemma_tokenizer,
+)
+from tests.support import tiny_models
 
 VARIANTS = ("e2b", "dense31b", "moe26b")
 
 KINDS = ("image", "two_images", "video", "text", "batch", "ragged_batch")
-
-# Vocabulary layout follows the released tokenizer: control tokens first (<pad>=0,
-# <eos>=1, <bos>=2, ..., <|turn>/<turn|> low), the byte-fallback pieces, the learnt
-# pieces, and the multimodal markers at the end of the table (255999/256000 and
-# 258880..258884 in the real 262144-entry vocabulary, in this relative order).
-_CONTROL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
-_CHAT_TOKENS = {
-    "sot_token": "<|turn>",
-    "eot_token": "<turn|>",
-    "soc_token": "<|channel>",
-    "eoc_token": "<channel|>",
-    "think_token": "<|think|>",
-    "escape_token": '<|"|>',
-    "str_token": "<|tool_response>",
-    "etr_token": "<tool_response|>",
-    "stc_token": "<|tool_call>",
-    "etc_token": "<tool_call|>",
-    "std_token": "<|tool>",
-    "etd_token": "<tool|>",
-}
-_MULTIMODAL_TOKENS = {
-    "boi_token": "<|image>",
-    "boa_token": "<|audio>",
-    "image_token": "<|image|>",
-    "audio_token": "<|audio|>",
-    "eoi_token": "<image|>",
-    "eoa_token": "<audio|>",
-}
-# Not a named tokenizer attribute in the release either: Gemma4Processor registers it
-# itself (as an additional special token) when it is constructed.
-_VIDEO_TOKEN = "<|video|>"
 
 _CORPUS = """\
 You are a helpful assistant. user model
@@ -90,99 +62,9 @@ Please answer briefly. Please answer with a long and detailed explanation.
 The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
 """
 
-# Structure of the released Gemma 4 instruct template (system/tools/thinking/tool-call
-# branches dropped): <bos>, "<|turn>{role}\n", content items with text trimmed and one
-# <|image|> / <|video|> marker per item (the processor expands each marker into the
-# <|image> soft-tokens <image|> span), "<turn|>\n", generation prompt "<|turn>model\n".
-_CHAT_TEMPLATE = r"""
-{{- bos_token -}}
-{%- for message in messages -%}
-    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{- '<|turn>' + role + '\n' -}}
-    {%- if message['content'] is string -%}
-        {{- message['content'] | trim -}}
-    {%- else -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'text' -%}
-                {{- item['text'] | trim -}}
-            {%- elif item['type'] == 'image' -%}
-                {{- '<|image|>' -}}
-            {%- elif item['type'] == 'video' -%}
-                {{- '<|video|>' -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-    {{- '<turn|>\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|turn>model\n' -}}
-{%- endif -%}
-"""
-
-# Smallest budget the image/video processors accept (70, 140, 280, 560, 1120). Images
-# are resized *up* to fill it, so every image costs close to 70 soft tokens
-# (<= 70 * 3 * 3 = 630 patches of 16 px, pooled 3x3); the real video default is 70 too.
-_MAX_SOFT_TOKENS = 70
-_PATCH_SIZE = 16
-_POOLING_KERNEL_SIZE = 3
-
 # A pre-decoded clip is declared as sampled at 1 fps, so its frames get the distinct
 # "00:00", "00:01", ... timestamps the processor writes in front of each frame.
 _VIDEO_FPS = 1.0
-
-
-def _train_bpe(lines, vocab_size: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Learnt pieces (ASCII alphabet + merges) in id order, and the merges, trained on ``lines``.
-
-    Trained with GemmaTokenizer's own normalizer (" " -> "▁"); the training-only
-    pre-tokenizer keeps merges inside "▁word" units and off punctuation/digits, like
-    the released SentencePiece model, so the merges are valid for GemmaTokenizer,
-    which applies them to the whole normalised string.
-    """
-    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    bpe.normalizer = normalizers.Replace(" ", "▁")
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split("▁", behavior="merged_with_next"),
-            pre_tokenizers.Punctuation(),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
-    alphabet = [c for c in string.printable if c not in " \t\r\x0b\x0c"] + ["▁"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator(lines, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    pieces = sorted(model["vocab"], key=model["vocab"].get)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return pieces, merges
-
-
-def train_gemma_tokenizer(lines, vocab_size: int = 400) -> GemmaTokenizer:
-    """Real ``GemmaTokenizer`` (BPE with byte fallback, trained on ``lines``) with the
-    Gemma 4 special tokens, configured as the released instruct tokenizer (no automatic
-    <bos>: the chat template writes it; left padding).
-
-    Not cached: Gemma4Processor mutates the tokenizer it is given (it registers
-    <|video|>), so only a processor's copy is shared.
-    """
-    pieces, merges = _train_bpe(lines, vocab_size)
-    tokens = [
-        *_CONTROL_TOKENS,
-        *_CHAT_TOKENS.values(),
-        *(f"<0x{b:02X}>" for b in range(256)),
-        *pieces,
-        *_MULTIMODAL_TOKENS.values(),
-        _VIDEO_TOKEN,
-    ]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    assert len(vocab) == len(tokens), "learnt piece collides with a special token"
-    return GemmaTokenizer(
-        vocab=vocab,
-        merges=merges,
-        add_bos_token=False,
-        padding_side="left",
-        extra_special_tokens={**_MULTIMODAL_TOKENS, **_CHAT_TOKENS},
-    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,23 +77,6 @@ def build_processor() -> Gemma4Processor:
     return make_processor(train_gemma_tokenizer(_CORPUS.splitlines()))
 
 
-def make_processor(tokenizer: GemmaTokenizer) -> Gemma4Processor:
-    """``Gemma4Processor`` around ``tokenizer`` with the smallest soft-token budget and
-    the instruct chat template."""
-    vision = dict(patch_size=_PATCH_SIZE, max_soft_tokens=_MAX_SOFT_TOKENS, pooling_kernel_size=_POOLING_KERNEL_SIZE)
-    # The audio feature extractor is unused here, but Gemma4Processor requires all four
-    # parts. Pixels stay in [0, 1] (no normalisation, as released): the patch embedder
-    # rescales them itself.
-    return Gemma4Processor(
-        feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessorPil(**vision),
-        tokenizer=tokenizer,
-        video_processor=Gemma4VideoProcessor(**vision),
-        chat_template=_CHAT_TEMPLATE,
-        image_seq_length=_MAX_SOFT_TOKENS,
-    )
-
-
 def _special_ids() -> dict:
     tok = build_processor().tokenizer
     get = tok.convert_tokens_to_ids
@@ -220,15 +85,15 @@ def _special_ids() -> dict:
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        eot_token_id=get(_CHAT_TOKENS["eot_token"]),
-        str_token_id=get(_CHAT_TOKENS["str_token"]),
+        eot_token_id=get(GEMMA_CHAT_TOKENS["eot_token"]),
+        str_token_id=get(GEMMA_CHAT_TOKENS["str_token"]),
         image_token_id=tok.image_token_id,
-        video_token_id=get(_VIDEO_TOKEN),
+        video_token_id=get(GEMMA_VIDEO_TOKEN),
         audio_token_id=tok.audio_token_id,
-        boi_token_id=get(_MULTIMODAL_TOKENS["boi_token"]),
-        eoi_token_id=get(_MULTIMODAL_TOKENS["eoi_token"]),
-        boa_token_id=get(_MULTIMODAL_TOKENS["boa_token"]),
-        eoa_token_id=get(_MULTIMODAL_TOKENS["eoa_token"]),
+        boi_token_id=get(GEMMA_MULTIMODAL_TOKENS["boi_token"]),
+        eoi_token_id=get(GEMMA_MULTIMODAL_TOKENS["eoi_token"]),
+        boa_token_id=get(GEMMA_MULTIMODAL_TOKENS["boa_token"]),
+        eoa_token_id=get(GEMMA_MULTIMODAL_TOKENS["eoa_token"]),
         vocab_size=vocab_size,
         suppressed_ids=sorted(set(get(tok.all_special_tokens))) + list(range(len(tok), vocab_size)),
     )
@@ -292,15 +157,6 @@ _VISION_VARIANTS = {
 }
 
 
-def released_rope_parameters() -> dict:
-    """The released per-type RoPE (a fresh dict): default theta 1e4 on sliding layers, proportional (a quarter
-    of the head rotated) theta 1e6 on full layers."""
-    return {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
-    }
-
-
 def _config(variant: str) -> Gemma4Config:
     if variant not in _TEXT_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -334,8 +190,8 @@ def _config(variant: str) -> Gemma4Config:
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=16,
-        patch_size=_PATCH_SIZE,
-        pooling_kernel_size=_POOLING_KERNEL_SIZE,
+        patch_size=GEMMA_PATCH_SIZE,
+        pooling_kernel_size=GEMMA_POOLING_KERNEL_SIZE,
         position_embedding_size=256,
         **_VISION_VARIANTS[variant],
     )

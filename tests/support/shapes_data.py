@@ -12,34 +12,20 @@ VLMEvalKit loads ``$LMUData/<NAME>.tsv`` as ``CustomMCQDataset`` when NAME is no
 from __future__ import annotations
 
 import argparse
-import base64
-import io
+import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from calibration.data import COLOURS, SHAPES, base64_png, draw_shape, write_tsv  # noqa: E402
 
 NAME = "TinyShapes"
 SIZE = (168, 112)  # width, height: 6 x 4 merged patches of 28 px for Qwen2-VL / Qwen2.5-VL
 CATEGORIES = ("colour", "shape", "position", "count")
-COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (235, 200, 30),
-           "purple": (140, 50, 170), "orange": (245, 130, 20)}
-SHAPES = ("square", "circle", "triangle", "diamond")
 POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78)}
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float, colour) -> None:
-    """Fill ``shape`` inside the box of half-side ``radius`` around ``centre``."""
-    x, y = centre
-    if shape == "square":
-        draw.rectangle([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    elif shape == "circle":
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour)
-    else:
-        draw.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=colour)
 
 
 def _options(rng: np.random.Generator, correct: str, pool) -> tuple[list[str], str]:
@@ -82,13 +68,6 @@ def make_question(index: int, seed: int = 0) -> dict:
             "category": category}
 
 
-def base64_png(image: Image.Image) -> str:
-    """An image as VLMEvalKit's TSV ``image`` column holds it."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def write_dataset(lmudata: str | Path, n: int = 32, seed: int = 0, name: str = NAME) -> Path:
     """Write ``<lmudata>/<name>.tsv`` with ``n`` questions; returns its path."""
     rows = []
@@ -96,14 +75,6 @@ def write_dataset(lmudata: str | Path, n: int = 32, seed: int = 0, name: str = N
         question = make_question(index, seed)
         rows.append({"index": index, **question, "image": base64_png(question["image"])})
     return write_tsv(rows, lmudata, name)
-
-
-def write_tsv(rows: list[dict], lmudata: str | Path, name: str) -> Path:
-    """``<lmudata>/<name>.tsv``, where VLMEvalKit looks for a custom data set of that name."""
-    path = Path(lmudata) / f"{name}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
-    return path
 
 
 def main() -> None:

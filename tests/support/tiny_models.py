@@ -17,12 +17,10 @@ Linear/Embedding/Conv weights are re-drawn from N(0, 0.15^2): with the default
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import PIL.Image
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -38,30 +36,12 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from calibration.processors import QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, train_qwen_tokenizer
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 KINDS = ("image", "two_images", "video", "image_video", "text", "batch", "ragged_batch")
-
-# Same order as the real Qwen2/2.5/3-VL added tokens (151643..151656), so that the
-# relative layout of special ids matches the released checkpoints.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 _CORPUS = """\
 You are a helpful assistant.
@@ -76,32 +56,6 @@ Please answer briefly. Please answer with a long and detailed explanation.
 <0.2 seconds> <1.2 seconds> <2.5 seconds> 0 1 2 3 4 5 6 7 8 9 10 seconds
 The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
 """
-
-# Structure copied from the released Qwen2-VL-Instruct template (Qwen2.5-VL ships
-# the same one): default system prompt, one <|vision_start|>PAD<|vision_end|>
-# triple per image/video item, generation prompt "<|im_start|>assistant\n".
-_QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # Structure of the released Qwen3-VL-Instruct template (tools/thinking/assistant
 # history branches dropped): no default system prompt; same vision triples as
@@ -144,14 +98,14 @@ _PROCESSOR_SPECS = {
         video_cls=Qwen2VLVideoProcessor,
         patch_size=14,
         mean_std={},  # OpenAI-CLIP defaults of the classes, as released
-        template=_QWEN2_VL_CHAT_TEMPLATE,
+        template=QWEN2_VL_CHAT_TEMPLATE,
     ),
     "qwen2_5_vl": dict(
         cls=Qwen2_5_VLProcessor,
         video_cls=Qwen2VLVideoProcessor,
         patch_size=14,
         mean_std={},
-        template=_QWEN2_VL_CHAT_TEMPLATE,
+        template=QWEN2_VL_CHAT_TEMPLATE,
     ),
     "qwen3_vl": dict(
         cls=Qwen3VLProcessor,
@@ -174,43 +128,6 @@ def build_tokenizer() -> Qwen2Tokenizer:
     """Byte-level BPE (256 byte symbols + 144 merges) + the Qwen special tokens, trained on a small corpus.
     Shared by all families (the real ones share a vocabulary too)."""
     return train_qwen_tokenizer(_CORPUS.splitlines())
-
-
-def train_qwen_tokenizer(lines, vocab_size: int = 400) -> Qwen2Tokenizer:
-    """A ``Qwen2Tokenizer`` whose byte-level BPE is trained on ``lines``, + the Qwen special tokens.
-
-    The BPE is trained with exactly Qwen2Tokenizer's normalizer/pre-tokenizer so the
-    learnt merges are valid for it; the byte alphabet guarantees any text encodes.
-    """
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(lines, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    # eos starts as <|endoftext|> so the specials get appended in SPECIAL_TOKENS order;
-    # it is then switched to <|im_end|> as in the released Instruct tokenizers.
-    tokenizer = Qwen2Tokenizer(
-        vocab=model["vocab"],
-        merges=merges,
-        unk_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=list(SPECIAL_TOKENS[1:]),
-    )
-    tokenizer.eos_token = "<|im_end|>"
-    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
-    base = len(model["vocab"])
-    assert ids == list(range(base, base + len(SPECIAL_TOKENS))), ids
-    return tokenizer
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """The calibration models' architectures: tokenizer, processor, config and fresh model of each family.
 
-``scripts/train_calibration.py`` trains them; everything that differs between the families lives here, as one
+``calibration/train.py`` trains them; everything that differs between the families lives here, as one
 ``CalibrationFamily`` each, so that the data, the losses, the training loop and the evaluation are written once.
 
 - ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration``, ~1.3 M parameters. 224 x 224 images give 8 x 8 = 64 LLM
@@ -36,9 +36,8 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from scripts import calibration_data as data  # noqa: E402
-from scripts import tiny_gemma  # noqa: E402
-from scripts.tiny_models import _QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer  # noqa: E402
+from calibration import data  # noqa: E402
+from calibration import processors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,9 +110,9 @@ def _qwen_processor() -> Qwen2_5_VLProcessor:
     size = {"shortest_edge": 4 * factor**2, "longest_edge": data.GRID**2 * factor**2}
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessorPil(size=size, **common),
-        tokenizer=train_qwen_tokenizer(_corpus(("system", "user", "assistant"))),
+        tokenizer=processors.train_qwen_tokenizer(_corpus(("system", "user", "assistant"))),
         video_processor=Qwen2VLVideoProcessor(size=size, cap_pixels_per_frame=False, **common),
-        chat_template=_QWEN2_VL_CHAT_TEMPLATE,
+        chat_template=processors.QWEN2_VL_CHAT_TEMPLATE,
     )
 
 
@@ -175,7 +174,7 @@ QWEN = CalibrationFamily(
 def _gemma_processor():
     """Real ``Gemma4Processor`` (the smallest budget, 70 soft tokens: 64 for a 224 x 224 image) with a
     ``GemmaTokenizer`` trained on the task's texts."""
-    return tiny_gemma.make_processor(tiny_gemma.train_gemma_tokenizer(_corpus(("user", "model")), vocab_size=600))
+    return processors.make_processor(processors.train_gemma_tokenizer(_corpus(("user", "model")), vocab_size=600))
 
 
 def _gemma_config() -> Gemma4Config:
@@ -205,7 +204,7 @@ def _gemma_config() -> Gemma4Config:
         attention_k_eq_v=False,
         final_logit_softcapping=30.0,
         max_position_embeddings=1024,
-        rope_parameters=tiny_gemma.released_rope_parameters(),
+        rope_parameters=processors.released_rope_parameters(),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, get("<turn|>")],

@@ -1,7 +1,7 @@
 """Tiny Qwen-VL and Gemma 4 checkpoints in a folder, loadable offline like a downloaded one (``from_pretrained``).
 
-The weights are the random ones of :mod:`scripts.tiny_models` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) and
-:mod:`scripts.tiny_gemma` (``gemma4_e2b``, ``gemma4_dense31b``, ``gemma4_moe26b``). ``answers`` restricts what the
+The weights are the random ones of :mod:`tests.support.tiny_models` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) and
+:mod:`tests.support.tiny_gemma` (``gemma4_e2b``, ``gemma4_dense31b``, ``gemma4_moe26b``). ``answers`` restricts what the
 model can say through its saved generation config: every token but the given letters is suppressed, so with
 ``max_new_tokens=1`` the model answers a multiple-choice question with one of those letters. ``answers="A"``
 rigs it to always answer A (an exactly known accuracy); ``answers="ABCD"`` gives a random model whose letter
@@ -14,9 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from scripts import tiny_gemma, tiny_models  # noqa: E402
+from tests.support import tiny_gemma  # noqa: E402
+from tests.support import tiny_models  # noqa: E402
 
 GEMMA_PREFIX = "gemma4_"
 FAMILIES = tiny_models.FAMILIES + tuple(GEMMA_PREFIX + variant for variant in tiny_gemma.VARIANTS)
