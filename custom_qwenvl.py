@@ -1,6 +1,6 @@
 """Visual-token pruning hooks for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.23).
 
-``apply_patches()`` reads the pruning configuration from the environment (see README) and installs the shared
+``apply_patches()`` reads the pruning configuration from the environment (see docs/configuration.md) and installs the shared
 wrappers of ``patching.py`` on each family's ``Model`` and ``TextModel`` classes; this file only says what is
 Qwen-specific: span grids, 3-D M-RoPE positions and ``rope_deltas``, the text-position row, Qwen3-VL's
 deepstack state, masks, how to project queries and keys for attention signals, and how to read the vision
@@ -179,7 +179,14 @@ class QwenAdapter(FamilyAdapter):
             self._shorten_deepstack(selection, kwargs)
         dropped = selection.prefill_length - length
         if dropped and getattr(call.model, "rope_deltas", None) is not None:
-            call.model.rope_deltas = call.model.rope_deltas + dropped
+            model, stock = call.model, call.model.rope_deltas
+            model.rope_deltas = pruned = stock + dropped
+
+            def undo():  # unless generate has since computed a new prompt's deltas
+                if model.rope_deltas is pruned:
+                    model.rope_deltas = stock
+
+            call.state.undo.append(undo)
 
     def _shorten_deepstack(self, selection: Selection, holder: dict) -> None:
         old_mask = holder["visual_pos_masks"]

@@ -18,14 +18,20 @@ What the adapter changes in a VLMEvalKit wrapper, without editing the installed 
   appended to per-rank files after the sample, and rank 0 writes a summary per data set at the end of the run.
 
 Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
-pruning), ``hash`` covers everything that changes predictions (model source, pruning configuration with
-hyper-parameters, wrapper keyword overrides, dtype), so VLMEvalKit's silent reuse of predictions in a run
-directory only ever happens between identical configurations.
+pruning), ``hash`` covers everything that decides predictions (model source, pruning configuration with
+hyper-parameters, wrapper keyword overrides, dtype, ``--trust-remote-code``, the transformers release, and the code
+of the methods used and of the hook machinery, see :func:`run_identity`), so VLMEvalKit's silent reuse of
+predictions in a run directory only ever happens between identical configurations and code.
+
+A run never reports success without its predictions: an unusable ``--device`` or attention implementation and an
+intra-LLM layer beyond the model's depth (when its config is readable locally) stop the runner with exit code 2
+before VLMEvalKit starts, and after VLMEvalKit returns every data set must have a prediction for every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime
 import difflib
@@ -34,12 +40,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
+import methods
 import profiling
 from utils import PruneConfig, PruneConfigError
 
@@ -48,6 +56,9 @@ TOKENS_FILE = "visual_tokens_{dataset}.rank{rank}.jsonl"  # rank="*" globs every
 # Skip reasons VLMEvalKit records with exit code 0 although nothing was evaluated.
 FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer result"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# The hook machinery and the runner plumbing: their code decides predictions as much as a method's does.
+MACHINERY_MODULES = ("hooks", "patching", "utils", "evalkit")
 _PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_")
 
 
@@ -96,10 +107,74 @@ def run_tag(config: PruneConfig) -> str:
     return "+".join(parts)
 
 
-def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, Any], dtype: str) -> dict:
-    """Everything that changes a run's predictions (device and attention kernels aside)."""
-    return {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
-            "dtype": dtype}
+def _syntax_digest(path: str | Path) -> str:
+    """Digest of a Python file's syntax tree without docstrings: edits to comments, docstrings or layout keep it,
+    any change to what the code does changes it."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+def _display_path(path: str) -> str:
+    """A file of this repository relative to its root (stable across clones); any other file absolute."""
+    root = Path(__file__).resolve().parent
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
+
+
+def _is_method_module(name: str) -> bool:
+    return name == "methods" or name.startswith(("methods.", "_prune_user_methods."))  # see methods.load_methods
+
+
+def method_code(config: PruneConfig) -> dict[str, str]:
+    """``file -> digest`` of every method module a run uses: the file of each configured method (built-in or from
+    PRUNE_METHODS_PATH) and, transitively, the method modules it imports (e.g. PruMerge+ uses PruMerge's code)."""
+    names = {stage.method for stage in config.stages} | ({config.scheduled.method} if config.scheduled else set())
+    registry = methods.registered_methods()
+    pending = [sys.modules[registry[name].fn.__module__] for name in sorted(names)]
+    seen: dict[str, ModuleType] = {}
+    while pending:
+        module = pending.pop()
+        if module.__name__ in seen:
+            continue
+        seen[module.__name__] = module
+        for value in vars(module).values():
+            used = value if isinstance(value, ModuleType) else sys.modules.get(getattr(value, "__module__", None) or "")
+            if used is not None and _is_method_module(used.__name__) and used.__name__ not in seen:
+                pending.append(used)
+    files = {module.__file__ for module in seen.values() if getattr(module, "__file__", None)}
+    return {_display_path(file): _syntax_digest(file) for file in sorted(files)}
+
+
+def machinery_code(family: Family) -> dict[str, str]:
+    """``file -> digest`` of the hook machinery, the runner plumbing, the family's patches and its runner."""
+    modules = [sys.modules[name] for name in MACHINERY_MODULES if name in sys.modules]
+    modules.append(family.patches)
+    if family.mixin is not None:
+        modules.append(sys.modules[family.mixin.__module__])
+    files = {module.__file__ for module in modules if getattr(module, "__file__", None)}
+    return {_display_path(file): _syntax_digest(file) for file in sorted(files)}
+
+
+def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, Any], dtype: str,
+                 family: Family | None = None, trust_remote_code: bool = False) -> dict:
+    """Everything that decides a run's predictions (device and attention kernels aside): the model, the pruning
+    configuration, the wrapper's keyword arguments, the dtype, whether a checkpoint's own code may run, the
+    transformers release, and the code of the methods used and of the hook machinery (see :func:`method_code`,
+    :func:`machinery_code`)."""
+    import transformers
+
+    identity = {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
+                "dtype": dtype, "trust_remote_code": trust_remote_code, "transformers": transformers.__version__,
+                "method_code": method_code(config)}
+    if family is not None:
+        identity["machinery_code"] = machinery_code(family)
+    return identity
 
 
 def run_name(base: str, config: PruneConfig, identity: Mapping[str, Any]) -> str:
@@ -114,23 +189,52 @@ def run_name(base: str, config: PruneConfig, identity: Mapping[str, Any]) -> str
 class LoadSettings:
     device: str  # "cpu", "cuda" (all visible GPUs, device_map="auto") or "cuda:N"
     attn_implementation: str
-    dtype: str  # "auto" keeps the checkpoint's dtype
+    dtype: str  # "auto" keeps the checkpoint's
+    trust_remote_code: bool = False  # let a checkpoint's own Python code run (transformers' auto_map)
+
+    @staticmethod
+    def check_flags(device: str, attn_implementation: str | None) -> None:
+        """The flags' spelling, before anything heavy is imported (availability: :meth:`resolve`)."""
+        if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+            raise RunnerError(f"--device {device!r}: unknown device; allowed: auto, cpu, cuda, cuda:N")
+        if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise RunnerError(f"--attn-implementation {attn_implementation!r}: unknown attention implementation; "
+                              f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
 
     @classmethod
-    def resolve(cls, device: str, attn_implementation: str | None, dtype: str) -> "LoadSettings":
+    def resolve(cls, device: str, attn_implementation: str | None, dtype: str,
+                trust_remote_code: bool = False) -> "LoadSettings":
+        """The settings a model is loaded with; refuses a device this machine lacks and a kernel it cannot run, so
+        that a run never "succeeds" without predictions."""
         import torch
 
+        cls.check_flags(device, attn_implementation)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.device(device)  # raises on a malformed device string
+        if device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise RunnerError(f"--device {device}: CUDA is not available on this machine "
+                                  f"(torch.cuda.is_available() is False); allowed: cpu")
+            if ":" in device and int(device.split(":")[1]) >= count:
+                raise RunnerError(f"--device {device}: this process sees {count} GPU(s); allowed: cuda, "
+                                  f"cuda:0..cuda:{count - 1} or cpu")
+        flash_installed = importlib.util.find_spec("flash_attn") is not None
         if attn_implementation is None:
-            flash = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
-            attn_implementation = "flash_attention_2" if flash else "sdpa"
-        return cls(device, attn_implementation, dtype)
+            attn_implementation = "flash_attention_2" if device.startswith("cuda") and flash_installed else "sdpa"
+        if attn_implementation == "flash_attention_2":
+            if not flash_installed:
+                raise RunnerError("--attn-implementation flash_attention_2: the flash-attn package is not installed "
+                                  "(pip install flash-attn --no-build-isolation); allowed here: eager, sdpa")
+            if not device.startswith("cuda"):
+                raise RunnerError(f"--attn-implementation flash_attention_2 needs a CUDA device (--device {device}); "
+                                  f"allowed here: eager, sdpa")
+        return cls(device, attn_implementation, dtype, trust_remote_code)
 
     def from_pretrained_kwargs(self) -> dict:
         return {"device_map": "auto" if self.device == "cuda" else self.device,
-                "attn_implementation": self.attn_implementation, "dtype": self.dtype}
+                "attn_implementation": self.attn_implementation, "dtype": self.dtype,
+                "trust_remote_code": self.trust_remote_code}
 
 
 @contextlib.contextmanager
@@ -258,18 +362,39 @@ class PrunedModel:
         return response
 
 
+# transformers' loaders that run a checkpoint's own code (an ``auto_map`` in its config files) when asked to: the
+# Auto classes (``_BaseAutoModelClass`` for every AutoModel*). Their ``trust_remote_code`` becomes the runner's.
+_AUTO_LOADERS = ("_BaseAutoModelClass", "AutoConfig", "AutoFeatureExtractor", "AutoImageProcessor", "AutoProcessor",
+                 "AutoTokenizer", "AutoVideoProcessor")
+
+
+def _with_kwargs(cls: type, overrides: dict) -> classmethod:
+    """``cls.from_pretrained`` with ``overrides`` replacing the caller's keyword arguments."""
+    raw = cls.__dict__["from_pretrained"]
+
+    def from_pretrained(klass, *args, **kwargs):
+        kwargs.pop("torch_dtype", None)  # the wrappers' old spelling of dtype
+        return raw.__func__(klass, *args, **{**kwargs, **overrides})
+
+    return classmethod(functools.wraps(raw.__func__)(from_pretrained))
+
+
 @contextlib.contextmanager
 def _loading_with(overrides: dict):
-    """While a wrapper builds its model, ``from_pretrained`` uses the runner's device, attention and dtype."""
+    """While a wrapper builds its model and processor: ``from_pretrained`` uses the runner's device, attention, dtype
+    and ``trust_remote_code``. VLMEvalKit's Gemma4 wrapper passes ``trust_remote_code=True``, which would import
+    Python files named by a checkpoint's ``auto_map``; here it is the runner's setting (off unless
+    ``--trust-remote-code``) for every loader the wrapper reaches."""
+    import transformers
     from transformers import PreTrainedModel
+    from transformers.models.auto import auto_factory
 
-    raw = PreTrainedModel.__dict__["from_pretrained"]
-
-    def from_pretrained(cls, *args, **kwargs):
-        kwargs.pop("torch_dtype", None)
-        return raw.__func__(cls, *args, **{**kwargs, **overrides})
-
-    with _temporarily(PreTrainedModel, "from_pretrained", classmethod(from_pretrained)):
+    trust = {"trust_remote_code": overrides["trust_remote_code"]}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_temporarily(PreTrainedModel, "from_pretrained", _with_kwargs(PreTrainedModel, overrides)))
+        for name in _AUTO_LOADERS:
+            cls = getattr(auto_factory, name, None) or getattr(transformers, name)
+            stack.enter_context(_temporarily(cls, "from_pretrained", _with_kwargs(cls, trust)))
         yield
 
 
@@ -351,6 +476,38 @@ def _config_entry(family: Family, key: str, entry: dict, supported: Mapping[str,
     return resolved
 
 
+def local_config_dir(entry: ModelEntry) -> Path | None:
+    """The folder holding the model's ``config.json`` when it is readable without a download: a checkpoint folder,
+    or a registered name whose files are in the local Hugging Face cache; else None."""
+    path = entry.kwargs.get("model_path")
+    if not isinstance(path, str):
+        return None
+    if (Path(path) / "config.json").is_file():
+        return Path(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # not a repository id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def check_depth(entry: ModelEntry, config: PruneConfig, trust_remote_code: bool) -> None:
+    """Check the intra-LLM layers against the model's depth before VLMEvalKit starts, when its config is readable
+    locally (otherwise the first forward checks it). Raises ``PruneConfigError``."""
+    folder = local_config_dir(entry) if config.intra_llm or config.scheduled else None
+    if folder is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:  # unreadable here: the first forward checks the depth
+        return
+    config.resolved_for(model_config.get_text_config().num_hidden_layers)
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
@@ -365,12 +522,16 @@ def runner_parser(prog: str, family: Family) -> argparse.ArgumentParser:
                         help="cpu, cuda (all visible GPUs, device_map='auto') or cuda:N; default: cuda if "
                              "available, else cpu")
     parser.add_argument("--attn-implementation", default=None,
-                        help="eager, sdpa or flash_attention_2; default: flash_attention_2 on CUDA when flash-attn "
-                             "is installed, else sdpa")
+                        help="eager, sdpa or flash_attention_2 (CUDA with flash-attn installed); default: "
+                             "flash_attention_2 on CUDA when flash-attn is installed, else sdpa")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype; default: the checkpoint's")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help="keyword arguments for VLMEvalKit's model wrapper, overriding its registered ones, "
                              "e.g. '{\"max_new_tokens\": 16}'")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a checkpoint's own Python code run (transformers' trust_remote_code, for an "
+                             "auto_map in its config files); off by default: every supported family is native to "
+                             "transformers")
     for extra in family.flags:
         parser.add_argument(extra.flag, dest=extra.kwarg, type=extra.type, choices=extra.choices, help=extra.help)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and VLMEvalKit's, then exit")
@@ -421,12 +582,13 @@ def main(family: Family, argv: list[str] | None = None, env: Mapping[str, str] |
         _parse_vlmeval_args(vlmeval.run, prog, ["--help"])  # prints and exits
     env = os.environ if env is None else env
     try:  # before anything heavy is imported, and before VLMEvalKit can touch the work dir
+        LoadSettings.check_flags(options.device, options.attn_implementation)
         config = family.patches.apply_patches(PruneConfig.from_env(env))
-    except (PruneConfigError, RuntimeError) as err:  # RuntimeError: untested transformers release
+    except (RunnerError, PruneConfigError, RuntimeError) as err:  # RuntimeError: untested transformers release
         return _error(prog, str(err))
     try:
         return _run(family, options, rest, config, env, prog)
-    except RunnerError as err:
+    except (RunnerError, PruneConfigError) as err:
         return _error(prog, str(err))
     finally:
         family.patches.remove_patches()
@@ -455,10 +617,7 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         if value is not None:
             wrapper_overrides[extra.kwarg] = value
             name_suffix += "-" + extra.label.format(value)
-    try:
-        load = LoadSettings.resolve(options.device, options.attn_implementation, options.dtype)
-    except RuntimeError as err:
-        raise RunnerError(f"--device {options.device}: {err}") from None
+    load = LoadSettings.resolve(options.device, options.attn_implementation, options.dtype, options.trust_remote_code)
 
     work_dir = Path(os.environ.get("MMEVAL_ROOT", args.work_dir))  # VLMEvalKit's own override
     rank = int(os.environ.get("RANK", 0))
@@ -475,7 +634,8 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
     names = {}
     for key, entry in entries.items():
         entry.base += name_suffix
-        identity = run_identity(entry.source, config, wrapper_overrides, load.dtype)
+        check_depth(entry, config, load.trust_remote_code)
+        identity = run_identity(entry.source, config, wrapper_overrides, load.dtype, family, load.trust_remote_code)
         name = run_name(entry.base, config, identity)
         run_dir = work_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -514,6 +674,8 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
     if config.profile.enabled:  # every rank's samples are written: VLMEvalKit waits for all before evaluating
         _write_profile_summaries(work_dir, list(names.values()), datasets, prog)
     failures = check_status(work_dir, list(names.values()), datasets, started)
+    if not failures:
+        failures = check_predictions(work_dir, list(names.values()), datasets, args, cfg if args.config else None)
     for failure in failures:
         print(f"{prog}: evaluation failed: {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -561,6 +723,50 @@ def _write_profile_summaries(work_dir: Path, names: list[str], datasets: list[st
                       f"are not generated again, hence not timed (use a fresh --work-dir)", file=sys.stderr)
             else:
                 print(f"{prog}: profile summary -> {path}", flush=True)
+
+
+def check_predictions(work_dir: Path, names: list[str], datasets: list[str], args: argparse.Namespace,
+                      config: dict | None) -> list[str]:
+    """Every data set's prediction file exists and holds a prediction for every row of the data set (VLMEvalKit
+    can record a data set as done without one, e.g. when the model failed to load)."""
+    from vlmeval.smp import get_pred_file_path, load
+    from vlmeval.smp.file import INFER_FAIL_MSG
+
+    failures = []
+    for dataset_name in datasets:
+        try:
+            dataset = _build_dataset(dataset_name, args, config)
+            expected = [str(index) for index in dataset.data["index"]][:args.limit or None]  # --limit: the first rows
+        except Exception as err:  # noqa: BLE001 - reported, never hidden
+            failures.append(f"{dataset_name}: cannot check its predictions: the data set does not load ({err})")
+            continue
+        for name in names:
+            where = f"{name} x {dataset_name}"
+            status_file = work_dir / name / "status.json"
+            status = json.loads(status_file.read_text()) if status_file.exists() else {}
+            recorded = status.get("datasets", {}).get(dataset_name, {}).get("prediction_file")
+            path = work_dir / name / (recorded or get_pred_file_path("", name, dataset_name))  # recorded: in the run dir
+            if not path.is_file():
+                failures.append(f"{where}: no prediction file ({path})")
+                continue
+            frame = load(str(path))
+            predicted = {str(index): str(prediction) for index, prediction in zip(frame["index"], frame["prediction"])}
+            missing = [index for index in expected if index not in predicted]
+            failed = [index for index in expected if INFER_FAIL_MSG in predicted.get(index, "")]
+            if missing or failed:
+                failures.append(f"{where}: {len(missing)} of {len(expected)} rows have no prediction and "
+                                f"{len(failed)} a failed one in {path}")
+    return failures
+
+
+def _build_dataset(name: str, args: argparse.Namespace, config: dict | None):
+    """The data set as VLMEvalKit's run.py builds it."""
+    import vlmeval.run
+    from vlmeval.dataset import build_dataset
+
+    if config is not None:
+        return vlmeval.run.build_dataset_from_config(config["data"], name)
+    return build_dataset(name, **vars(args))
 
 
 def check_status(work_dir: Path, names: list[str], datasets: list[str], since: datetime.datetime) -> list[str]:

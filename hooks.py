@@ -274,11 +274,16 @@ def _check_result(spec, result, n: int, budget: int) -> tuple[torch.Tensor, torc
         result, features = result.indices, result.features
     if not isinstance(result, torch.Tensor) or result.dim() != 1:
         raise TypeError(f"pruning method {spec.name} must return a 1-D index tensor or a PruneResult")
+    if result.dtype == torch.bool or result.is_floating_point() or result.is_complex():
+        # Converting would truncate fractions silently, or read a mask as the indices 0 and 1.
+        raise TypeError(f"pruning method {spec.name} returned indices of dtype {result.dtype} for a span of {n} "
+                        f"tokens; allowed: an integer tensor (e.g. torch.long) of span-local indices in [0, {n})")
     local = result.to("cpu", torch.long)
     order = local.argsort()
     local = local[order]
     if local.numel() and (local[0] < 0 or local[-1] >= n or bool((local[1:] == local[:-1]).any())):
-        raise ValueError(f"pruning method {spec.name} returned out-of-range or repeated indices for a span of {n}")
+        raise ValueError(f"pruning method {spec.name} returned out-of-range or repeated indices for a span of {n}; "
+                         f"allowed: distinct span-local indices in [0, {n})")
     if spec.exact_count and local.numel() != budget:
         raise ValueError(f"pruning method {spec.name} kept {local.numel()} tokens of {n}; the keep rule asks {budget}")
     if features is not None:
@@ -410,16 +415,24 @@ VISION_CHUNK_ELEMENTS = 1 << 24  # probabilities held at once (64 MiB in fp32) w
 
 def vision_layers(needs: VisionNeeds, global_layers: list[int], depth: int) -> list[int]:
     """The encoder layers whose attention ``needs`` asks for, among the globally attending ``global_layers``
-    of an encoder with ``depth`` layers."""
+    of an encoder with ``depth`` layers. A first layer beyond the encoder (either way) is a PruneConfigError
+    naming the variable that set it (``needs.first_layer_var``) when the method declared one."""
     if needs.first_layer is None:
         return [global_layers[-1]]
     first = needs.first_layer + depth if needs.first_layer < 0 else needs.first_layer
-    layers = [layer for layer in global_layers if layer >= first]
+    layers = [layer for layer in global_layers if layer >= first] if first >= 0 else []
     if not layers:
+        last = global_layers[-1]
+        reason = ("leaves no globally attending layer to score" if first >= 0
+                  else f"counts back past the first of the encoder's {depth} layers")
+        allowed = (f"{-depth}..{last}" if last == depth - 1 else f"0..{last} or {-depth}..{last - depth}")
+        allowed += (f" (a negative index counts from the end) for this encoder of {depth} layers, whose globally "
+                    f"attending layers are {global_layers}")
+        if needs.first_layer_var:
+            raise PruneConfigError(f"{needs.first_layer_var}={str(needs.first_layer)!r}: first vision-encoder layer "
+                                   f"{needs.first_layer} {reason}; allowed: {allowed}")
         raise PruneConfigError(f"first vision-encoder layer {needs.first_layer} (a hyper-parameter of the pre-LLM "
-                               f"method, see `python -m methods`) leaves no globally attending layer to score; "
-                               f"allowed: at most {global_layers[-1]} (or a negative index) for this encoder of "
-                               f"{depth} layers, whose globally attending layers are {global_layers}")
+                               f"method, see `python -m methods`) {reason}; allowed: {allowed}")
     return layers
 
 
@@ -457,7 +470,7 @@ def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> C
             signals = queue.pop(0)
             lengths = {t.shape[0] for t in signals.attention.values()}
             if lengths != {span.counts["input"]}:
-                raise RuntimeError(f"vision signals of {lengths} tokens for a {span.modality} span of "
+                raise RuntimeError(f"vision signals of {lengths} tokens for the {span.modality} span of "
                                    f"{span.counts['input']} tokens")
             by_span[(b, s)] = signals
     return lambda b, s: by_span.get((b, s))
@@ -575,6 +588,13 @@ class PruningState:
     pre_map: StageMap | None = None
     intra_maps: list[StageMap] = field(default_factory=list)
     decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
+    # The cache the last prefill wrote (a weak reference): a later call is a decode step of that prefill only when it
+    # continues this very cache; any other call starts fresh.
+    prefill_cache: Callable[[], Any] | None = None
+    warned: set[str] = field(default_factory=set)  # one-time warnings already given for this model
+    # Changes a pruned prefill made to the model object for its decode steps (Qwen's rope_deltas), undone when a
+    # call that does not continue it arrives, so that call sees what the unpatched model would.
+    undo: list[Callable[[], None]] = field(default_factory=list)
     pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
     pending_vision: dict[str, list[VisionSignals]] = field(default_factory=dict)  # per modality, in grid order
     listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
@@ -585,7 +605,24 @@ class PruningState:
                                "from PruneConfig.resolved_for(num_decoder_layers)")
 
     def reset(self) -> None:
-        self.record, self.pre_map, self.intra_maps, self.decoded = None, None, [], 0
+        self.record = None
+        self.forget_prefill()
+
+    def forget_prefill(self) -> None:
+        """Drop what decode steps of the last prefill would need (its stage maps and cache)."""
+        self.pre_map, self.intra_maps, self.decoded, self.prefill_cache = None, [], 0, None
+
+    @property
+    def pruned(self) -> bool:
+        return self.pre_map is not None or bool(self.intra_maps)
+
+    def undo_model_changes(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+    def continues_prefill(self, cache) -> bool:
+        """Whether a call with ``cache`` is a decode step of the last prefill: it continues the cache it wrote."""
+        return cache is not None and self.prefill_cache is not None and self.prefill_cache() is cache
 
     def finish_record(self, spans: list[list[Span]]) -> None:
         self.record = ForwardRecord(spans)

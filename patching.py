@@ -19,6 +19,8 @@ import contextvars
 import functools
 import importlib
 import inspect
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +163,10 @@ class FamilyPatch:
         @functools.wraps(original)
         def forward(model, *args, **kwargs):
             bound = dict(signature.bind_partial(model, *args, **kwargs).arguments)
-            token = ACTIVE_CALL.set(Call(model, self.state_for(model, adapter), adapter, bound))
+            state = self.state_for(model, adapter)
+            if not state.continues_prefill(bound.get("past_key_values")):
+                state.undo_model_changes()  # before the model derives positions from its own state
+            token = ACTIVE_CALL.set(Call(model, state, adapter, bound))
             try:
                 return original(model, *args, **kwargs)
             finally:
@@ -190,48 +195,83 @@ def _is_empty(cache) -> bool:
 
 
 def run_language_model(original, text_model, call: Call, kwargs: dict):
-    """The language-model entry: prune (prefill) or follow the pruned layout (decode), then run the model."""
+    """The language-model entry: prune (prefill) or follow the pruned layout (decode), then run the model.
+
+    A call is a decode step only when it continues the cache that the model's last prefill wrote; every other call
+    starts fresh. A fresh call the hooks cannot read (no token ids, e.g. ``inputs_embeds`` only) or one that
+    continues a cache from elsewhere runs exactly as stock.
+    """
     state, adapter, config = call.state, call.adapter, call.state.config
     embeds, cache = kwargs["inputs_embeds"], kwargs.get("past_key_values")
-    mask = adapter.mask_2d(kwargs, call)
-
-    prefill = _is_empty(cache) and call.input_ids is not None and call.input_ids.shape[1] == embeds.shape[1]
-    if prefill:
-        state.reset()
-        grids, state.pending_grids = state.pending_grids, {}
-        vision, state.pending_vision = state.pending_vision, {}
-        layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
-        if not any(layout.spans):
-            state.finish_record(layout.spans)
-            with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
-                return original(text_model, **kwargs)  # text-only prompt: untouched
-        if config.pre_llm is not None:
-            with profiling.stage(config.pre_llm):
-                selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
-                                                vision=hooks.vision_by_span(layout, vision))
-                kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
-                adapter.shorten_lm_inputs(selection, kwargs, call)
-            state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
-            layout = selection.layout
-        try:
-            with profiling.region(profiling.LM_PREFILL, cache, layout.spans), \
-                    _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
-                output = original(text_model, **kwargs)
-            return adapter.finish_lm_output(output, kwargs, pruned=True)
-        finally:
-            state.finish_record(layout.spans)
-
-    if state.pre_map is None and not state.intra_maps:
+    if state.continues_prefill(cache):
+        return _decode_step(original, text_model, call, kwargs)
+    state.forget_prefill()
+    grids, state.pending_grids = state.pending_grids, {}
+    vision, state.pending_vision = state.pending_vision, {}
+    if not _is_empty(cache):
+        _warn_once(state, "foreign-cache", "the language model was called with a cache that no prefill of these hooks "
+                   "wrote: the call runs unpruned, exactly as stock")
         return original(text_model, **kwargs)
-    # A decode step after a pruned prefill.
-    if embeds.shape[1] != 1:
+    if call.input_ids is None or call.input_ids.shape[1] != embeds.shape[1]:
+        _warn_once(state, "no-token-ids", "the model was called without token ids matching its inputs (e.g. "
+                   "inputs_embeds only): the pruning hooks cannot find the visual tokens, so the call runs unpruned, "
+                   "exactly as stock")
+        return original(text_model, **kwargs)
+
+    state.reset()
+    mask = adapter.mask_2d(kwargs, call)
+    layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
+    if not any(layout.spans):
+        state.finish_record(layout.spans)
+        with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
+            output = original(text_model, **kwargs)  # text-only prompt: untouched
+        _note_prefill_cache(state, output, cache)
+        return output
+    if config.pre_llm is not None:
+        with profiling.stage(config.pre_llm):
+            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
+                                            vision=hooks.vision_by_span(layout, vision))
+            kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
+            adapter.shorten_lm_inputs(selection, kwargs, call)
+        state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
+        layout = selection.layout
+    try:
+        with profiling.region(profiling.LM_PREFILL, cache, layout.spans), \
+                _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
+            output = original(text_model, **kwargs)
+        _note_prefill_cache(state, output, cache)
+        return adapter.finish_lm_output(output, kwargs, pruned=True)
+    finally:
+        state.finish_record(layout.spans)
+
+
+def _decode_step(original, text_model, call: Call, kwargs: dict):
+    """A call that continues the last prefill's cache: follow its pruned layout (nothing to do if it pruned none)."""
+    state, adapter = call.state, call.adapter
+    if not state.pruned:
+        return original(text_model, **kwargs)
+    if kwargs["inputs_embeds"].shape[1] != 1:
         raise NotImplementedError("after a pruned prefill only one-token decode steps are supported "
                                   "(no chunked prefill, no reuse of a pruned cache across generate calls)")
-    state.decoded += embeds.shape[1]
+    state.decoded += 1
+    mask = adapter.mask_2d(kwargs, call)
     if state.pre_map is not None:
         adapter.decode_lm_inputs(kwargs, state.decode_mask(mask, [state.pre_map]), call)
-    with _intra_llm(adapter, text_model, call, kwargs, None, mask, cache):
+    with _intra_llm(adapter, text_model, call, kwargs, None, mask, kwargs.get("past_key_values")):
         return original(text_model, **kwargs)
+
+
+def _note_prefill_cache(state: PruningState, output, cache) -> None:
+    """Remember the cache this prefill wrote (created inside the model when none was passed)."""
+    written = getattr(output, "past_key_values", None)
+    written = cache if written is None else written
+    state.prefill_cache = weakref.ref(written) if written is not None else None
+
+
+def _warn_once(state: PruningState, key: str, message: str) -> None:
+    if key not in state.warned:
+        state.warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 @contextlib.contextmanager

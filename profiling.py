@@ -1,4 +1,4 @@
-"""Latency and memory profiling of generation with pruning (METHOD_TIME, PREFILL_TIME; see README "Profiling").
+"""Latency and memory profiling of generation with pruning (METHOD_TIME, PREFILL_TIME; see docs/profiling.md).
 
 A :class:`Profiler` wraps a model's ``generate`` (:meth:`Profiler.instrument`); every call becomes one *sample*.
 While it runs, the sample is the active one (a context variable), and the hooks mark their regions through

@@ -5,7 +5,7 @@
     python run_gemma4.py --model Gemma4-E2B-it --data MME --max-soft-tokens 70    # native budget, no pruning
 
 ``--model`` takes VLMEvalKit's names or a local checkpoint folder; every VLMEvalKit flag passes through. See the
-README ("Gemma 4") and ``python run_gemma4.py --help``.
+docs/gemma4.md and ``python run_gemma4.py --help``.
 """
 
 import re

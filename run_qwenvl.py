@@ -4,7 +4,7 @@
     python run_qwenvl.py --model Qwen2.5-VL-7B-Instruct --data MME
 
 ``--model`` takes VLMEvalKit's names or a local checkpoint folder; every VLMEvalKit flag passes through. See the
-README ("Running evaluations") and ``python run_qwenvl.py --help``.
+docs/running.md and ``python run_qwenvl.py --help``.
 """
 
 import sys

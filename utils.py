@@ -164,8 +164,17 @@ def _lookup_method(var: str, name: str, registry: Mapping[str, MethodSpec], stag
     spec = registry[name]
     if stage is not None and spec.stage != stage:
         allowed = sorted(n for n, s in registry.items() if s.stage == stage)
-        raise _fail(var, name, f"is a {spec.stage.replace('_', '-')} method", f"{stage.replace('_', '-')} methods: {', '.join(allowed)}")
+        found, wanted = _STAGE_LABELS[spec.stage], _STAGE_LABELS[stage]
+        raise _fail(var, name, f"is {_article(found)} {found} method", f"{wanted} methods: {', '.join(allowed)}")
     return spec
+
+
+_STAGE_LABELS = {PRE_LLM: "pre-LLM", INTRA_LLM: "intra-LLM"}
+
+
+def _article(word: str) -> str:
+    """'a' or 'an' before ``word`` (by its first letter: enough for type names such as int, float, str)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _parse_switch(var: str, env: Mapping[str, str]) -> bool:
@@ -218,8 +227,9 @@ def _parse_params(spec: MethodSpec, env: Mapping[str, str]) -> dict[str, Any]:
         try:
             value = param.type(raw)
         except (TypeError, ValueError):
-            raise _fail(param.env, raw, f"not a valid {param.type.__name__} ({spec.name}: {param.help})",
-                        f"a {param.type.__name__}, default {param.default!r}") from None
+            kind = param.type.__name__
+            raise _fail(param.env, raw, f"not a valid {kind} ({spec.name}: {param.help})",
+                        f"{_article(kind)} {kind}, default {param.default!r}") from None
         problem = param.check(value) if param.check else None
         if problem:
             raise _fail(param.env, raw, f"{problem} ({spec.name}: {param.help})", f"default {param.default!r}")
@@ -232,7 +242,7 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     extra = [p for p in env.get("PRUNE_METHODS_PATH", "").split(os.pathsep) if p.strip()]
     try:
         registry = methods.load_methods(extra)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, methods.MethodFileError) as err:
         raise PruneConfigError(str(err)) from None
 
     keep_text = env.get("KEEP_RATIO", "").strip()
@@ -281,7 +291,33 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
 
     used = {s.method for s in ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
+    _warn_ignored(env, keep_text, used, registry)
     return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled, profile=profile)
+
+
+def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], registry: Mapping[str, MethodSpec]) -> None:
+    """One warning per set variable this configuration ignores: KEEP_RATIO with no method, and hyper-parameters
+    that no configured method declares (several methods may share one, e.g. PRUNE_RANDOM_SEED)."""
+    if keep_text and not used:
+        warnings.warn(f"KEEP_RATIO={keep_text} is set but no pruning method is configured (PRUNE_METHOD, "
+                      "PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS): the run is stock",
+                      UserWarning, stacklevel=4)
+    declared: dict[str, list[str]] = {}  # variable -> the registered methods that read it
+    for name, spec in registry.items():
+        for param in spec.params:
+            declared.setdefault(param.env, []).append(name)
+    for var, names in sorted(declared.items()):
+        value = env.get(var, "").strip()
+        if not value or used.intersection(names):
+            continue
+        names = sorted(set(names))
+        if len(names) == 1:
+            unused = f"{names[0]} is not configured"
+        elif len(names) == 2:
+            unused = f"neither {names[0]} nor {names[1]} is configured"
+        else:
+            unused = f"none of {', '.join(names)} is configured"
+        warnings.warn(f"{var}={value} is set but {unused}: it has no effect", UserWarning, stacklevel=4)
 
 
 def _check_intra(intra: list[Stage], var: str, value: str, registry) -> None:

@@ -158,7 +158,7 @@ QWEN = CalibrationFamily(
     patches="custom_qwenvl",
     model_class=Qwen2_5_VLForConditionalGeneration,
     end_of_reply="<|im_end|>",
-    default_seed=1,  # seed 0: 93.0 % held-out, see the README
+    default_seed=1,  # seed 0: 93.0 % held-out, see docs/calibration.md
     default_steps=1000,
     build_processor=_qwen_processor,
     build_config=_qwen_config,
@@ -197,7 +197,7 @@ def _gemma_config() -> Gemma4Config:
         head_dim=32,
         global_head_dim=64,
         # No KV sharing: a shared layer reads the keys and values of an earlier layer, which in a 4-layer model
-        # would cut the layer-by-layer route that carries the answer to the reply (see train_calibration.py).
+        # would cut the layer-by-layer route that carries the answer to the reply (see calibration/train.py).
         num_kv_shared_layers=0,
         use_double_wide_mlp=False,
         use_bidirectional_attention=None,
@@ -233,7 +233,7 @@ GEMMA4 = CalibrationFamily(
     patches="custom_gemma4",
     model_class=Gemma4ForConditionalGeneration,
     end_of_reply="<turn|>",
-    default_seed=2,  # seed 1: shape questions at chance, see the README
+    default_seed=2,  # seed 1: shape questions at chance, see docs/calibration.md
     default_steps=2000,
     build_processor=_gemma_processor,
     build_config=_gemma_config,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Iterable
 
+from methods import _base
 from methods._base import (
     INTRA_LLM,
     PRE_LLM,
@@ -21,6 +23,7 @@ from methods._base import (
     MethodSpec,
     PruneContext,
     PruneResult,
+    RegistrationError,
     SignalSource,
     VisionNeeds,
     VisionSignals,
@@ -34,9 +37,11 @@ __all__ = [
     "PRE_LLM",
     "STAGES",
     "HyperParam",
+    "MethodFileError",
     "MethodSpec",
     "PruneContext",
     "PruneResult",
+    "RegistrationError",
     "SignalSource",
     "VisionNeeds",
     "VisionSignals",
@@ -50,14 +55,55 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _loaded_paths: set[Path] = set()
 
 
-def _import_file(path: Path) -> None:
+class MethodFileError(ValueError):
+    """A PRUNE_METHODS_PATH file that cannot be loaded; the message names the entry, the file (and line) and what
+    is allowed. ``utils.PruneConfig.from_env`` turns it into a ``PruneConfigError``."""
+
+
+def _line_in(err: BaseException, path: Path) -> int | None:
+    """The line of ``path`` that was running when ``err`` was raised (the innermost frame in that file)."""
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if Path(frame.filename) == path]
+    return lines[-1] if lines else None
+
+
+def _file_error(entry: str, path: Path, err: Exception) -> MethodFileError:
+    where = f"method file {path}"
+    if isinstance(err, SyntaxError):
+        if err.filename and Path(err.filename) != path:  # in a file the method file imports
+            where += f" (importing {err.filename}, line {err.lineno})"
+        elif err.lineno is not None:
+            where += f", line {err.lineno}"
+        reason = f"syntax error: {err.msg}"
+        allowed = "a method file that is valid Python (see methods/_template.py)"
+    else:
+        line = _line_in(err, path)
+        where += f", line {line}" if line is not None else ""
+        if isinstance(err, RegistrationError):
+            reason, allowed = f"register_prune refused it: {err.reason}", err.allowed
+        else:
+            reason = f"importing it raised {type(err).__name__}: {err}"
+            allowed = "a method file that imports without error (see methods/_template.py)"
+    return MethodFileError(f"PRUNE_METHODS_PATH={entry!r}: {where}: {reason}; allowed: {allowed}")
+
+
+def _import_file(path: Path, entry: str) -> None:
+    """Import one method file. A file that fails leaves nothing behind: no module, and none of the methods it
+    registered before failing (so that a later load can import it again once it is fixed)."""
     module_name = f"_prune_user_methods.{path.stem}_{abs(hash(str(path))):x}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import pruning method file {path}")
+        raise MethodFileError(f"PRUNE_METHODS_PATH={entry!r}: cannot import {path}; allowed: Python files "
+                              "(*.py) or folders of them")
     module = importlib.util.module_from_spec(spec)
+    registered = set(_base._REGISTRY)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        sys.modules.pop(module_name, None)
+        for name in set(_base._REGISTRY) - registered:
+            del _base._REGISTRY[name]
+        raise _file_error(entry, path, err) from err
 
 
 def _method_files(folder: Path) -> list[Path]:
@@ -74,6 +120,6 @@ def load_methods(extra_paths: Iterable[str | Path] = ()) -> dict[str, MethodSpec
             raise FileNotFoundError(f"PRUNE_METHODS_PATH entry {str(extra)!r} does not exist")
         for file in _method_files(path) if path.is_dir() else [path]:
             if file not in _loaded_paths:
-                _import_file(file)
+                _import_file(file, str(extra))
                 _loaded_paths.add(file)
     return registered_methods()

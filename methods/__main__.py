@@ -4,7 +4,7 @@ hyper-parameters. Extra method files are loaded from PRUNE_METHODS_PATH, as the 
 import argparse
 import os
 
-from methods import load_methods
+from methods import MethodFileError, load_methods
 
 
 def main(argv=None) -> None:
@@ -12,7 +12,11 @@ def main(argv=None) -> None:
     parser.add_argument("command", nargs="?", default="list", choices=["list"])
     parser.parse_args(argv)
     extra = [p for p in os.environ.get("PRUNE_METHODS_PATH", "").split(os.pathsep) if p.strip()]
-    for name, spec in load_methods(extra).items():
+    try:
+        registry = load_methods(extra)
+    except (FileNotFoundError, MethodFileError) as err:
+        raise SystemExit(f"python -m methods: error: {err}") from None
+    for name, spec in registry.items():
         layer = f"  default layer {spec.default_layer}" if spec.default_layer is not None else ""
         if spec.default_schedule is not None:
             # Shown for a 32-layer model at KEEP_RATIO=0.5; the layers scale with the model's depth.

@@ -9,6 +9,7 @@ See ``methods/_template.py`` for a commented example.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,6 +48,9 @@ class VisionNeeds:
 
     first_layer: int | None = None
     keys: bool = False
+    # The environment variable that set first_layer (e.g. "VTC_CLS_START_LAYER"), named in the error raised
+    # when it leaves no layer of the encoder to score; not part of equality.
+    first_layer_var: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -253,6 +257,19 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
+class RegistrationError(ValueError):
+    """A ``register_prune`` call the registry refuses: the message says why and what is allowed."""
+
+    def __init__(self, reason: str, allowed: str):
+        super().__init__(f"{reason}; allowed: {allowed}")
+        self.reason, self.allowed = reason, allowed
+
+
+def _module_file(module: str) -> str:
+    """The file of an imported module (for messages), else the module's name."""
+    return getattr(sys.modules.get(module), "__file__", None) or module
+
+
 def stage_of(name: str) -> str | None:
     for stage in STAGES:
         if name.endswith("_" + stage):
@@ -277,18 +294,25 @@ def register_prune(
     """
     stage = stage_of(name)
     if stage is None:
-        raise ValueError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'")
+        raise RegistrationError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'",
+                                "a method name ending in '_pre_llm' or '_intra_llm' (the suffix fixes the stage)")
     if stage == INTRA_LLM and default_layer is None and default_schedule is None:
-        raise ValueError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule")
+        raise RegistrationError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule",
+                                "register_prune(name, default_layer=K) or default_schedule=...")
     if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
-        raise ValueError(f"pre-LLM method {name!r} takes no default_layer or default_schedule")
+        raise RegistrationError(f"pre-LLM method {name!r} takes no default_layer or default_schedule",
+                                "no default_layer / default_schedule for a method whose name ends in '_pre_llm'")
     if stage == INTRA_LLM and vision is not None:
-        raise ValueError(f"intra-LLM method {name!r} cannot read vision-encoder signals (pre-LLM only)")
+        raise RegistrationError(f"intra-LLM method {name!r} cannot read vision-encoder signals (pre-LLM only)",
+                                "vision=... on pre-LLM methods only")
 
     def decorator(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            previous = _REGISTRY[name].source
-            raise ValueError(f"pruning method {name!r} is registered twice ({previous} and {fn.__module__})")
+            previous = _module_file(_REGISTRY[name].source)
+            raise RegistrationError(f"pruning method {name!r} is registered twice ({previous} and "
+                                    f"{_module_file(fn.__module__)})",
+                                    "a name not registered yet: rename it (see `python -m methods` for the names "
+                                    "in use)")
         doc = (fn.__doc__ or "").strip()
         _REGISTRY[name] = MethodSpec(
             name=name,

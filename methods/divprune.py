@@ -5,7 +5,7 @@ the first token is the most isolated one (largest distance to its nearest *other
 second-smallest entry of its column of D), then greedily the token whose distance to the already chosen
 set is largest. Ties go to the lowest index (``argmax``). The official loop re-takes the minimum over all
 chosen rows at every step (O(K^2 N)); a running minimum gives the identical choice in O(K N).
-Computed in fp32. Differences from the official code: the toolkit's keep-count rule (see README),
+Computed in fp32. Differences from the official code: the toolkit's keep-count rule (see docs/configuration.md),
 per-span pruning (each image or video is its own set), and a chosen token is never chosen again (the
 official loop re-picks one when every remaining token duplicates a chosen one, e.g. in flat image regions,
 because a token's float distance to itself can exceed 0). No hyper-parameters.

@@ -23,7 +23,7 @@ Hyper-parameters:
   PRUMERGE_ADAPTIVE (default 1): 1 = IQR outlier count (official), 0 = the keep-count rule.
   PRUMERGE_NEIGHBOURS (default 32): k, the neighbours merged into each kept token.
 
-Adaptations (see README, "Vision-encoder signals"):
+Adaptations (see docs/methods.md, "Vision-encoder signals"):
   * [CLS] attention -> mean attention received at the encoder's last layer, model heads averaged
     (``ctx.vision_attention_received``); the official code computes one full-width "head" from the 1024-d
     q/k projections. Keys: that layer's key vectors, all heads concatenated as the official full-width

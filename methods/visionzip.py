@@ -18,7 +18,7 @@ keep-count rule on ``KEEP_RATIO`` (exact count), per span: D = round(K * ratio),
 Hyper-parameters:
   VISIONZIP_DOMINANT_RATIO (default 54/64 = 0.84375): share of the budget taken by dominant tokens.
 
-Adaptations (see README, "Vision-encoder signals"):
+Adaptations (see docs/methods.md, "Vision-encoder signals"):
   * [CLS] attention is replaced by the mean attention received at the encoder's last layer and keys by that
     layer's head-averaged keys (``ctx.vision_attention_received``, ``ctx.vision_keys``), as HoliTom's
     VisionZip port does for SigLIP; the last layer is the feature layer in Qwen and Gemma 4 (CLIP layer -2 in

@@ -17,7 +17,7 @@ T is the toolkit's keep-count rule on ``KEEP_RATIO`` (exact count), per span.
 Hyper-parameters:
   VISPRUNER_IMPORTANT_RATIO (default 0.5): fraction r of the budget chosen by attention.
 
-Adaptations (see README, "Vision-encoder signals"):
+Adaptations (see docs/methods.md, "Vision-encoder signals"):
   * Attention: the mean attention received at the encoder's last layer (``ctx.vision_attention_received``),
     exactly the official SigLIP path for towers without [CLS]; in Qwen and Gemma 4 the last layer is the
     feature layer, as CLIP layer -2 is in LLaVA. Qwen2.5-VL: its last full-attention block.

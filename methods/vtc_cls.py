@@ -16,7 +16,7 @@ Hyper-parameters:
   layer); on a deeper encoder 16 sums more (Qwen2-VL's 32 layers: 16..31), and -7 sums as many as the
   official default does.
 
-Adaptations (see README, "Vision-encoder signals"):
+Adaptations (see docs/methods.md, "Vision-encoder signals"):
   * The [CLS] row is replaced by the mean attention a token receives (``ctx.vision_attention_received``),
     as VisPruner and HoliTom do for [CLS]-free SigLIP towers; Qwen's and Gemma 4's encoders have no [CLS].
   * The summed range ends at the encoder's last layer, which is the one feeding the projector in Qwen and
@@ -43,7 +43,8 @@ def vtc_cls_scores(ctx: PruneContext) -> torch.Tensor:
 
 
 @register_prune("vtc_cls_pre_llm", params=[START_LAYER],
-                vision=lambda params: VisionNeeds(first_layer=params["VTC_CLS_START_LAYER"]))
+                vision=lambda params: VisionNeeds(first_layer=params["VTC_CLS_START_LAYER"],
+                                                  first_layer_var="VTC_CLS_START_LAYER"))
 def vtc_cls_pre_llm(ctx: PruneContext) -> torch.Tensor:
     """VTC-CLS: keep the tokens with the largest encoder attention summed over layers start..last."""
     return top_k_in_order(vtc_cls_scores(ctx), ctx.keep)

@@ -2,7 +2,7 @@
 
 On a random Qwen2.5-VL-shaped model of mid size (8 decoder layers, hidden 512, 8 query / 2 key-value heads,
 MLP 2752; a small vision encoder), through the real hooks and the same profiler as the runners
-(``profiling.py``, definitions in the README, "Profiling"), every configuration's ``generate`` calls interleaved
+(``profiling.py``, definitions in docs/profiling.md), every configuration's ``generate`` calls interleaved
 round-robin so that drifts of the machine hit all of them alike:
 
 1. prefill speed-up vs keep ratio, pre-LLM (``uniform_pre_llm``) and intra-LLM (FastV before layer 2), next to
@@ -121,7 +121,9 @@ def method_env(method: str | None, ratio: float = KEEP) -> dict | None:
     """Pruning environment of a configuration: None = patches removed, {} = stock through the hooks."""
     if method in (None, "stock"):
         return {} if method == "stock" else None
-    return {"PRUNE_METHOD": method, "KEEP_RATIO": str(ratio), **BENCH_PARAMS}
+    declared = {param.env for param in methods.load_methods()[method].params}
+    return {"PRUNE_METHOD": method, "KEEP_RATIO": str(ratio),
+            **{var: value for var, value in BENCH_PARAMS.items() if var in declared}}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ categories with at least ``--min-category-samples`` samples (from VLMEvalKit's p
 
 A metric whose values all lie in [0, 1] (an accuracy) is shown in percent, and differences in points. Runs profiled
 with METHOD_TIME / PREFILL_TIME also get the medians of their profile summary (``profile_summary_<data>.json``;
-definitions in the README, "Profiling"): time to first token, prefill, pruning, decode per token, KV cache, peak
+definitions in docs/profiling.md): time to first token, prefill, pruning, decode per token, KV cache, peak
 memory and equivalent visual tokens.
 
     python scripts/summarize.py WORK_DIR            # writes summary.csv, summary.json, accuracy_vs_keep_ratio.png
@@ -95,6 +95,23 @@ def per_sample_results(run_dir: Path, name: str, dataset: str) -> pd.DataFrame |
     return None
 
 
+def chance_accuracy(results: pd.DataFrame) -> float | None:
+    """The accuracy of guessing uniformly among each question's options: the mean of 1 / options over the rows
+    of a multiple-choice judge file (VLMEvalKit MCQ data sets keep their options in columns A, B, C, ...; an empty
+    cell is no option). None when the file has no option columns."""
+    letters = []
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        if letter not in results:
+            break
+        letters.append(letter)
+    if len(letters) < 2:
+        return None
+    options = results[letters].apply(lambda column: column.map(lambda v: not pd.isna(v) and str(v).strip() != ""))
+    counts = options.sum(axis=1)
+    counts = counts[counts > 0]
+    return float((1.0 / counts).mean()) if len(counts) else None
+
+
 def _primary_metric(report_row: dict) -> tuple[str, float]:
     name, value = report_row["primary_metric"], report_row["primary_metric_value"]
     if isinstance(value, dict):  # several primary metrics: the first one
@@ -125,6 +142,9 @@ def run_rows(run_dir: Path, min_category_samples: int) -> list[dict]:
                 if metric in profile["metrics"]:
                     row[column] = profile["metrics"][metric]["median"] * scale
         results = per_sample_results(run_dir, name, dataset)
+        chance = None if results is None else chance_accuracy(results)
+        if chance is not None:
+            row["chance"] = chance
         if results is not None and "category" in results:
             for category, group in results.groupby("category"):
                 if len(group) >= min_category_samples:
@@ -146,17 +166,19 @@ def collect(work_dir: str | Path, min_category_samples: int = 5) -> pd.DataFrame
         return table
     categories = [c for c in table if c.startswith("cat:")]
     table["unit"] = ""
+    scaled = categories + (["chance"] if "chance" in table else [])
     for dataset, group in table.groupby("dataset"):
         if group["score"].between(0, 1).all():  # accuracies: percent
             table.loc[group.index, "score"] *= 100
-            table.loc[group.index, categories] *= 100
+            table.loc[group.index, scaled] *= 100
             table.loc[group.index, "unit"] = "%"
     stock = table[table["method"] == "stock"].groupby(["model", "dataset"])["score"].first()
     table["delta"] = [row.score - stock.get((row.model, row.dataset), float("nan")) for row in table.itertuples()]
     table = table.sort_values(["model", "dataset", "keep_ratio", "method"], ascending=[True, True, False, True])
     profiled = [c for c in [*PROFILE_COLUMNS, "profiled_samples"] if c in table]
+    chance = ["chance"] if "chance" in table else []  # the accuracy of guessing (multiple-choice data sets)
     columns = ["model", "dataset", "method", "stage", "keep_ratio", "tokens_before", "tokens_after", "metric",
-               "score", "unit", "delta", "samples"] + sorted(categories) + profiled + ["token_records", "run"]
+               "score", "unit", "delta", "samples"] + chance + sorted(categories) + profiled + ["token_records", "run"]
     return table[columns].reset_index(drop=True)
 
 
@@ -192,9 +214,12 @@ def save_table(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 # The plot
 # --------------------------------------------------------------------------------------------------
-def plot_accuracy(table: pd.DataFrame, path: str | Path) -> Path:
-    """Score vs effective keep ratio, one line per method and stage, stock as a dashed reference; one panel per
-    (model, data set)."""
+STOCK_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.5, "zorder": 5}  # on top of the method lines
+CHANCE_STYLE = {"color": "grey", "linestyle": ":", "linewidth": 1.2, "zorder": 1.5}  # under them
+
+
+def accuracy_figure(table: pd.DataFrame):
+    """The figure of :func:`plot_accuracy` (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,18 +228,39 @@ def plot_accuracy(table: pd.DataFrame, path: str | Path) -> Path:
     panels = list(table.groupby(["model", "dataset"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, ((model, dataset), group) in zip(axes[0], panels):
+        unit = group["unit"].iloc[0]
         pruned = group[group["method"] != "stock"]
         for (method, stage), line in pruned.groupby(["method", "stage"]):
             line = line.sort_values("keep_ratio")
-            ax.plot(line["keep_ratio"], line["score"], marker="o", label=f"{method} ({stage})")
+            # Not clipped: a line at 100 % stays whole on the fixed 0-100 axis.
+            ax.plot(line["keep_ratio"], line["score"], marker="o", label=f"{method} ({stage})", clip_on=False)
         for score in group.loc[group["method"] == "stock", "score"]:
-            ax.axhline(score, color="black", linestyle="--", linewidth=1, label="stock")
+            ax.axhline(score, label=f"stock ({score:.1f}{unit})", clip_on=False, **STOCK_STYLE)
+        chance = group["chance"].dropna() if "chance" in group and unit == "%" else pd.Series(dtype=float)
+        if len(chance):
+            ax.axhline(chance.mean(), label=f"chance ({chance.mean():.3g}%)", **CHANCE_STYLE)
+        if unit == "%":
+            ax.set_ylim(0, 100)
+        # The whole keep-ratio range, ticks where there are runs: one ratio is a point, not a 3-point window.
+        ratios = sorted({*pruned["keep_ratio"].round(6), 1.0})
+        ax.set_xlim(0, 1.05)
+        ax.set_xticks(ratios, [f"{r:.3g}" for r in ratios])
         ax.set_xlabel("keep ratio (fraction of visual tokens kept)")
-        ax.set_ylabel("accuracy (%)" if group["unit"].iloc[0] == "%" else group["metric"].iloc[0])
+        ax.set_ylabel("accuracy (%)" if unit == "%" else group["metric"].iloc[0])
         ax.set_title(f"{model} — {dataset}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(table: pd.DataFrame, path: str | Path) -> Path:
+    """Score vs effective keep ratio, one line per method and stage, stock as a dashed black reference drawn on top,
+    chance (multiple-choice data sets) as a dotted grey line; one panel per (model, data set). Accuracies are
+    shown on a fixed 0-100 % axis, keep ratios on 0-1."""
+    fig = accuracy_figure(table)
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)

@@ -31,7 +31,7 @@ from tests.oracle import patched
 SHIPPED = {family.name: family for family in (QWEN, GEMMA4)}
 # The question types each shipped model has learned (>= 95 % held-out, TRAINING.md): the accuracy bounds are
 # checked on those. The Gemma 4 model answers colour questions (100 %) but not yet shape (50 %) or position (70 %)
-# ones reliably; see the README.
+# ones reliably; see docs/calibration.md.
 LEARNED = {QWEN.name: data.CATEGORIES, GEMMA4.name: ("colour",)}
 VISUAL_TOKENS_MODULE = {QWEN.name: "visual", GEMMA4.name: "embed_vision"}  # returns the LLM's visual tokens
 QUESTIONS = 90  # held-out questions evaluated in-process per configuration

@@ -1,6 +1,7 @@
 """Configuration from the environment: every bad input raises one clear message, before a model loads."""
 
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -85,6 +86,67 @@ def test_bad_input_names_variable_value_and_allowed(env, fragments):
     message = str(err.value)
     for fragment in fragments:
         assert fragment.lower() in message.lower(), message
+
+
+@pytest.mark.parametrize("env, text", [
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD_PRE_LLM": "fastv_intra_llm"},
+     "PRUNE_METHOD_PRE_LLM='fastv_intra_llm': is an intra-LLM method; allowed: pre-LLM methods: cdpruner_pre_llm"),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD_INTRA_LLM": "divprune_pre_llm"},
+     "PRUNE_METHOD_INTRA_LLM='divprune_pre_llm': is a pre-LLM method; allowed: intra-LLM methods: dart_intra_llm"),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "random_pre_llm", "PRUNE_RANDOM_SEED": "x"},
+     "; allowed: an int, default 0"),
+    ({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "gprune_pre_llm", "GPRUNE_THRESHOLD": "x"},
+     "; allowed: a float, default 0.5"),
+])
+def test_messages_use_the_right_article(env, text):
+    with pytest.raises(PruneConfigError) as err:
+        PruneConfig.from_env(env)
+    assert text in str(err.value)
+
+
+def ignored_warnings(**env) -> list[str]:
+    """The 'is set but' warnings of one parse (any other warning passes through)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse(**env)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and " is set but " in str(w.message)]
+
+
+def test_keep_ratio_without_a_method_warns_once_that_the_run_is_stock():
+    with pytest.warns(UserWarning, match=r"^KEEP_RATIO=0\.25 is set but no pruning method is configured \(PRUNE_METHOD, "
+                      r"PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS\): the run is stock$"):
+        assert not parse(KEEP_RATIO=0.25).active
+    assert len(ignored_warnings(KEEP_RATIO=0.25)) == 1
+
+
+def test_hyper_parameters_of_methods_not_configured_warn():
+    assert ignored_warnings(KEEP_RATIO=0.5, PRUNE_METHOD="random_pre_llm", DART_PIVOT_IMAGE_TOKENS=8) == [
+        "DART_PIVOT_IMAGE_TOKENS=8 is set but dart_intra_llm is not configured: it has no effect"]
+    # Stock: each variable once, KEEP_RATIO too.
+    assert ignored_warnings(KEEP_RATIO=0.5, DART_PIVOT_TEXT_TOKENS=2, VTC_CLS_START_LAYER=-1) == [
+        "KEEP_RATIO=0.5 is set but no pruning method is configured (PRUNE_METHOD, PRUNE_METHOD_PRE_LLM, "
+        "PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS): the run is stock",
+        "DART_PIVOT_TEXT_TOKENS=2 is set but dart_intra_llm is not configured: it has no effect",
+        "VTC_CLS_START_LAYER=-1 is set but vtc_cls_pre_llm is not configured: it has no effect"]
+    with pytest.warns(UserWarning, match="PRUNE_RANDOM_SEED=3 is set but neither random_intra_llm nor "
+                                         "random_pre_llm is configured: it has no effect"):
+        parse(KEEP_RATIO=0.5, PRUNE_METHOD="fastv_intra_llm", PRUNE_RANDOM_SEED=3)
+
+
+def test_a_variable_shared_by_methods_is_used_if_any_configured_method_reads_it():
+    assert ignored_warnings(KEEP_RATIO=0.5, PRUNE_METHOD="random_intra_llm", PRUNE_RANDOM_SEED=3) == []
+    assert ignored_warnings(INTRA_LLM_LAYER_SPECS="2:fastv_intra_llm:0.5;4:random_intra_llm:0.25",
+                            PRUNE_RANDOM_SEED=3) == []
+
+
+def test_a_normal_configuration_warns_nothing():
+    for env in ({}, {"KEEP_RATIO": "0.5", "PRUNE_METHOD": "divprune_pre_llm"},
+                {"KEEP_RATIO": "0.5", "PRUNE_METHOD": "dart_intra_llm", "DART_PIVOT_IMAGE_TOKENS": "8"},
+                {"KEEP_RATIO": "0.5", "PRUNE_METHOD_PRE_LLM": "vtc_cls_pre_llm", "VTC_CLS_START_LAYER": "-1",
+                 "PRUNE_METHOD_INTRA_LLM": "fastv_intra_llm", "DART_PIVOT_TEXT_TOKENS": ""}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            PruneConfig.from_env(env)
 
 
 def test_layer_beyond_depth_is_refused_when_the_model_is_known():

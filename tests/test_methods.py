@@ -30,6 +30,58 @@ def test_register_rejects_names_without_a_stage_suffix():
         methods.register_prune("nostage")
 
 
+# ---------------------------------------------------------------- What the hooks accept from a method
+RETURNED = {}
+
+
+@pytest.fixture
+def returning_method():
+    """A test-only pre-LLM method that returns ``RETURNED["indices"]`` as its indices."""
+
+    @methods.register_prune("returning_pre_llm")
+    def returning_pre_llm(ctx):
+        """Test method."""
+        return RETURNED["indices"]
+
+    yield "returning_pre_llm"
+    methods._base._REGISTRY.pop("returning_pre_llm")
+
+
+def select_with(name, indices):
+    """Run ``name`` through the hooks on one sample: 2 text tokens around a 4-token image span, keep 2."""
+    import hooks
+    from utils import PruneConfig, Stage
+
+    RETURNED["indices"] = indices
+    layout = hooks.find_layout(torch.tensor([[1, 5, 5, 5, 5, 2]]), None, {5: "image"}, {"image": [(1, 2, 2)]})
+    stage = Stage(name, 0.5)
+    return hooks.select_tokens(stage, PruneConfig(pre_llm=stage), layout, torch.randn(1, 6, 8))
+
+
+@pytest.mark.parametrize("indices", [torch.tensor([0.0, 2.7]), torch.tensor([True, False]),
+                                     torch.tensor([1.0, 3.0], dtype=torch.float16), torch.tensor([0j, 1j])])
+def test_non_integer_indices_are_refused_by_name(returning_method, indices):
+    with pytest.raises(TypeError) as err:
+        select_with(returning_method, indices)
+    assert str(err.value) == (f"pruning method returning_pre_llm returned indices of dtype {indices.dtype} for a span "
+                              f"of 4 tokens; allowed: an integer tensor (e.g. torch.long) of span-local indices in "
+                              f"[0, 4)")
+    with pytest.raises(TypeError, match="dtype torch.float32"):  # in a PruneResult too
+        select_with(returning_method, methods.PruneResult(torch.tensor([0.0, 1.0]), torch.zeros(2, 8)))
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.uint8])
+def test_integer_indices_of_any_width_are_accepted(returning_method, dtype):
+    selection = select_with(returning_method, torch.tensor([3, 1], dtype=dtype))
+    assert selection.index.tolist() == [[0, 2, 4, 5]]
+
+
+def test_out_of_range_indices_say_what_is_allowed(returning_method):
+    with pytest.raises(ValueError, match=r"returning_pre_llm returned out-of-range .* span of 4; allowed: distinct "
+                                         r"span-local indices in \[0, 4\)"):
+        select_with(returning_method, torch.tensor([1, 4]))
+
+
 # ---------------------------------------------------------------- DivPrune
 def official_divprune(features, keep):
     """The official loop as published: min over all chosen rows at every step (O(K^2 N))."""

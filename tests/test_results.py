@@ -65,6 +65,51 @@ def test_table_files_and_plot_are_written(table, tmp_path):
     assert "24.0 → 12.0" in printed and "intra-LLM L2" in printed and printed.count("\n") == 4
 
 
+def test_chance_is_the_mean_of_one_over_the_options():
+    four = pd.DataFrame({"A": ["x"] * 3, "B": ["y"] * 3, "C": ["z"] * 3, "D": ["w"] * 3, "hit": [1, 0, 0]})
+    assert summarize.chance_accuracy(four) == pytest.approx(0.25)
+    mixed = pd.DataFrame({"A": ["x", "x"], "B": ["y", "y"], "C": ["z", None], "D": [" ", float("nan")]})
+    assert summarize.chance_accuracy(mixed) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert summarize.chance_accuracy(pd.DataFrame({"question": ["q"], "hit": [1]})) is None
+
+
+def test_plot_shows_stock_on_top_chance_and_a_fixed_accuracy_scale(table):
+    import matplotlib.pyplot as plt
+
+    assert table["chance"].tolist() == pytest.approx([25.0] * 3)  # four options per question, in percent
+    fig = summarize.accuracy_figure(table)
+    try:
+        (ax,) = fig.axes
+        assert ax.get_ylim() == (0, 100) and ax.get_xlim() == pytest.approx((0, 1.05))
+        assert list(ax.get_xticks()) == pytest.approx([0.25, 0.5, 1.0])
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        stock = lines[f"stock ({table['score'][0]:.1f}%)"]
+        chance = lines["chance (25%)"]
+        methods_ = [lines["divprune_pre_llm (pre-LLM)"], lines["fastv_intra_llm (intra-LLM L2)"]]
+        assert (stock.get_color(), stock.get_linestyle()) == ("black", "--")
+        assert (chance.get_color(), chance.get_linestyle()) == ("grey", ":") and set(chance.get_ydata()) == {25.0}
+        # Every run scores the same here: the stock line must stay visible on top of the method lines.
+        assert all(stock.get_zorder() > line.get_zorder() > chance.get_zorder() for line in methods_)
+        assert all(line.get_marker() == "o" and line.get_linestyle() == "-" for line in methods_)
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert stock.get_label() in legend and "chance (25%)" in legend
+    finally:
+        plt.close(fig)
+
+
+def test_plot_of_a_single_keep_ratio_spans_the_whole_ratio_axis(table):
+    import matplotlib.pyplot as plt
+
+    fig = summarize.accuracy_figure(table[table["method"].isin(["stock", "divprune_pre_llm"])])
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xlim() == pytest.approx((0, 1.05)) and list(ax.get_xticks()) == pytest.approx([0.5, 1.0])
+        assert [label.get_text() for label in ax.get_xticklabels()] == ["0.5", "1"]
+        assert ax.get_ylim() == (0, 100)
+    finally:
+        plt.close(fig)
+
+
 def test_summary_cli_writes_everything(evaluated, tmp_path, capsys):
     summarize.main([str(evaluated.work_dir), "--out", str(tmp_path)])
     assert {p.name for p in tmp_path.iterdir()} == {*summarize.TABLE_FILES, summarize.PLOT_FILE}

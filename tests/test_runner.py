@@ -67,7 +67,7 @@ def test_runner_flags_are_split_off_and_never_clash_with_vlmeval():
     vlmeval_flags = inspect.getsource(vlmeval.run.parse_args)
     parser = evalkit.runner_parser("run_qwenvl.py", run_qwenvl.FAMILY)
     ours = [flag for action in parser._actions for flag in action.option_strings]
-    assert len(ours) == 6
+    assert len(ours) == 7
     for flag in ours:
         assert f"'{flag}'" not in vlmeval_flags or flag in ("-h", "--help")
     options, rest = parser.parse_known_args(
@@ -215,3 +215,189 @@ def test_other_qwen_families_load_from_a_folder_and_prune(evaluated, tmp_path, f
     expected = {"input": tokens, "layer_2": keep_count(tokens, 0.25)}
     assert [r["tokens"] for r in token_records(run_dir)] == [expected, expected]
     assert set(predictions(run_dir)[1]["prediction"]) <= set("ABCD")
+
+
+# ---------------------------------------------------------------- a run never reports success without a result
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+    (["--device", "cuda:3"], "--device cuda:3: CUDA is not available on this machine"),
+    (["--device", "tpu"], "--device 'tpu': unknown device; allowed: auto, cpu, cuda, cuda:N"),
+    (["--device", "cpu", "--attn-implementation", "flash"],
+     "--attn-implementation 'flash': unknown attention implementation; allowed: eager, sdpa, flash_attention_2"),
+    (["--device", "cpu", "--attn-implementation", "flash_attention_2"], "--attn-implementation flash_attention_2"),
+])
+def test_an_unusable_device_or_kernel_exits_2_before_vlmeval_starts(evaluated, tmp_path, capsys, flags, message):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = ["--model", str(evaluated.checkpoint), "--data", shapes_data.NAME, "--work-dir", str(tmp_path / "out"),
+            "--judge", "exact_matching", *flags]
+    assert run_runner(argv, CONFIGS["divprune"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # VLMEvalKit never started
+
+
+def test_a_layer_beyond_the_depth_exits_2_before_vlmeval_starts(evaluated, tmp_path, capsys):
+    argv = ["--model", str(evaluated.checkpoint), "--data", shapes_data.NAME, "--work-dir", str(tmp_path / "out"),
+            *RUNNER_FLAGS]
+    assert run_runner(argv, {"INTRA_LLM_LAYER_SPECS": "9:fastv_intra_llm:0.5"}) == 2
+    err = capsys.readouterr().err
+    assert "INTRA_LLM_LAYER_SPECS: layer 9 (fastv_intra_llm) is beyond the model's depth; allowed: 0..3" in err
+    assert not list((tmp_path / "out").glob("*/*.xlsx")) and not list((tmp_path / "out").glob("*/status.json"))
+
+
+def _fake_run(work_dir: Path, name: str, rows: list[int], predictions: list[str]) -> None:
+    import pandas as pd
+
+    run_dir = work_dir / name
+    run_dir.mkdir(parents=True)
+    path = run_dir / f"{name}_{shapes_data.NAME}.xlsx"
+    if rows:
+        pd.DataFrame({"index": rows, "prediction": predictions}).to_excel(path, index=False)
+    status = {"datasets": {shapes_data.NAME: {"status": "done", "prediction_file": str(path)}}}
+    (run_dir / "status.json").write_text(json.dumps(status))
+
+
+def test_predictions_must_cover_every_row(evaluated, tmp_path):
+    """VLMEvalKit can record a data set as done with no predictions (e.g. the model failed to load)."""
+    import vlmeval.run
+
+    args = evalkit._parse_vlmeval_args(vlmeval.run, "run_qwenvl.py", ["--data", shapes_data.NAME])
+    _fake_run(tmp_path, "complete", list(range(QUESTIONS)), ["A"] * QUESTIONS)
+    _fake_run(tmp_path, "missing", [], [])
+    _fake_run(tmp_path, "partial", list(range(QUESTIONS - 3)), ["A"] * (QUESTIONS - 3))
+    _fake_run(tmp_path, "failed", list(range(QUESTIONS)), ["A"] * (QUESTIONS - 1) + ["Failed to obtain answer"])
+    check = evalkit.check_predictions
+    assert check(tmp_path, ["complete"], [shapes_data.NAME], args, None) == []
+    (missing,) = check(tmp_path, ["missing"], [shapes_data.NAME], args, None)
+    assert missing.startswith(f"missing x {shapes_data.NAME}: no prediction file")
+    (partial,) = check(tmp_path, ["partial"], [shapes_data.NAME], args, None)
+    assert f"3 of {QUESTIONS} rows have no prediction" in partial
+    (failed,) = check(tmp_path, ["failed"], [shapes_data.NAME], args, None)
+    assert "0 of 10 rows have no prediction and 1 a failed one" in failed
+    limited = evalkit._parse_vlmeval_args(vlmeval.run, "run_qwenvl.py", ["--data", shapes_data.NAME, "--limit", "7"])
+    assert check(tmp_path, ["partial"], [shapes_data.NAME], limited, None) == []  # --limit: the first rows
+
+
+def test_a_run_without_predictions_exits_nonzero(evaluated, tmp_path, capsys):
+    """A checkpoint whose weights are gone: VLMEvalKit records the data set, the runner reports the failure."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(evaluated.checkpoint, broken)
+    (broken / "model.safetensors").unlink()
+    argv = ["--model", str(broken), "--data", shapes_data.NAME, "--work-dir", str(tmp_path / "out"), *RUNNER_FLAGS]
+    try:
+        code = run_runner(argv, {})
+    except Exception:  # VLMEvalKit may also let the load error escape; either way no success is reported
+        code = 1
+    assert code == 1
+
+
+# ---------------------------------------------------------------- no stale results
+METHOD_FILE = '''from methods import register_prune
+
+
+@register_prune("edited_pre_llm")
+def edited_pre_llm(ctx):
+    """Keep the first tokens."""
+    return list_of(ctx)
+
+
+def list_of(ctx):
+    import torch
+
+    return torch.arange(ctx.keep)  # BODY
+'''
+
+
+def test_a_method_edit_gives_a_new_run_name(tmp_path):
+    """The run's identity holds the code of the methods it uses, compared by syntax tree."""
+    path = tmp_path / "edited.py"
+    path.write_text(METHOD_FILE)
+    env = {"PRUNE_METHODS_PATH": str(path), "PRUNE_METHOD": "edited_pre_llm", "KEEP_RATIO": "0.5"}
+    name = name_of(config(**env))
+    assert str(path.resolve()) in evalkit.run_identity("vlmeval:M", config(**env), {}, "auto")["method_code"]
+
+    def renamed(text: str) -> str:
+        import methods
+
+        methods._base._REGISTRY.pop("edited_pre_llm", None)
+        methods._loaded_paths.discard(path.resolve())
+        path.write_text(text)
+        return name_of(config(**env))
+
+    try:
+        assert renamed(METHOD_FILE.replace("# BODY", "# a comment only")) == name
+        assert renamed(METHOD_FILE.replace('"""Keep the first tokens."""', '"""Other words."""')) == name
+        assert renamed(METHOD_FILE.replace("torch.arange(ctx.keep)", "torch.arange(ctx.keep).flip(0)")) != name
+    finally:
+        import methods
+
+        methods._base._REGISTRY.pop("edited_pre_llm", None)
+        methods._loaded_paths.discard(path.resolve())
+
+
+def test_the_identity_follows_imported_method_code_and_the_machinery():
+    identity = evalkit.run_identity("vlmeval:M", config(PRUNE_METHOD="prumerge_plus_pre_llm", KEEP_RATIO=0.5), {},
+                                    "auto", run_qwenvl.FAMILY)
+    assert {"methods/prumerge_plus.py", "methods/prumerge.py", "methods/_base.py"} <= set(identity["method_code"])
+    assert {"hooks.py", "patching.py", "utils.py", "evalkit.py", "custom_qwenvl.py", "run_qwenvl.py"} <= set(
+        identity["machinery_code"])
+    stock = evalkit.run_identity("vlmeval:M", config(), {}, "auto", run_qwenvl.FAMILY)
+    assert stock["method_code"] == {} and stock["machinery_code"] == identity["machinery_code"]
+
+
+def test_the_machinery_digest_changes_with_code_not_comments(tmp_path):
+    path = tmp_path / "module.py"
+    path.write_text("def f(x):\n    return x + 1\n")
+    digest = evalkit._syntax_digest(path)
+    path.write_text('"""Doc."""\n\n# comment\ndef f(x):  # why\n    """What."""\n    return x + 1\n')
+    assert evalkit._syntax_digest(path) == digest
+    path.write_text("def f(x):\n    return x + 2\n")
+    assert evalkit._syntax_digest(path) != digest
+
+
+# ---------------------------------------------------------------- a checkpoint's own code never runs unasked
+REMOTE_MODULE = '''from pathlib import Path
+
+Path({marker_path!r}).touch()
+
+from transformers import {processor} as _Native
+
+
+class RemoteProcessor(_Native):
+    pass
+'''
+
+
+def with_remote_code(checkpoint: Path, folder: Path, processor_class: str) -> tuple[Path, Path]:
+    """A copy of ``checkpoint`` whose config files name a module of its own (``auto_map``) that leaves a marker
+    file when imported."""
+    import shutil
+
+    shutil.copytree(checkpoint, folder)
+    marker = folder.parent / f"{folder.name}.imported"
+    (folder / "remote.py").write_text(REMOTE_MODULE.format(marker_path=str(marker), processor=processor_class))
+    for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        file = folder / name
+        if file.exists():
+            data = json.loads(file.read_text())
+            data["auto_map"] = {"AutoProcessor": "remote.RemoteProcessor"}
+            file.write_text(json.dumps(data))
+    return folder, marker
+
+
+def test_loading_resolves_trust_remote_code_as_the_runner_says(evaluated, tmp_path):
+    """Inside a wrapper's loading, transformers' own trust_remote_code=True (VLMEvalKit's Gemma4 passes it) gives
+    way to the runner's setting: the checkpoint's module is imported only with --trust-remote-code."""
+    from transformers import AutoProcessor
+
+    load = evalkit.LoadSettings("cpu", "sdpa", "auto")
+    for trust in (False, True):
+        folder, marker = with_remote_code(evaluated.checkpoint, tmp_path / f"remote-{trust}", "Qwen2_5_VLProcessor")
+        with evalkit._loading_with({**load.from_pretrained_kwargs(), "trust_remote_code": trust}):
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert marker.exists() == trust
+        assert (type(processor).__name__ == "RemoteProcessor") == trust

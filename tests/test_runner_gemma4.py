@@ -21,7 +21,7 @@ from tests.support.tiny_checkpoints import save_checkpoint
 from tests.support.tiny_gemma import build_processor
 from tests import conftest
 from tests.conftest import QUESTIONS, RUNNER_FLAGS, evaluate, run_runner
-from tests.test_runner import predictions, token_records
+from tests.test_runner import predictions, token_records, with_remote_code
 from utils import keep_count
 
 CONFIGS = {**conftest.CONFIGS, "budget": {}}
@@ -187,3 +187,15 @@ def test_other_gemma4_variants_load_from_a_folder_and_prune(lmudata_env, tmp_pat
     expected = {"input": TOKENS, "pre_llm": pre, "layer_3": keep_count(pre, 0.5)}
     assert [r["tokens"] for r in token_records(run_dir)] == [expected, expected]
     assert set(predictions(run_dir)[1]["prediction"]) <= set("ABCD")
+
+
+def test_a_checkpoints_own_code_does_not_run_unless_asked(evaluated_gemma, tmp_path):
+    """VLMEvalKit's Gemma4 wrapper loads with trust_remote_code=True: a copied checkpoint whose config files name a
+    module of its own (auto_map) would have it imported. The runner keeps it off unless --trust-remote-code."""
+    folder, marker = with_remote_code(evaluated_gemma.checkpoint, tmp_path / "remote-ckpt", "Gemma4Processor")
+    argv = ["--model", str(folder), "--data", shapes_data.NAME, "--work-dir", str(tmp_path / "out"), "--limit", "1",
+            *RUNNER_FLAGS]
+    assert run_runner(argv, {}, "run_gemma4") == 0
+    assert not marker.exists()
+    assert run_runner([*argv, "--trust-remote-code"], {}, "run_gemma4") == 0
+    assert marker.exists()  # the flag lets it run, so the check above can fail

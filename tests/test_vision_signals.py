@@ -17,7 +17,7 @@ import methods
 from methods import VisionNeeds
 from tests.support.tiny_models import FAMILIES, build_model
 from tests.test_qwenvl import forward_logits, gather, greedy, inputs_for, patched, single
-from utils import keep_count
+from utils import PruneConfigError, keep_count
 
 MODULES = {"qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
            "qwen2_5_vl": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
@@ -145,6 +145,24 @@ def test_vision_layers_follow_the_request():
     assert hooks.vision_layers(VisionNeeds(first_layer=-9), list(range(32)), 32) == list(range(23, 32))
     with pytest.raises(hooks.PruneConfigError, match="no globally attending layer"):
         hooks.vision_layers(VisionNeeds(first_layer=32), full_blocks, 32)
+    with pytest.raises(hooks.PruneConfigError, match=r"^START='-33': .* past the first .*allowed: -32\.\.31"):
+        hooks.vision_layers(VisionNeeds(first_layer=-33, first_layer_var="START"), list(range(32)), 32)
+    with pytest.raises(hooks.PruneConfigError, match=r"^START='-1': .*allowed: 0\.\.31 or -33\.\.-2 "):
+        hooks.vision_layers(VisionNeeds(first_layer=-1, first_layer_var="START"), full_blocks, 33)
+
+
+@pytest.mark.parametrize("family, start", [("qwen2_vl", 16), ("qwen2_5_vl", 2), ("qwen3_vl", -3)])
+def test_vtc_cls_start_layer_beyond_the_encoder_is_named(family, start):
+    """The tiny encoders have 2 layers (Qwen2.5-VL: the full-attention block is the last one): the first forward
+    refuses a start layer outside them, naming VTC_CLS_START_LAYER, its value and this encoder's range."""
+    model = build_model(family)
+    with patched(KEEP_RATIO=0.5, PRUNE_METHOD="vtc_cls_pre_llm", VTC_CLS_START_LAYER=start):
+        with pytest.raises(PruneConfigError) as err:
+            forward_logits(model, inputs_for(family, "image"))
+    blocks = [1] if family == "qwen2_5_vl" else [0, 1]
+    assert str(err.value).startswith(f"VTC_CLS_START_LAYER='{start}': first vision-encoder layer {start} ")
+    assert str(err.value).endswith(f"allowed: -2..1 (a negative index counts from the end) for this encoder of 2 "
+                                   f"layers, whose globally attending layers are {blocks}")
 
 
 def test_encoder_is_not_hooked_for_methods_without_vision_signals(monkeypatch):
