@@ -177,7 +177,9 @@ def _gemma_processor():
     return processors.make_processor(processors.train_gemma_tokenizer(_corpus(("user", "model")), vocab_size=600))
 
 
-def _gemma_config() -> Gemma4Config:
+def gemma_config(**text_overrides) -> Gemma4Config:
+    """The calibration model's config; ``text_overrides`` replace text-config entries (e.g. a wider model for
+    ``scripts/gpu_check.py``)."""
     tokenizer = _gemma_processor().tokenizer
     get = tokenizer.convert_tokens_to_ids
     vocab_size = -(-len(tokenizer) // 8) * 8
@@ -209,6 +211,7 @@ def _gemma_config() -> Gemma4Config:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, get("<turn|>")],
     )
+    text.update(text_overrides)
     vision = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=48, patch_size=16, pooling_kernel_size=3,
                   position_embedding_size=256, use_clipped_linears=True, standardize=False)
@@ -236,7 +239,7 @@ GEMMA4 = CalibrationFamily(
     default_seed=2,  # seed 1: shape questions at chance, see docs/calibration.md
     default_steps=2000,
     build_processor=_gemma_processor,
-    build_config=_gemma_config,
+    build_config=gemma_config,
     vision_input_keys=("pixel_values", "image_position_ids"),
     generation_ids=_gemma_generation_ids,
 )

@@ -76,7 +76,8 @@ SPECIAL_IDS = dict(image_token_id=412, video_token_id=413, vision_start_token_id
 # --------------------------------------------------------------------------------------------------
 # Model and inputs
 # --------------------------------------------------------------------------------------------------
-def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, device, dtype):
+def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, device, dtype,
+                attn_implementation: str = "sdpa"):
     """A random Qwen2.5-VL (default weight init; the tiny models' vocabulary and special ids)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -95,7 +96,7 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediat
                               video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
                               vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     return model.to(device, dtype).eval()
 
 
@@ -130,8 +131,8 @@ def method_env(method: str | None, ratio: float = KEEP) -> dict | None:
 # Measuring
 # --------------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, model, warmup: int, repeats: int):
-        self.model, self.warmup, self.repeats = model, warmup, repeats
+    def __init__(self, model, warmup: int, repeats: int, new_tokens: int = 1):
+        self.model, self.warmup, self.repeats, self.new_tokens = model, warmup, repeats, new_tokens
         switches = {"METHOD_TIME": "1", "PREFILL_TIME": "1", "PROFILE_WARMUP": str(warmup)}
         self.profiler = profiling.Profiler(PruneConfig.from_env(switches).profile)
         self.profiler.instrument(model)
@@ -142,7 +143,8 @@ class Bench:
         else:
             custom_qwenvl.apply_patches(PruneConfig.from_env(env))
         with torch.no_grad():
-            self.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            self.model.generate(**inputs, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+                                do_sample=False)
 
     def profile(self, configs: dict[str, dict | None], inputs: dict, progress: str) -> dict[str, list[dict]]:
         """``warmup + repeats`` generate calls per configuration, round-robin; the samples after the warm-up."""

@@ -1,0 +1,32 @@
+"""scripts/gpu_check.py in its --dry-run mode: tiny models on the CPU, the structure of its checks and report.
+
+The real run needs a GPU (flash-attn optional); here every check it makes must run and pass on the CPU with sdpa,
+and the report must hold every figure it promises.
+"""
+
+import json
+
+from scripts import gpu_check
+
+
+def test_dry_run_checks_and_reports_everything(tmp_path, capsys):
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    checks = {(c["family"], c["check"]) for c in results["checks"]}
+    assert {("qwen2.5-vl", "keep 1.0 pre-LLM bit-identical"), ("qwen2.5-vl", "keep 1.0 intra-LLM bit-identical"),
+            ("qwen2.5-vl", "pre-LLM 0.25 = LM on the shortened sequence"),
+            ("qwen2.5-vl", "intra-LLM L2 0.25 = layer loop"),
+            ("gemma4", "keep 1.0 pre-LLM bit-identical"), ("gemma4", "keep 1.0 intra-LLM bit-identical")} <= checks
+    assert all(c["passed"] for c in results["checks"])
+    assert results["attention"] == ["sdpa"] and results["dtype"] == "torch.bfloat16"
+    rows = {row["config"]: row for row in results["timings"]["rows"]}
+    assert set(rows) == {"stock", "pre-LLM 0.25", "pre-LLM 0.111", "intra-LLM L2 0.25", "intra-LLM L2 0.111"}
+    for row in rows.values():
+        assert {"prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_cache_bytes", "speedup", "ideal",
+                "peak_memory_increase_bytes"} <= set(row)
+    assert rows["stock"]["ideal"] == 1.0
+    assert rows["pre-LLM 0.111"]["ideal"] > rows["pre-LLM 0.25"]["ideal"] > 1.0
+    assert rows["pre-LLM 0.25"]["kv_cache_bytes"] < rows["stock"]["kv_cache_bytes"]
+    assert printed.count("PASS") == len(results["checks"]) and "FAIL" not in printed
