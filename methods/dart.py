@@ -13,9 +13,10 @@ Before decoder layer K (default 2), from layer K-1:
 * kept = the image pivots and everything the pivots took (text pivots are text: never pruned), in original
   order with original positions.
 
-The pivots are visited in the official order, the iteration order of a Python ``set`` of their sequence
-indices (neither score nor position order); the indices are taken relative to the sample's first real token,
-so a sample visits its pivots in the same order alone or inside a left-padded batch.
+The pivots are visited in the official order, the iteration order of a Python ``set`` built from the list of
+their sequence indices (image pivots, then text pivots, each in score order; neither score nor position order
+results); the indices are taken relative to the sample's first real token, so a sample visits its pivots in the
+same order alone or inside a left-padded batch.
 
 Count rule (exact, the toolkit's K). Official: each pivot takes ``TOPK = int(N (1 - r) / (P_img + P_txt))``
 (Qwen2.5-VL) or ``ceil(128 // 8)`` (LLaVA), so ``P_img + (P_img + P_txt) TOPK`` tokens are kept, only about
@@ -55,10 +56,11 @@ def dart_select(keys: torch.Tensor, normed: torch.Tensor, span_rows: torch.Tenso
     l1 = keys.float().abs().sum(dim=-1)
     image_pivots = top_rows(l1[span_rows], min(pivot_image, keep))  # span-local
     text_pivots = text_rows[top_rows(l1[text_rows], min(pivot_text, text_rows.numel()))]  # sequence rows
-    # Official visiting order: iterate a Python set of the pivots' sequence indices.
-    pivot_rows = {int(span_rows[i]) - origin: int(span_rows[i]) for i in image_pivots}
-    pivot_rows.update({int(t) - origin: int(t) for t in text_pivots})
-    visit = [pivot_rows[i] for i in set(pivot_rows)]
+    # Official visiting order: iterate ``set(image_indices + query_indices)``, a set built from a *list* of the
+    # pivots' sequence indices, image pivots then text pivots, each in score order. (CPython sizes a set built from
+    # a dict differently, so ``set(<dict>)`` of the same indices can iterate in another order.)
+    official = [int(span_rows[i]) - origin for i in image_pivots] + [int(t) - origin for t in text_pivots]
+    visit = [index + origin for index in set(official)]
 
     share, extra = divmod(keep - image_pivots.numel(), len(visit))
     unit = torch.nn.functional.normalize(normed.float(), dim=-1)

@@ -26,8 +26,9 @@ def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
     distance = cosine_distance(features.float())
     if distance.shape[0] == 1:
         return torch.zeros(keep, dtype=torch.long)
-    # Seed: column-wise second-smallest distance = distance to the nearest other token.
-    nearest_other = distance.kthvalue(2, dim=0).values
+    # Seed: column-wise second-smallest distance = distance to the nearest other token (topk of 2 is several times
+    # faster than kthvalue on large N, and gives the same value).
+    nearest_other = distance.topk(2, dim=0, largest=False).values[1]
     return max_min_greedy(distance, int(torch.argmax(nearest_other)), keep)
 
 

@@ -26,6 +26,8 @@ Adaptations (see docs/methods.md, "Vision-encoder signals"):
     (2x2 merge) or Gemma 4 (3x3 pooling).
   * Odd residual sizes (the official tensor code assumes even) give one more a-token than b-tokens.
   * Sorts are stable: equal scores keep the lower index / earlier rank.
+  * The residual tokens' cosine similarities are computed once and read per round (the official code multiplies
+    the a- and b-tokens again every round, which makes it grow as N^3): same rule, O(N^2 D + rounds N^2).
 
 Flash compatibility: yes (attention recomputed from the encoder's own q/k in chunks).
 """
@@ -48,12 +50,18 @@ def vispruner_select(attention: torch.Tensor, features: torch.Tensor, keep: int,
     important, residual = ranked[:important_num], ranked[important_num:]
     if diverse_num == 0:
         return important
+    # Cosine similarities among the residual tokens, computed once (O(N^2 D)); each round then reads the rows of its
+    # a-tokens and the columns of its b-tokens (O(N^2) per round) instead of multiplying them again.
     unit = features.float() / features.float().norm(dim=-1, keepdim=True)
+    similarity = unit[residual] @ unit[residual].T
+    where = torch.empty(features.shape[0], dtype=torch.long, device=residual.device)  # token -> row of similarity
+    where[residual] = torch.arange(residual.numel(), device=residual.device)
     while (drop := min(STEP, residual.numel() - diverse_num)) > 0:
         a, b = residual[0::2], residual[1::2]
-        redundancy = (unit[a] @ unit[b].T).max(dim=1).values
+        rows, cols = where[a].to(similarity.device), where[b].to(similarity.device)
+        redundancy = similarity.index_select(0, rows).index_select(1, cols).max(dim=1).values
         survivors = torch.sort(redundancy, descending=True, stable=True).indices[drop:]
-        residual = torch.cat([a[survivors], b])
+        residual = torch.cat([a[survivors.to(a.device)], b])
     return torch.cat([important, residual])
 
 

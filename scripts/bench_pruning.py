@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import custom_qwenvl  # noqa: E402
 import methods  # noqa: E402
 import profiling  # noqa: E402
-from methods.divprune import cosine_distance, max_min_greedy  # noqa: E402
+from methods.divprune import cosine_distance, divprune_select, max_min_greedy  # noqa: E402
 from utils import PruneConfig  # noqa: E402
 
 KEEP = 0.25
@@ -60,7 +60,7 @@ QUADRATIC = {
     "prumerge_pre_llm": "K x N key similarities (K grows with N)",
     "prumerge_plus_pre_llm": "K x N key similarities (K grows with N)",
     "visionzip_pre_llm": "(N - K) x C key similarities (C grows with N)",
-    "vispruner_pre_llm": "(N - K) / 8 rounds of (N/2)^2 similarities",
+    "vispruner_pre_llm": "N^2 similarities once, then (N - K) / 8 rounds reading (N/2)^2 of them",
     "fitprune_intra_llm": "attention of all N visual rows to every key",
     "sparsevlm_intra_llm": "DPC-kNN pairwise distances of the pruned tokens",
 }
@@ -301,7 +301,7 @@ def divprune_part(tokens: int, hidden: int, keeps: list[int], sizes: list[int], 
         return torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)).to(device)
 
     x = features(tokens)
-    setup = fastest(lambda: cosine_distance(x).kthvalue(2, dim=0))
+    setup = fastest(lambda: cosine_distance(x).topk(2, dim=0, largest=False))
     distance = cosine_distance(x)
     by_keep = [{"keep": k, "ms": fastest(lambda: max_min_greedy(distance, 0, k))} for k in keeps]
     fixed_keep = min(keeps)
@@ -315,6 +315,46 @@ def divprune_part(tokens: int, hidden: int, keeps: list[int], sizes: list[int], 
             "by_tokens": by_tokens,
             "exponent_in_k": loglog_slope([r["keep"] for r in by_keep], [r["ms"] for r in by_keep]),
             "exponent_in_n": loglog_slope([r["tokens"] for r in by_tokens], [r["ms"] for r in by_tokens])}
+
+
+def uniprunebench_divprune(features: torch.Tensor, keep: int) -> torch.Tensor:
+    """UniPruneBench's DivPrune (``methods/DivPrune_PreLLM.py``), re-implemented from its description for timing
+    only: the N x N cosine distances, the seed from each column's two smallest, then at step i the column minimum
+    over the i chosen rows gathered again (O(K^2 N)); selection order."""
+    unit = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - torch.mm(unit, unit.t())
+    chosen = torch.empty(keep, dtype=torch.long, device=features.device)
+    for i in range(keep):
+        if i == 0:
+            scores = torch.topk(distance, 2, dim=0, largest=False).values[1]
+        else:
+            scores = torch.index_select(distance, 0, chosen[:i]).min(dim=0).values
+        chosen[i] = torch.argmax(scores)
+    return chosen
+
+
+def divprune_versus_uniprunebench(tokens: int, hidden: int, keep: int, device) -> dict:
+    """DivPrune end to end (distances, seed, greedy) here and in UniPruneBench, on the same features: wall times,
+    their ratio, the shared N x N distance product's time (the bound on the ratio), and whether the selections are
+    identical."""
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter_ns()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, (time.perf_counter_ns() - start) / 1e6
+
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(device)
+    divprune_select(x[:64], 8)  # warm-up
+    _, distances_ms = timed(lambda: cosine_distance(x))
+    ours, ours_ms = timed(lambda: divprune_select(x, keep))
+    theirs, theirs_ms = timed(lambda: uniprunebench_divprune(x, keep))
+    return {"tokens": tokens, "hidden": hidden, "keep": keep, "ours_ms": ours_ms, "uniprunebench_ms": theirs_ms,
+            "ratio": theirs_ms / ours_ms, "distances_ms": distances_ms,
+            "ratio_bound": theirs_ms / distances_ms, "same_selection": bool(torch.equal(ours.cpu(), theirs.cpu()))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +401,13 @@ def targets(results: dict, check_size: int) -> list[tuple[str, bool | None, str]
     out.append(("DivPrune's greedy selection is O(K N), not O(K^2 N)", scaling["exponent_in_k"] < 1.5,
                 f"time ~ K^{scaling['exponent_in_k']:.2f} at N = {scaling['tokens']}, "
                 f"~ N^{scaling['exponent_in_n']:.2f} at K = {scaling['fixed_keep']}"))
+    versus = results.get("divprune_vs_uniprunebench")
+    if versus:
+        out.append((f"DivPrune >= 20x faster than UniPruneBench's at N = {versus['tokens']}, keep {versus['keep']}, "
+                    f"D = {versus['hidden']}, same selection", versus["ratio"] >= 20 and versus["same_selection"],
+                    f"{versus['ratio']:.1f}x ({versus['ours_ms']:.0f} vs {versus['uniprunebench_ms']:.0f} ms), "
+                    f"same selection: {versus['same_selection']}; the shared N x N distance product alone takes "
+                    f"{versus['distances_ms']:.0f} ms, bounding the ratio at {versus['ratio_bound']:.1f}x"))
     return out
 
 
@@ -445,6 +492,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-tokens", type=int, default=8192, help="visual tokens of the memory prompt")
     parser.add_argument("--methods", nargs="+", default=None, help="methods of the time table (default: all)")
     parser.add_argument("--divprune-tokens", type=int, default=4096)
+    parser.add_argument("--compare-hidden", type=int, default=3584,
+                        help="feature width of the DivPrune vs UniPruneBench comparison (Qwen2.5-VL-7B: 3584; "
+                             "0 skips it: about a minute on one CPU core)")
     parser.add_argument("--divprune-keeps", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     parser.add_argument("--divprune-sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
                         help="N of the second DivPrune table (K fixed at the smallest --divprune-keeps)")
@@ -473,6 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
         custom_qwenvl.remove_patches()
     results["divprune"] = divprune_part(args.divprune_tokens, args.hidden, args.divprune_keeps, args.divprune_sizes,
                                         args.repeats, device)
+    if args.compare_hidden:
+        print("  DivPrune vs UniPruneBench's implementation", file=sys.stderr, flush=True)
+        results["divprune_vs_uniprunebench"] = divprune_versus_uniprunebench(
+            args.divprune_tokens, args.compare_hidden, round(KEEP * args.divprune_tokens), device)
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     results["seconds"] = time.time() - started
     results["targets"] = [{"target": t, "passed": p, "detail": d} for t, p, d in targets(results, args.check_size)]

@@ -584,6 +584,23 @@ def test_dart_matches_the_official_code_when_the_official_count_is_the_keep_coun
         assert kept.tolist() == official_dart(keys.flatten(1), normed, start, n, 4, 4, topk)
 
 
+def test_dart_matches_the_official_code_on_realistic_layouts():
+    """Qwen-like layouts: hundreds of visual tokens, pivot indices in the hundreds. There the iteration order of a
+    set depends on how it was built (from the official list, or from a dict), and pivots draw from one pool in
+    turn, so the visiting order changes the selection."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        start, n, after = (int(torch.randint(low, high, (1,), generator=g)) for low, high in
+                           ((10, 80), (150, 1300), (15, 60)))
+        seq = start + n + after
+        keys, normed = torch.randn(seq, 2, 8, generator=g), torch.randn(seq, 16, generator=g)
+        span, text = torch.arange(start, start + n), torch.cat([torch.arange(start), torch.arange(start + n, seq)])
+        topk = int(n * 0.75 / 8)  # the official quota at reduction ratio 0.75
+        kept = REGISTRY["dart_intra_llm"].fn(intra_context(PlantedSignals(keys=keys, normed=normed), span, text,
+                                                           4 + 8 * topk, layer=2, params=dart_params()))
+        assert kept.tolist() == official_dart(keys.flatten(1), normed, start, n, 4, 4, topk), (start, n, after)
+
+
 def test_dart_keeps_exactly_the_keep_count_in_edge_cases():
     g = torch.Generator().manual_seed(0)
     keys, normed = torch.randn(20, 2, 4, generator=g), torch.randn(20, 8, generator=g)

@@ -237,7 +237,7 @@ def test_runs_without_profiling_write_no_profile(evaluated):
 
 
 # ---------------------------------------------------------------- the benchmark script (structure only)
-def test_benchmark_runs_and_reports_the_four_targets(tmp_path, capsys):
+def test_benchmark_runs_and_reports_the_five_targets(tmp_path, capsys):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
     from scripts import bench_pruning
@@ -248,7 +248,7 @@ def test_benchmark_runs_and_reports_the_four_targets(tmp_path, capsys):
                         "--sizes", "16", "64", "--check-size", "64", "--speedup-tokens", "64", "--ratios", "0.25",
                         "--memory-tokens", "64", "--methods", "uniform_pre_llm", "divprune_pre_llm", "fastv_intra_llm",
                         "--divprune-tokens", "64", "--divprune-keeps", "8", "16", "--divprune-sizes", "32", "64",
-                        "--warmup", "0", "--repeats", "1",
+                        "--compare-hidden", "48", "--warmup", "0", "--repeats", "1",
                         "--out", str(out)])
     results = json.loads(out.read_text())
     assert [row["config"] for row in results["speedup"]["rows"]] == ["stock", "pre-LLM 0.25", "intra-LLM L2 0.25"]
@@ -257,7 +257,9 @@ def test_benchmark_runs_and_reports_the_four_targets(tmp_path, capsys):
     assert set(results["memory"]["ratio"]) == set(bench_pruning.ATTENTION_SCORED)
     assert [row["keep"] for row in results["divprune"]["by_keep"]] == [8, 16]
     assert [row["tokens"] for row in results["divprune"]["by_tokens"]] == [32, 64]
-    assert len(results["targets"]) == 4 and all(t["passed"] in (True, False) for t in results["targets"])
+    versus = results["divprune_vs_uniprunebench"]
+    assert (versus["tokens"], versus["hidden"], versus["keep"]) == (64, 48, 16) and versus["same_selection"]
+    assert len(results["targets"]) == 5 and all(t["passed"] in (True, False) for t in results["targets"])
     printed = capsys.readouterr().out
-    assert printed.count("PASS: ") + printed.count("FAIL: ") == 4 and "Machine: " in printed
+    assert printed.count("PASS: ") + printed.count("FAIL: ") == 5 and "Machine: " in printed
     assert Qwen2_5_VLTextModel.forward is unpatched  # no configuration outlives the benchmark

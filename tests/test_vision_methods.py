@@ -122,6 +122,16 @@ def test_vispruner_matches_the_official_loop(seed):
         assert vispruner_select(attention, features, keep, ratio).sort().values.tolist() == expected.tolist()
 
 
+def test_vispruner_matches_the_official_loop_at_realistic_sizes():
+    """Hundreds of tokens and many rounds: the similarities computed once and read per round select what the
+    official per-round products select."""
+    gen = torch.Generator().manual_seed(7)
+    attention, features = torch.rand(600, generator=gen), torch.randn(600, 64, generator=gen)
+    for keep, ratio in [(150, 0.5), (201, 0.25)]:  # 47 and 42 rounds, even and odd residual sizes
+        expected = official_vispruner(attention, features, keep, ratio)
+        assert vispruner_select(attention, features, keep, ratio).sort().values.tolist() == expected.tolist()
+
+
 # ---------------------------------------------------------------- VisionZip
 def official_visionzip(attention, keys, features, dominant_num, contextual_num):
     """VisionZip's dominant/contextual step, batch of one, with the one-hot matrix of the official code."""
