@@ -248,6 +248,36 @@ def _temporarily(owner, name: str, value):
         setattr(owner, name, original)
 
 
+@contextlib.contextmanager
+def _gloo_for_nccl():
+    """Under torchrun, VLMEvalKit's run.py calls ``dist.init_process_group(backend='nccl')``, which needs a GPU; for a
+    CPU run the backend becomes gloo. run.py looks the function up on the module (``import torch.distributed as
+    dist`` inside ``run_local_mode``), so the module attribute is patched while it runs; its barriers, the merge of
+    the per-rank prediction pickles and ``destroy_process_group`` work on gloo as they are (nothing else on that
+    path needs CUDA: ``torch.cuda.empty_cache()`` after each sample is a no-op without one). One thread per process
+    needs nothing here: torchrun sets OMP_NUM_THREADS=1 and torch sizes its thread pool from it."""
+    import torch.distributed as dist
+
+    original = dist.init_process_group
+
+    def init_process_group(backend=None, *args, **kwargs):
+        return original("gloo" if backend == "nccl" else backend, *args, **kwargs)
+
+    with _temporarily(dist, "init_process_group", functools.wraps(original)(init_process_group)):
+        yield
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    """``os.environ`` without ``name`` for the duration of a block."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
+
+
 class InputsOnModel:
     """Stands in for a wrapper's processor: a device or dtype given to its outputs' ``.to(...)`` becomes the model's.
 
@@ -595,7 +625,11 @@ def main(family: Family, argv: list[str] | None = None, env: Mapping[str, str] |
 
 
 def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Mapping[str, str], prog: str) -> int:
-    import vlmeval.run as vlmeval_run  # slow; under torchrun it also picks this rank's GPUs
+    # Slow; under torchrun, importing run.py splits CUDA_VISIBLE_DEVICES (or nvidia-smi's GPUs) between the local
+    # processes and asserts there are at least as many GPUs as processes. A --device cpu run uses no GPU: hiding
+    # LOCAL_WORLD_SIZE while it is imported skips that split (RANK / WORLD_SIZE, read separately, still apply).
+    with _without_env("LOCAL_WORLD_SIZE") if options.device == "cpu" else contextlib.nullcontext():
+        import vlmeval.run as vlmeval_run
     from vlmeval.config import supported_VLM
 
     args = _parse_vlmeval_args(vlmeval_run, prog, rest)
@@ -666,11 +700,14 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
     saved = sys.argv
     sys.argv = [prog, *vlmeval_argv]
     try:
-        vlmeval_run.main()
+        with _gloo_for_nccl() if not load.device.startswith("cuda") else contextlib.nullcontext():
+            vlmeval_run.main()
     finally:
         sys.argv = saved
     if rank != 0:
-        return 0  # rank 0 evaluates and checks the outcome
+        # Rank 0 evaluates and checks the outcome. VLMEvalKit's infer_data_job ends with a barrier after rank 0 has
+        # merged every rank's pickle into the prediction file, so a rank returns only once its share is merged.
+        return 0
     if config.profile.enabled:  # every rank's samples are written: VLMEvalKit waits for all before evaluating
         _write_profile_summaries(work_dir, list(names.values()), datasets, prog)
     failures = check_status(work_dir, list(names.values()), datasets, started)
