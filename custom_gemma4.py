@@ -86,7 +86,16 @@ class Gemma4Adapter(FamilyAdapter):
         text_config = model.config.get_text_config()
         first_shared = shared_region_start(text_config)
         stores = [i for i, mode in enumerate(text_config.kv_sharing_modes) if mode == "store"]
+        attn = text_config._attn_implementation or ""
         for stage in config.intra_llm:
+            if "flash" in attn and text_config.num_kv_shared_layers and stage.layer >= first_shared:
+                # Queries-only stage: the kept query rows need per-row key masks, which flash attention cannot
+                # take (it gets a 2-D padding mask or reads packed sequences from the gappy position ids).
+                raise PruneConfigError(
+                    f"intra-LLM layer {stage.layer} ({stage.method}, from INTRA_LLM_LAYER_SPECS or the method's "
+                    f"default layers) lies in the KV-shared region (layers {first_shared}..), where only query rows "
+                    f"are dropped; attn_implementation={attn!r} cannot mask those rows; allowed under {attn}: a "
+                    f"layer <= {min(stores)} (or use attn_implementation='sdpa' or 'eager')")
             producers = [s for s in stores if s < stage.layer < first_shared]
             if producers:
                 raise PruneConfigError(

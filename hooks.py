@@ -390,18 +390,23 @@ def batch_row(x: torch.Tensor, sample: int) -> torch.Tensor:
     return x[sample if x.shape[0] > 1 else 0]
 
 
-def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
+def causal_allowed(mask: Any, sample: int, rows: torch.Tensor, kv_length: int, device,
+                   window: int | None = None) -> torch.Tensor:
     """(r, kv) bool: which keys each query row may attend to, read from the mask the attention module got.
 
     4-D masks (eager: additive floats, sdpa: bools) are used as given; a 2-D padding mask (flash attention)
-    or None (sdpa's causal fast path) means causal plus padding.
+    or None (sdpa's causal fast path, flash attention) means causal plus padding, plus the layer's sliding
+    ``window`` if it has one (flash applies it from the layer's ``sliding_window``, not from a mask).
     """
     rows = rows.to(device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         block = batch_row(mask, sample)[0].to(device)[rows][:, -kv_length:]
         return block if block.dtype == torch.bool else block == 0
     # Prefill: the layer's cache was empty, so query row i sits at key index i.
-    allowed = torch.arange(kv_length, device=device).unsqueeze(0) <= rows.unsqueeze(1)
+    keys = torch.arange(kv_length, device=device).unsqueeze(0)
+    allowed = keys <= rows.unsqueeze(1)
+    if window:
+        allowed = allowed & (keys > rows.unsqueeze(1) - window)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         allowed = allowed & batch_row(mask, sample)[-kv_length:].to(device).bool().unsqueeze(0)
     return allowed
@@ -557,7 +562,7 @@ class FamilyAdapter:
         return attn.scaling
 
     def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
-        return causal_allowed(mask, sample, rows, kv_length, device)
+        return causal_allowed(mask, sample, rows, kv_length, device, getattr(attn, "sliding_window", None))
 
     def capture_vision(self, model, modality: str, features_args: dict, needs: VisionNeeds,
                        run: Callable[[], Any]) -> tuple[Any, list[VisionSignals]]:

@@ -118,6 +118,7 @@ class FamilyPatch:
         # Depth-checked, with a multi-stage method's own schedule expanded for this depth (memoised per depth).
         config = self.config.resolved_for(model.config.get_text_config().num_hidden_layers)
         if state is None or state.config is not config:
+            _check_dispatch(model)
             adapter.check_model(config, model)
             state = PruningState(config)
             setattr(model, STATE_ATTR, state)
@@ -187,7 +188,20 @@ class FamilyPatch:
             bound.pop("self", None)
             return run_language_model(original, text_model, call, {**bound, **extra})
 
+        forward._pruning_wrapper = True
         return forward
+
+
+def _check_dispatch(model) -> None:
+    """A model loaded with a ``device_map`` (accelerate's dispatch, e.g. ``device_map="auto"`` over several GPUs or
+    with offloading) keeps the ``forward`` its modules had when it was loaded. If that was before ``apply_patches()``,
+    the language model would run unpruned while the record says otherwise: refuse."""
+    language_model = model.language_model
+    kept = getattr(language_model, "_old_forward", None)
+    if kept is not None and not getattr(getattr(kept, "__func__", kept), "_pruning_wrapper", False):
+        raise RuntimeError(f"{type(model).__name__} was loaded with a device_map before the pruning patches were "
+                           "applied, so its language model keeps the unpatched forward; call apply_patches() before "
+                           "from_pretrained(..., device_map=...) (the runners do)")
 
 
 def _is_empty(cache) -> bool:

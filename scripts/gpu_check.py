@@ -225,7 +225,11 @@ def timings(model, size: dict, device, intra_layer: int) -> dict:
         configs[f"pre-LLM {ratio:g}"] = bench.method_env("divprune_pre_llm", ratio)
         configs[f"intra-LLM L{intra_layer} {ratio:g}"] = {
             "INTRA_LLM_LAYER_SPECS": f"{intra_layer}:fastv_intra_llm:{ratio}"}
-    samples = meter.profile(configs, inputs, "timings")
+    try:
+        samples = meter.profile(configs, inputs, "timings")
+        peaks = {label: meter.peak_memory(env, inputs) for label, env in configs.items()}
+    finally:
+        custom_qwenvl.remove_patches()  # the meter leaves the last configuration installed
     text = model.config.get_text_config()
     prompt = inputs["input_ids"].shape[1]
     stock_prefill = bench.median(samples["stock"], "prefill_ms")
@@ -238,7 +242,7 @@ def timings(model, size: dict, device, intra_layer: int) -> dict:
             "prefill_ms", "ttft_ms", "decode_ms_per_token", "kv_cache_bytes") if metric in got[0]["metrics"]}}
         row["speedup"] = stock_prefill / row["prefill_ms"]
         row["ideal"] = stock_flops / flops
-        row["peak_memory_increase_bytes"] = meter.peak_memory(env, inputs)
+        row["peak_memory_increase_bytes"] = peaks[label]
         rows.append(row)
     return {"prompt_tokens": prompt, "clock": samples["stock"][0].get("clock"), "rows": rows}
 

@@ -48,12 +48,12 @@ def test_plan_can_move_single_layer_intra_llm_methods_to_another_layer(checkpoin
 def test_report_writes_table_plot_and_report(family, tmp_path):
     checkpoint = few_steps_checkpoint(family, tmp_path)
     code = calibration_report.main(["--family", family.name, "--checkpoint", str(checkpoint),
-                                    "--work-dir", str(tmp_path), "--samples", "12",
+                                    "--work-dir", str(tmp_path), "--samples", "6",
                                     "--methods", "random_pre_llm", "--ratios", "0.25", "--parallel", "2"])
     assert code == 0
     table = summarize.collect(tmp_path / "runs")
     assert sorted(table["method"]) == ["random_pre_llm", "stock"]
-    assert set(table["samples"]) == {12}
+    assert set(table["samples"]) == {6}
     tokens = calibration_report.calibration_data.GRID ** 2
     assert table.loc[table["method"] == "random_pre_llm", "tokens_after"].item() == round(0.25 * tokens)
     report = (tmp_path / calibration_report.REPORT_FILE).read_text()

@@ -6,12 +6,17 @@ and the report must hold every figure it promises.
 
 import json
 
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextModel
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
 from scripts import gpu_check
 
 
 def test_dry_run_checks_and_reports_everything(tmp_path, capsys):
+    unpatched = Qwen2_5_VLTextModel.forward, Gemma4TextModel.forward
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    assert (Qwen2_5_VLTextModel.forward, Gemma4TextModel.forward) == unpatched  # nothing left installed
     results = json.loads(out.read_text())
     printed = capsys.readouterr().out
     checks = {(c["family"], c["check"]) for c in results["checks"]}

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "calibration" / "qwen2.5-vl-shapes"
 DATA = "ShapesCalib"
-QUESTIONS = 16
+QUESTIONS = 8  # 4 per rank
 ENV = {"PRUNE_METHOD": "divprune_pre_llm", "KEEP_RATIO": "0.25", "METHOD_TIME": "True", "PROFILE_WARMUP": "0"}
 FLAGS = ["--model", str(CHECKPOINT), "--data", DATA, "--device", "cpu", "--judge", "exact_matching"]
 
