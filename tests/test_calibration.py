@@ -133,6 +133,7 @@ def test_shipped_checkpoint_is_the_recorded_training_output(family, model_and_pr
 
 
 # ---------------------------------------------------------------- through VLMEvalKit
+@pytest.mark.slow
 def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(family, tmp_path, lmudata_env):
     data.write_dataset(lmudata_env, n=200)
     argv = ["--model", str(family.checkpoint), "--data", data.NAME, "--work-dir", str(tmp_path), "--device", "cpu",

@@ -44,6 +44,7 @@ def test_plan_can_move_single_layer_intra_llm_methods_to_another_layer(checkpoin
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
 def test_report_writes_table_plot_and_report(family, tmp_path):
     checkpoint = few_steps_checkpoint(family, tmp_path)

@@ -142,6 +142,7 @@ def test_quick_start_block():
     assert "usage" in done.stdout
 
 
+@pytest.mark.slow
 def test_own_data_block_runs_as_written(tmp_path):
     block = bash_block_after("own-data")
     # Run from the repository root (the block's relative paths are the repository's), with exactly two

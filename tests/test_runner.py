@@ -171,6 +171,7 @@ def test_a_second_run_resumes_from_the_existing_predictions(evaluated):
     assert (run_dir / f"visual_tokens_{shapes_data.NAME}.rank0.jsonl").read_text() == before  # nothing re-generated
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_exits_nonzero_with_the_reason(evaluated, tmp_path):
     flags = ["--device", "cpu", "--judge", "exact_matching", "--model-kwargs", '{"max_new_tokens": -1}']
     done = subprocess.run([sys.executable, str(ROOT / "run_qwenvl.py"), "--model", str(evaluated.checkpoint),

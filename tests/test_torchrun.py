@@ -70,6 +70,7 @@ def _token_counts(profile: dict) -> dict:
             "stages": [(s["stage"], s["method"], s["tokens_in"]) for s in profile["stages"]]}
 
 
+@pytest.mark.slow
 def test_torchrun_on_a_cpu_gives_the_single_process_results(tmp_path):
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "calibration.data", str(data), "-n", str(QUESTIONS)], cwd=ROOT, check=True,
