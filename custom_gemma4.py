@@ -25,6 +25,7 @@ Same public contract as ``custom_qwenvl``: ``apply_patches()`` / ``remove_patche
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from transformers.masking_utils import (
@@ -69,6 +70,20 @@ def _query_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([batch_row(mask, b)[:, rows[b]] for b in range(rows.shape[0])])
 
 
+def flash_bidirectional_warning(text_config) -> str | None:
+    """The warning for a model whose vision blocks attend bidirectionally (the 31B and 26B-A4B shapes) under
+    FlashAttention-2, which transformers cannot express: its flash path computes causal attention there, so the
+    model differs from itself under sdpa or eager, pruned or not. Nothing the hooks do can mend it."""
+    if getattr(text_config, "use_bidirectional_attention", None) == "vision" and \
+            "flash" in (text_config._attn_implementation or ""):
+        return ("this Gemma 4 model attends bidirectionally inside images (use_bidirectional_attention='vision'), "
+                f"which transformers' {text_config._attn_implementation} path cannot express: it computes causal "
+                "attention there, so the model's outputs differ from its sdpa/eager ones (pruned or not). Use "
+                "--attn-implementation sdpa (attn_implementation='sdpa') for results comparable with the model's "
+                "reference behaviour")
+    return None
+
+
 class Gemma4Adapter(FamilyAdapter):
     # -- spans ---------------------------------------------------------------------------------------
     def span_grids(self, model, modality, features_args):
@@ -87,6 +102,9 @@ class Gemma4Adapter(FamilyAdapter):
         first_shared = shared_region_start(text_config)
         stores = [i for i, mode in enumerate(text_config.kv_sharing_modes) if mode == "store"]
         attn = text_config._attn_implementation or ""
+        warning = flash_bidirectional_warning(text_config)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         for stage in config.intra_llm:
             if "flash" in attn and text_config.num_kv_shared_layers and stage.layer >= first_shared:
                 # Queries-only stage: the kept query rows need per-row key masks, which flash attention cannot

@@ -52,6 +52,7 @@ import profiling
 from utils import PruneConfig, PruneConfigError
 
 RUN_CONFIG_FILE = "pruning_config.json"
+STATUS_FILE = "status.json"  # VLMEvalKit's, per run folder
 TOKENS_FILE = "visual_tokens_{dataset}.rank{rank}.jsonl"  # rank="*" globs every rank
 # Skip reasons VLMEvalKit records with exit code 0 although nothing was evaluated.
 FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer result"}
@@ -779,9 +780,7 @@ def check_predictions(work_dir: Path, names: list[str], datasets: list[str], arg
             continue
         for name in names:
             where = f"{name} x {dataset_name}"
-            status_file = work_dir / name / "status.json"
-            status = json.loads(status_file.read_text()) if status_file.exists() else {}
-            recorded = status.get("datasets", {}).get(dataset_name, {}).get("prediction_file")
+            recorded = _run_status(work_dir, name).get("datasets", {}).get(dataset_name, {}).get("prediction_file")
             path = work_dir / name / (recorded or get_pred_file_path("", name, dataset_name))  # recorded: in the run dir
             if not path.is_file():
                 failures.append(f"{where}: no prediction file ({path})")
@@ -806,12 +805,17 @@ def _build_dataset(name: str, args: argparse.Namespace, config: dict | None):
     return build_dataset(name, **vars(args))
 
 
+def _run_status(work_dir: Path, name: str) -> dict:
+    """VLMEvalKit's ``status.json`` of a run folder ({} before VLMEvalKit wrote one)."""
+    path = work_dir / name / STATUS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def check_status(work_dir: Path, names: list[str], datasets: list[str], since: datetime.datetime) -> list[str]:
     """Failures VLMEvalKit recorded in ``status.json`` (it exits 0 regardless)."""
     failures = []
     for name in names:
-        status_file = work_dir / name / "status.json"
-        status = json.loads(status_file.read_text()) if status_file.exists() else {}
+        status_file, status = work_dir / name / STATUS_FILE, _run_status(work_dir, name)
         for dataset in datasets:
             entry = status.get("datasets", {}).get(dataset)
             where = f"{name} x {dataset}"

@@ -609,10 +609,6 @@ class PruningState:
             raise RuntimeError(f"{self.config.scheduled.method}'s schedule is not resolved: build the pruning state "
                                "from PruneConfig.resolved_for(num_decoder_layers)")
 
-    def reset(self) -> None:
-        self.record = None
-        self.forget_prefill()
-
     def forget_prefill(self) -> None:
         """Drop what decode steps of the last prefill would need (its stage maps and cache)."""
         self.pre_map, self.intra_maps, self.decoded, self.prefill_cache = None, [], 0, None

@@ -232,7 +232,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
                    "exactly as stock")
         return original(text_model, **kwargs)
 
-    state.reset()
+    state.record = None  # a new prefill: the last one's record goes (its stage maps went above)
     mask = adapter.mask_2d(kwargs, call)
     layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
     if not any(layout.spans):

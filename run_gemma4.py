@@ -10,7 +10,6 @@ docs/gemma4.md and ``python run_gemma4.py --help``.
 
 import re
 import sys
-import warnings
 
 import custom_gemma4
 import evalkit
@@ -47,27 +46,9 @@ class _GemmaProcessor(evalkit.InputsOnModel):
         return {"answer": self._special.sub("", text)}
 
 
-def flash_bidirectional_warning(config) -> str | None:
-    """The warning for a model whose vision blocks attend bidirectionally (the 31B shape) under
-    FlashAttention-2, which transformers cannot express: its flash path computes causal attention there, so the
-    model differs from itself under sdpa or eager, pruned or not."""
-    text = config.get_text_config()
-    if getattr(text, "use_bidirectional_attention", None) == "vision" and \
-            config._attn_implementation == "flash_attention_2":
-        return ("this Gemma 4 model attends bidirectionally inside images (use_bidirectional_attention='vision'), "
-                "which transformers' flash_attention_2 path cannot express: it computes causal attention there, so "
-                "the model's outputs differ from its sdpa/eager ones (pruned or not). Use --attn-implementation sdpa "
-                "for results comparable with the model's reference behaviour")
-    return None
-
-
 class GemmaFixes:
     def __init__(self, *args, max_soft_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        warning = flash_bidirectional_warning(self.model.config)
-        if warning:
-            warnings.warn(warning, stacklevel=2)
-            print(f"run_gemma4.py: warning: {warning}", file=sys.stderr, flush=True)
         self.processor = _GemmaProcessor(self.processor, self.model)
         if max_soft_tokens is not None:  # the wrapper only sends images
             self.processor.image_processor.max_soft_tokens = max_soft_tokens

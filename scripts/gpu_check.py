@@ -144,6 +144,8 @@ def lm_inputs(model, inputs: dict) -> dict:
 
 
 def gather(x, index, dim=1):
+    """``x`` gathered along ``dim`` with a (B, L') index. Written here rather than taken from ``hooks`` so that the
+    references do not share code with what they check."""
     shape = [1] * x.dim()
     shape[dim - 1], shape[dim] = index.shape
     return torch.gather(x, dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:]))

@@ -234,7 +234,7 @@ def test_gemma_kv_shared_stage_refused_under_flash(spec):
 def test_gemma_bidirectional_vision_differs_under_flash_upstream():
     """(c) Upstream: flash gets no 4-D mask, so Gemma 4's bidirectional vision blocks (dense31b, sliding layers)
     are attended causally. Unpruned flash and sdpa differ on dense31b; they agree on e2b (causal vision) and
-    Qwen (test_unpruned_flash_matches_sdpa). Nothing in the hooks can fix this; runners should warn."""
+    Qwen (test_unpruned_flash_matches_sdpa). Nothing in the hooks can fix this: they warn at the first forward."""
     flash, sdpa, _ = models("dense31b")
     with fs.active():
         for kind in ("image", "text"):
@@ -244,3 +244,24 @@ def test_gemma_bidirectional_vision_differs_under_flash_upstream():
                 assert diff > 0.1, diff
             else:  # no vision block: nothing bidirectional, the two agree
                 assert diff < TOL, diff
+
+
+def test_gemma_bidirectional_vision_under_flash_is_warned():
+    """(c) The hooks warn at a model's first forward when its vision blocks are bidirectional and the attention
+    is flash (the runners and Python users alike); e2b (causal vision) and sdpa are not warned."""
+    import warnings
+
+    for variant, bidirectional in (("dense31b", True), ("moe26b", True), ("e2b", False)):
+        config = tiny_gemma._config(variant)
+        assert (config.get_text_config().use_bidirectional_attention == "vision") == bidirectional
+        for attn in ("sdpa", "eager", "flash_attention_2"):
+            config.get_text_config()._attn_implementation = attn
+            warning = custom_gemma4.flash_bidirectional_warning(config.get_text_config())
+            assert (warning is not None) == (bidirectional and attn == "flash_attention_2"), (variant, attn)
+    flash, sdpa, _ = models("dense31b")
+    inputs = inputs_for("dense31b", "image")
+    with fs.active(), oracle.patched(custom_gemma4), pytest.warns(UserWarning, match="attends bidirectionally"):
+        forward_logits(flash, inputs)
+    with oracle.patched(custom_gemma4), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        forward_logits(sdpa, inputs)

@@ -200,16 +200,3 @@ def test_a_checkpoints_own_code_does_not_run_unless_asked(evaluated_gemma, tmp_p
     assert run_runner([*argv, "--trust-remote-code"], {}, "run_gemma4") == 0
     assert marker.exists()  # the flag lets it run, so the check above can fail
 
-
-def test_flash_with_bidirectional_vision_attention_is_warned():
-    """transformers' flash path computes causal attention inside the 31B shape's bidirectional vision blocks."""
-    from tests.support.tiny_gemma import _config
-
-    for variant, expected in (("dense31b", True), ("e2b", False), ("moe26b", True)):
-        config = _config(variant)
-        bidirectional = config.get_text_config().use_bidirectional_attention == "vision"
-        for attn in ("sdpa", "eager", "flash_attention_2"):
-            config._attn_implementation = attn
-            warning = run_gemma4.flash_bidirectional_warning(config)
-            assert (warning is not None) == (bidirectional and attn == "flash_attention_2"), (variant, attn)
-        assert bidirectional == expected
