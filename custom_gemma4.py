@@ -280,13 +280,8 @@ class Gemma4Adapter(FamilyAdapter):
                 received[layer] = hooks.attention_received(query, key, attn.scaling, segments).view(items, patches)
             return hook
 
-        handles = [tower.encoder.layers[layer].self_attn.register_forward_pre_hook(capture(layer), with_kwargs=True)
-                   for layer in layers]
-        try:
-            output = run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        attention_layers = {tower.encoder.layers[layer].self_attn: capture(layer) for layer in layers}
+        output = hooks.run_with_pre_hooks(attention_layers, run)
 
         bins, kept = pooler_bins(positions, patches // tower.config.pooling_kernel_size ** 2)
         sizes = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]

@@ -3,8 +3,8 @@
 ``apply_patches()`` reads the pruning configuration from the environment (see docs/configuration.md) and installs the shared
 wrappers of ``patching.py`` on each family's ``Model`` and ``TextModel`` classes; this file only says what is
 Qwen-specific: span grids, 3-D M-RoPE positions and ``rope_deltas``, the text-position row, Qwen3-VL's
-deepstack state, masks, how to project queries and keys for attention signals, and how to read the vision
-encoder's attention for pre-LLM methods that need it (``QwenAdapter.capture_vision``).
+deepstack state, and how to read the vision encoder's attention for pre-LLM methods that need it
+(``QwenAdapter.capture_vision``). Masks and attention signals are the standard decoder's (``hooks.DecoderAdapter``).
 
 Kept tokens keep their original 3-D M-RoPE positions; after pre-LLM pruning ``rope_deltas`` grows by the
 number of dropped tokens, so decoding without explicit positions continues where the unpruned model would.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 import hooks
-from hooks import FamilyAdapter, Selection, batch_row, gather_positions
+from hooks import DecoderAdapter, Selection, rotate_half, text_positions_for
 from methods import VisionSignals
 from patching import ACTIVE_CALL, FamilyPatch, Target, last_record, pruning_state
 from utils import PruneConfig
@@ -27,20 +27,10 @@ __all__ = ["apply_patches", "remove_patches", "pruning_state", "last_record"]
 # --------------------------------------------------------------------------------------------------
 # What differs between the three Qwen families
 # --------------------------------------------------------------------------------------------------
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class QwenAdapter(DecoderAdapter):
+    """Qwen-VL on top of the standard decoder: 3-D M-RoPE positions (rows 1-3 of ``position_ids``; row 0, the text
+    row, feeds only masks / flash-attention), ``rope_deltas``, Qwen3-VL's deepstack, the vision encoder's windows."""
 
-
-def text_positions_for(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """Contiguous text positions (row 0 of Qwen's 4-row positions) as generate makes them."""
-    if mask is None:
-        return torch.arange(length, device=device).expand(batch, length)
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 0)
-
-
-class QwenAdapter(FamilyAdapter):
     def __init__(self, deepstack: bool, frames_are_spans: bool):
         self.deepstack = deepstack  # Qwen3-VL injects vision features after the first decoder layers
         self.frames_are_spans = frames_are_spans  # Qwen3-VL lays every video frame out as its own block
@@ -57,24 +47,6 @@ class QwenAdapter(FamilyAdapter):
             else:
                 grids.append((t, h // merge, w // merge))
         return grids
-
-    # -- signals -------------------------------------------------------------------------------------
-    def query_key(self, attn, inp, sample, rows):
-        hidden = inp.hidden[sample]
-        cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
-        d = attn.head_dim
-
-        def project(proj, norm, x, c, s):
-            states = proj(x).view(x.shape[0], proj.out_features // d, d)
-            if norm is not None:
-                states = norm(states)
-            states = states.transpose(0, 1)  # (heads, n, d)
-            return states * c.unsqueeze(0) + _rotate_half(states) * s.unsqueeze(0)
-
-        rows = rows.to(hidden.device)
-        q = project(attn.q_proj, getattr(attn, "q_norm", None), hidden[rows], cos[rows], sin[rows])
-        k = project(attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
-        return q, k
 
     # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
     def capture_vision(self, model, modality, features_args, needs, run):
@@ -102,20 +74,14 @@ class QwenAdapter(FamilyAdapter):
                 if layer == key_layer:
                     keys[layer] = key
                 cos, sin = (p.float().unsqueeze(1) for p in kwargs["position_embeddings"])
-                query, key = (x * cos + _rotate_half(x) * sin for x in (query, key))
+                query, key = (x * cos + rotate_half(x) * sin for x in (query, key))
                 bounds = kwargs["cu_seqlens"].tolist()
                 segments = [torch.arange(start, end) for start, end in zip(bounds, bounds[1:])]
                 received[layer] = hooks.attention_received(query.transpose(0, 1), key.transpose(0, 1),
                                                            attn.scaling, segments)
             return hook
 
-        handles = [visual.blocks[layer].attn.register_forward_pre_hook(capture(layer), with_kwargs=True)
-                   for layer in layers]
-        try:
-            output = run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        output = hooks.run_with_pre_hooks({visual.blocks[layer].attn: capture(layer) for layer in layers}, run)
 
         unit = visual.spatial_merge_size ** 2
         order = None
@@ -138,29 +104,7 @@ class QwenAdapter(FamilyAdapter):
         return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()}, span_keys[i])
                         for i in range(len(sizes))]
 
-    # -- masks and per-token state -------------------------------------------------------------------
-    def layer_masks(self, text_model, hidden, mask_2d, cache, layer, layout=None):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        kwargs = dict(config=text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                      past_key_values=cache, position_ids=None, layer_idx=layer)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if getattr(text_model, "has_sliding_layers", False):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
-
-    def layer_type(self, text_model, layer):
-        if getattr(text_model, "has_sliding_layers", False):
-            return text_model.config.layer_types[layer]
-        return "full_attention"
-
-    def shorten_layer_call(self, args, kwargs, index, mask_2d):
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (gather_positions(cos, index), gather_positions(sin, index))
-        if kwargs.get("position_ids") is not None:  # the text row: only masks / flash-attention read it
-            kwargs["position_ids"] = text_positions_for(mask_2d, *index.shape, cos.device)
-        return args, kwargs
-
+    # -- positions and per-token state ------------------------------------------------------------------
     def shorten_lm_inputs(self, selection: Selection, kwargs: dict, call) -> None:
         kwargs["attention_mask"] = selection.layout.attention_mask
         positions = kwargs.get("position_ids")
@@ -187,6 +131,9 @@ class QwenAdapter(FamilyAdapter):
                     model.rope_deltas = stock
 
             call.state.undo.append(undo)
+
+    def decode_lm_inputs(self, kwargs, mask_2d, call):
+        kwargs["attention_mask"] = mask_2d  # positions: the model continues from the grown rope_deltas
 
     def _shorten_deepstack(self, selection: Selection, holder: dict) -> None:
         old_mask = holder["visual_pos_masks"]

@@ -3,7 +3,9 @@
 A runner reads the pruning configuration from the environment once, installs its family's patches, registers
 an adapted copy of VLMEvalKit's model wrapper under a name that carries the configuration, and hands the
 command line over to ``vlmeval.run.main``. This module knows VLMEvalKit (flags, wrappers, output files), not
-tensors; the family module (``custom_<family>.py``) is passed in by the runner.
+tensors; the family module (``custom_<family>.py``) is passed in by the runner. Where VLMEvalKit has no transformers
+wrapper for a checkpoint, the runner defines one (:func:`vlmeval_model`) and registers names for it
+(``Family.models``, added to VLMEvalKit's registry when the run starts).
 
 What the adapter changes in a VLMEvalKit wrapper, without editing the installed package:
 
@@ -16,6 +18,17 @@ What the adapter changes in a VLMEvalKit wrapper, without editing the installed 
   to a per-rank JSON-lines file next to the predictions;
 * with METHOD_TIME / PREFILL_TIME, the model's ``generate`` is profiled (``profiling.py``): each sample's profile is
   appended to per-rank files after the sample, and rank 0 writes a summary per data set at the end of the run.
+
+Two ways to spend less time waiting, both with the predictions of the plain path:
+
+* ``--batch-size N``: VLMEvalKit's per-sample loop (``vlmeval.inference.infer_data``) is replaced, while the runner
+  runs, by :func:`infer_data_batched`, which hands N pending samples at a time to
+  :meth:`PrunedModel.generate_batch`: each sample goes through the wrapper's own code, and their ``model.generate``
+  calls become one left-padded call;
+* ``--configurations FILE`` (``scripts/sweep.py --in-process``): several pruning configurations in one runner
+  call, one after the other, each registered under its own run name as a separate call would; a model is loaded
+  by the first configuration that needs it and reused by the others (:func:`_shared_wrapper`), the family's patches
+  switching the configuration in between.
 
 Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
 pruning), ``hash`` covers everything that decides predictions (model source, pruning configuration with
@@ -42,7 +55,9 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+import threading
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
@@ -61,6 +76,10 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # The hook machinery and the runner plumbing: their code decides predictions as much as a method's does.
 MACHINERY_MODULES = ("hooks", "patching", "utils", "evalkit")
 _PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_")
+# The variables that select the pruning stages: each entry of --configurations (and each run of scripts/sweep.py) sets
+# its own and clears the rest; method hyper-parameters pass through.
+SELECTION_VARS = ("KEEP_RATIO", "PRUNE_METHOD", "PRUNE_METHOD_PRE_LLM", "PRUNE_METHOD_INTRA_LLM",
+                  "INTRA_LLM_LAYER_SPECS")
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,9 @@ class Family:
     wrappers: Callable[[], dict[str, type]]  # model_type -> VLMEvalKit wrapper class (imported lazily)
     mixin: type | None = None  # family-specific fixes of the wrapper, placed before it in the MRO
     flags: tuple[FamilyFlag, ...] = ()  # family-specific runner flags, handled by the mixin
+    # Model names the runner adds to VLMEvalKit's registry (name -> functools.partial of a wrapper, imported lazily),
+    # for checkpoints VLMEvalKit has no transformers wrapper for; a name VLMEvalKit registers itself keeps its entry.
+    models: Callable[[], Mapping[str, Any]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +178,7 @@ def machinery_code(family: Family) -> dict[str, str]:
     """``file -> digest`` of the hook machinery, the runner plumbing, the family's patches and its runner."""
     modules = [sys.modules[name] for name in MACHINERY_MODULES if name in sys.modules]
     modules.append(family.patches)
+    modules.append(sys.modules[family.wrappers.__module__])  # the runner: its own wrapper classes, if any
     if family.mixin is not None:
         modules.append(sys.modules[family.mixin.__module__])
     files = {module.__file__ for module in modules if getattr(module, "__file__", None)}
@@ -337,7 +360,10 @@ class TokenLog:
     def path(self, dataset: str) -> Path:
         return self.run_dir / TOKENS_FILE.format(dataset=dataset, rank=self.rank)
 
-    def write(self, dataset: str | None, message, record) -> None:
+    def write(self, dataset: str | None, message, record, row: int = 0) -> None:
+        """``record``: the last prefill's; ``row``: the sample's row in it (a batched generate call's record holds
+        every sample of the batch)."""
+        record = replace(record, spans=[record.spans[row]])
         line = {"dataset": dataset, "key": sample_key(message), "tokens": record.totals(),
                 "spans": record.as_dict()[0]}
         with open(self.path(dataset or "unknown"), "a", encoding="utf-8") as f:
@@ -375,6 +401,17 @@ class PrunedModel:
             raise TypeError(f"{type(self.model).__name__} (model_type {model_type!r}) is not handled by the "
                             f"{pruning_run.family.name} pruning patches; handled: "
                             f"{', '.join(sorted(pruning_run.family.model_types))}")
+        self._pruning_run: ModelRun | None = None
+        self._unprofiled_generate = self.model.generate
+        self.generate_calls = 0  # the model.generate calls generate_batch has made
+        self.use_run(pruning_run)
+
+    def use_run(self, pruning_run: ModelRun) -> None:
+        """Record the visual tokens (and profile, with METHOD_TIME / PREFILL_TIME) into ``pruning_run``'s folder:
+        at construction, and again for each configuration of an in-process sweep that reuses this loaded model
+        (the family's patches carry the pruning configuration itself)."""
+        if self._pruning_run is not None and self._pruning_run.profile:
+            self.model.generate = self._unprofiled_generate  # the previous run's profiler goes
         self._pruning_run = pruning_run
         if pruning_run.profile:
             pruning_run.profile.profiler.instrument(self.model)
@@ -389,8 +426,314 @@ class PrunedModel:
                 self._pruning_run.profile.write(dataset, sample_key(message))
         record = last_record(self.model)
         if record is not None and record is not before:  # a new prefill happened
-            self._pruning_run.tokens.write(dataset, message, record)
+            row = getattr(threading.current_thread(), "row", None) or 0  # in generate_batch: the sample's row
+            self._pruning_run.tokens.write(dataset, message, record, row)
         return response
+
+    def generate_batch(self, messages: list, dataset=None) -> list:
+        """``[self.generate(message, dataset) for message in messages]``, with one ``model.generate`` call for the
+        messages whose inputs fit one batch. Returns, in order, each sample's answer or the exception it raised.
+
+        Each message goes through VLMEvalKit's whole ``generate`` (its input checks, the wrapper's prompt, processor,
+        decoding and post-processing, this adapter's token record) in a thread of its own (:class:`_SampleThread`);
+        the threads run one at a time, each up to its ``model.generate`` call. Those calls are grouped by what they
+        must share (:func:`_batch_signature`: generation settings, the shapes of image tensors past the first dim),
+        each group is left-padded into one call (:func:`_collate`), and each thread gets its row back as its own
+        call would have returned it (:func:`_own_output`), then finishes. A group whose batched call raises is
+        generated again one sample at a time, so that an error belongs to its sample.
+        """
+        samples = [_SampleThread(functools.partial(self.generate, message, dataset)) for message in messages]
+        real = self.model.generate
+
+        def generate(*args, **kwargs):  # the model's generate while the batch runs
+            thread = threading.current_thread()
+            if isinstance(thread, _SampleThread) and thread.row is None:
+                return thread.pause_at_generate(args, kwargs)
+            return real(*args, **kwargs)  # a second call of the same sample: alone
+
+        with _instance_attribute(self.model, "generate", generate):
+            try:
+                for sample in samples:
+                    sample.advance()
+                groups: dict[Any, list[_SampleThread]] = {}
+                for sample in samples:
+                    if sample.paused:
+                        signature = _batch_signature(*sample.paused)
+                        groups.setdefault(id(sample) if signature is None else signature, []).append(sample)
+                for group in groups.values():
+                    self._generate_group(real, group)
+            finally:
+                for sample in samples:  # only after an error of the adapter itself
+                    if sample.paused:
+                        sample.advance(RuntimeError("generate_batch stopped before this sample was generated"))
+        return [sample.error if sample.error is not None else sample.result for sample in samples]
+
+    def _generate_group(self, real: Callable, group: list[_SampleThread]) -> None:
+        """One generate call for the paused samples of ``group``; each gets its output (or the error) and finishes."""
+        self.generate_calls += 1
+        if len(group) == 1:
+            args, kwargs = group[0].paused
+            try:
+                output = real(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - raised in the sample's own thread
+                group[0].advance(err)
+            else:
+                group[0].advance((0, output))
+            return
+        calls = [sample.paused[1] for sample in group]
+        batch = _collate(calls, _pad_id(self.model))
+        try:
+            output = real(**batch)
+        except Exception:  # noqa: BLE001 - each sample alone: the error is its own, or there is none
+            for sample in group:
+                self._generate_group(real, [sample])
+            return
+        end_ids = _end_ids(self.model, calls[0])
+        for row, (sample, call) in enumerate(zip(group, calls)):
+            sample.advance((row, _own_output(output, row, batch["input_ids"].shape[1], call["input_ids"], end_ids)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched generation (--batch-size)
+# --------------------------------------------------------------------------------------------------
+# Inputs of a generate call with one entry per token: left-padded in a batch (input_ids with the pad token, the others
+# with 0). Every other tensor lists the sample's images, videos or patches along its first dim and is concatenated, as
+# the processors do for a batch.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# generate() arguments with which a call is generated alone: per-call state, or outputs other than one row per sample.
+UNBATCHED_ARGS = ("inputs_embeds", "past_key_values", "return_dict_in_generate", "num_return_sequences")
+
+
+@contextlib.contextmanager
+def _instance_attribute(obj, name: str, value):
+    """Set an instance attribute for the duration of a block; one the instance had before is restored."""
+    had, saved = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, saved)
+        else:
+            delattr(obj, name)
+
+
+class _SampleThread(threading.Thread):
+    """One sample of :meth:`PrunedModel.generate_batch`: ``call`` in a thread of its own, paused at its first
+    ``model.generate`` call until its group has been generated. The caller runs one thread at a time
+    (:meth:`advance` returns when the thread has paused or finished), so nothing runs concurrently."""
+
+    def __init__(self, call: Callable):
+        super().__init__(daemon=True)
+        self.call = call
+        self.paused: tuple[tuple, dict] | None = None  # (args, kwargs) of its generate call, while paused there
+        self.row: int | None = None  # its row in the generate call it took part in
+        self.result = self.error = None
+        self._answer = None
+        self._stopped, self._resume = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller with the sample
+            self.error = err
+        finally:
+            self._stopped.set()
+
+    def advance(self, answer: tuple[int, Any] | BaseException | None = None) -> None:
+        """Start the thread (``answer`` None) or resume it from its generate call with ``answer`` (``(row,
+        output)`` to return, or an exception to raise); returns when it pauses again or finishes."""
+        self._stopped.clear()
+        if answer is None:
+            self.start()
+        else:
+            self._answer, self.paused = answer, None
+            self._resume.set()
+        self._stopped.wait()
+
+    def pause_at_generate(self, args: tuple, kwargs: dict):
+        """In this thread, instead of ``model.generate``: wait for the batch, then return this sample's output."""
+        self.paused = (args, kwargs)
+        self._stopped.set()
+        self._resume.wait()
+        if isinstance(self._answer, BaseException):
+            self.row = -1
+            raise self._answer
+        self.row, output = self._answer
+        return output
+
+
+def _batch_signature(args: tuple, kwargs: dict):
+    """What generate calls must share to be batched (every setting, and the shape past the first dim, dtype and
+    device of every tensor that is not per token), or None for a call that is generated alone."""
+    import torch
+
+    ids = kwargs.get("input_ids")
+    if (args or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1
+            or "attention_mask" not in kwargs or any(name in kwargs for name in UNBATCHED_ARGS)):
+        return None
+    signature = []
+    for key, value in sorted(kwargs.items()):
+        if not isinstance(value, torch.Tensor):
+            signature.append((key, repr(value)))  # an object without a value repr (a streamer, ...) stays alone
+        elif key in TOKEN_INPUTS:
+            if value.shape != ids.shape:
+                return None
+            signature.append((key, value.dtype, value.device))
+        elif value.dim() == 0:
+            return None
+        else:
+            signature.append((key, tuple(value.shape[1:]), value.dtype, value.device))
+    return tuple(signature)
+
+
+def _collate(calls: list[dict], pad_id: int) -> dict:
+    """One batch of single-sample generate calls with the same :func:`_batch_signature`: per-token inputs
+    left-padded to the longest prompt, other tensors concatenated along their first dim, settings as they are."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(call["input_ids"].shape[1] for call in calls)
+    batch = {}
+    for key, value in calls[0].items():
+        if key in TOKEN_INPUTS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([F.pad(call[key], (length - call[key].shape[1], 0), value=fill) for call in calls])
+        elif isinstance(value, torch.Tensor):
+            batch[key] = torch.cat([call[key] for call in calls])
+        else:
+            batch[key] = value
+    return batch
+
+
+def _ids(value) -> list[int]:
+    return [] if value is None else [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _pad_id(model) -> int:
+    config = model.generation_config
+    return (_ids(config.pad_token_id) or _ids(config.eos_token_id) or [0])[0]
+
+
+def _end_ids(model, kwargs: dict) -> list[int]:
+    """The end-of-sequence tokens of a generate call: its own ``eos_token_id``, else its generation config's."""
+    if kwargs.get("eos_token_id") is not None:
+        return _ids(kwargs["eos_token_id"])
+    return _ids(getattr(kwargs.get("generation_config") or model.generation_config, "eos_token_id", None))
+
+
+def _own_output(output, row: int, padded_length: int, prompt, end_ids: list[int]):
+    """Row ``row`` of a batched generate's output as the sample's own call returns it: its prompt without the
+    padding, then its new tokens up to and including the first end-of-sequence token (a batch goes on until every
+    row has finished, writing pad tokens after a finished row's end)."""
+    import torch
+
+    new = output[row, padded_length:]
+    if end_ids:
+        ends = torch.isin(new, torch.tensor(end_ids, device=new.device)).nonzero()
+        if len(ends):
+            new = new[:int(ends[0, 0]) + 1]
+    return torch.cat([prompt, new[None].to(prompt.device)], dim=1)
+
+
+def _build_prompt(model, dataset, row):
+    """A sample's message, chosen as VLMEvalKit's ``infer_data`` chooses it."""
+    if getattr(dataset, "force_use_dataset_prompt", False):
+        return dataset.build_prompt(row)
+    if hasattr(model, "use_custom_prompt") and model.use_custom_prompt(dataset.dataset_name):
+        return model.build_prompt(row, dataset=dataset.dataset_name)
+    return dataset.build_prompt(row)
+
+
+def infer_data_batched(model, model_name, work_dir, dataset, out_file, verbose=False, api_nproc=4, use_vllm=False,
+                       retry_failed=True, *, batch_size: int, original: Callable):
+    """VLMEvalKit's ``vlmeval.inference.infer_data`` with the pending samples generated ``batch_size`` at a time
+    (:meth:`PrunedModel.generate_batch`); in its place while a runner runs with ``--batch-size`` > 1.
+
+    As VLMEvalKit does it: the predictions of an earlier run (``*_PREV.pkl`` and the rank's ``out_file``) are kept
+    and only the missing samples generated (none: the model is not even built); each rank takes every
+    ``WORLD_SIZE``-th row; the message comes from the data set's or the wrapper's ``build_prompt``; with
+    ``SKIP_ERR=1`` a sample whose generation raises a RuntimeError gets VLMEvalKit's failure answer (otherwise the
+    error stops the data set); the rank's predictions are dumped to ``out_file`` every 10 samples and at the end. A
+    model that is not one of the runner's (an API model) goes through VLMEvalKit's own loop."""
+    import torch
+    from tqdm import tqdm
+    from vlmeval.config import supported_VLM
+    from vlmeval.smp import dump, get_logger, get_rank_and_world_size, load
+
+    dataset_name = dataset.dataset_name
+    prev_file = f"{work_dir}/{model_name}_{dataset_name}_PREV.pkl"
+    res = load(prev_file) if os.path.exists(prev_file) else {}
+    if os.path.exists(out_file):
+        res.update(load(out_file))
+    rank, world_size = get_rank_and_world_size()
+    data = dataset.data.iloc[list(range(rank, len(dataset), world_size))]
+    data_indices = list(data["index"])
+    pending = data[~data["index"].isin(res)]
+    if len(pending) == 0:
+        dump({k: res[k] for k in data_indices}, out_file)
+        return model
+    if isinstance(model, str):
+        vllm_names = ("Llama-4", "Qwen2-VL", "Qwen2.5-VL")  # VLMEvalKit passes use_vllm to these (refused here)
+        kwargs = {"use_vllm": use_vllm} if any(name in model_name for name in vllm_names) else {}
+        with _without_env("WORLD_SIZE"):  # as VLMEvalKit: no tensor parallelism under torchrun
+            model = supported_VLM[model_name](**kwargs)
+    if not isinstance(model, PrunedModel):
+        return original(model=model, model_name=model_name, work_dir=work_dir, dataset=dataset, out_file=out_file,
+                        verbose=verbose, api_nproc=api_nproc, use_vllm=use_vllm, retry_failed=retry_failed)
+    model.set_dump_image(dataset.dump_image)
+
+    skip_errors = os.environ.get("SKIP_ERR", False) == "1"
+    rows = [pending.iloc[i] for i in range(len(pending))]
+    calls_before, done = model.generate_calls, 0
+    for first in tqdm(range(0, len(rows), batch_size), unit="batch",
+                      desc=f"Infer {model_name}/{dataset_name}, Rank {rank}/{world_size}, batch size {batch_size}"):
+        chunk = rows[first:first + batch_size]
+        answers = model.generate_batch([_build_prompt(model, dataset, row) for row in chunk], dataset_name)
+        torch.cuda.empty_cache()
+        for row, answer in zip(chunk, answers):
+            if isinstance(answer, BaseException):
+                if not (skip_errors and isinstance(answer, RuntimeError)):
+                    raise answer
+                warnings.warn(f"{type(answer)} {answer}")
+                answer = f"Failed to obtain answer: {type(answer)} {answer}"
+            if verbose:
+                print(answer, flush=True)
+            res[row["index"]] = answer
+            done += 1
+            if done % 10 == 0:
+                dump(res, out_file)
+    get_logger("evalkit").info(f"{model_name} x {dataset_name}: {done} samples in "
+                               f"{model.generate_calls - calls_before} generate calls (--batch-size {batch_size})")
+    dump({k: res[k] for k in data_indices}, out_file)
+    return model
+
+
+def _one_sample_at_a_time(job: Callable, kind: str) -> Callable:
+    """VLMEvalKit's inference job for ``kind`` data sets, which keeps its own per-sample loop, with a note."""
+
+    @functools.wraps(job)
+    def run(*args, **kwargs):
+        from vlmeval.smp import get_logger
+
+        get_logger("evalkit").warning(f"--batch-size: {kind} data sets are generated one sample at a time")
+        return job(*args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def _batched_inference(vlmeval_run: ModuleType, batch_size: int):
+    """While VLMEvalKit runs: image (and text) data sets through :func:`infer_data_batched`; video and multi-turn
+    data sets one sample at a time, as before, with a note in the log."""
+    import vlmeval.inference
+
+    batched = functools.partial(infer_data_batched, batch_size=batch_size, original=vlmeval.inference.infer_data)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_temporarily(vlmeval.inference, "infer_data", batched))
+        for name, kind in (("infer_data_job_video", "video"), ("infer_data_job_mt", "multi-turn")):
+            stack.enter_context(_temporarily(vlmeval_run, name, _one_sample_at_a_time(getattr(vlmeval_run, name), kind)))
+        yield
 
 
 # transformers' loaders that run a checkpoint's own code (an ``auto_map`` in its config files) when asked to: the
@@ -405,6 +748,7 @@ def _with_kwargs(cls: type, overrides: dict) -> classmethod:
 
     def from_pretrained(klass, *args, **kwargs):
         kwargs.pop("torch_dtype", None)  # the wrappers' old spelling of dtype
+        kwargs.pop("use_flash_attention_2", None)  # ... and of the attention implementation (a TypeError in 5.x)
         return raw.__func__(klass, *args, **{**kwargs, **overrides})
 
     return classmethod(functools.wraps(raw.__func__)(from_pretrained))
@@ -427,6 +771,17 @@ def _loading_with(overrides: dict):
             cls = getattr(auto_factory, name, None) or getattr(transformers, name)
             stack.enter_context(_temporarily(cls, "from_pretrained", _with_kwargs(cls, trust)))
         yield
+
+
+@functools.lru_cache(maxsize=None)
+def vlmeval_model(body: type) -> type:
+    """A runner's own wrapper class ``body`` as a VLMEvalKit model: a subclass of ``vlmeval.vlm.base.BaseModel`` with
+    the same name, built on first use, so that importing the runner does not import VLMEvalKit (slow, and run only
+    after the pruning configuration is checked)."""
+    from vlmeval.vlm.base import BaseModel
+
+    return type(body.__name__, (body, BaseModel), {"__module__": body.__module__, "__qualname__": body.__qualname__,
+                                                    "__doc__": body.__doc__})
 
 
 @functools.lru_cache(maxsize=None)
@@ -453,6 +808,17 @@ class RunnerError(Exception):
 
 def _family_wrappers(family: Family) -> tuple[type, ...]:
     return tuple(sorted(set(family.wrappers().values()), key=lambda cls: cls.__name__))
+
+
+def register_models(family: Family, supported: dict[str, Any]) -> list[str]:
+    """Add the family's own model names (``Family.models``) to VLMEvalKit's registry ``supported``; a name already
+    there keeps its entry. Returns the names added."""
+    added = []
+    for name, entry in (family.models() if family.models else {}).items():
+        if name not in supported:
+            supported[name] = entry
+            added.append(name)
+    return added
 
 
 def _registered_entry(family: Family, name: str, supported: Mapping[str, Any]) -> ModelEntry:
@@ -496,7 +862,8 @@ def _config_entry(family: Family, key: str, entry: dict, supported: Mapping[str,
 
     kwargs = {k: v for k, v in entry.items() if k != "class"}
     if "class" in entry:
-        wrapper = getattr(vlmeval.vlm, entry["class"], None)
+        ours = {wrapper.__name__: wrapper for wrapper in _family_wrappers(family)}  # a runner's own classes too
+        wrapper = ours.get(entry["class"], getattr(vlmeval.vlm, entry["class"], None))
         if wrapper not in _family_wrappers(family):
             raise RunnerError(f"--config model {key!r}: class {entry['class']!r} is not a {family.name} wrapper")
         resolved = ModelEntry(key, "", wrapper, kwargs)
@@ -563,10 +930,38 @@ def runner_parser(prog: str, family: Family) -> argparse.ArgumentParser:
                         help="let a checkpoint's own Python code run (transformers' trust_remote_code, for an "
                              "auto_map in its config files); off by default: every supported family is native to "
                              "transformers")
+    parser.add_argument("--configurations", default=None, metavar="FILE",
+                        help="run several pruning configurations in turn in this process, loading each model once: "
+                             'a JSON list of {"label": ..., "env": {"PRUNE_METHOD": ..., "KEEP_RATIO": ...}}, each '
+                             "env replacing the stage-selecting variables of the environment; every configuration "
+                             "writes the run folder a runner call with its variables would (scripts/sweep.py "
+                             "--in-process writes the file)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                        help="generate the pending samples of a data set N at a time (left-padded, one generate call; "
+                             "greedy predictions equal those of N = 1); default 1, one sample at a time. Not with "
+                             "METHOD_TIME / PREFILL_TIME, which time single samples")
     for extra in family.flags:
         parser.add_argument(extra.flag, dest=extra.kwarg, type=extra.type, choices=extra.choices, help=extra.help)
     parser.add_argument("-h", "--help", action="store_true", help="show this help and VLMEvalKit's, then exit")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1")
+    return value
+
+
+def check_batching(batch_size: int, config: PruneConfig) -> None:
+    """Latency is profiled per sample (one generate call each, the figure papers report): a profiled run generates
+    one sample at a time. Raises ``RunnerError``."""
+    if batch_size > 1 and config.profile.enabled:
+        switches = [name for name, on in (("METHOD_TIME", config.profile.method_time),
+                                          ("PREFILL_TIME", config.profile.prefill_time)) if on]
+        raise RunnerError(f"--batch-size {batch_size} with {' and '.join(switches)}: latency is profiled per sample "
+                          f"(one generate call each); profile with --batch-size 1 (the default) or unset "
+                          f"{' and '.join(switches)}")
 
 
 def _replace_option(argv: list[str], option: str, values: list[str]) -> list[str]:
@@ -600,7 +995,8 @@ def _error(prog: str, message: str) -> int:
 # --------------------------------------------------------------------------------------------------
 def main(family: Family, argv: list[str] | None = None, env: Mapping[str, str] | None = None,
          prog: str | None = None) -> int:
-    """Parse, patch, hand over to ``vlmeval.run.main``, check the outcome. Returns the exit code."""
+    """Parse, patch, hand over to ``vlmeval.run.main``, check the outcome. Returns the exit code (with
+    ``--configurations``: the worst of the configurations')."""
     prog = prog or Path(sys.argv[0]).name
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = runner_parser(prog, family)
@@ -614,18 +1010,78 @@ def main(family: Family, argv: list[str] | None = None, env: Mapping[str, str] |
     env = os.environ if env is None else env
     try:  # before anything heavy is imported, and before VLMEvalKit can touch the work dir
         LoadSettings.check_flags(options.device, options.attn_implementation)
-        config = family.patches.apply_patches(PruneConfig.from_env(env))
+        runs = configurations(options.configurations, env)
+        configs = [PruneConfig.from_env(run_env) for _, run_env in runs]
+        for config in configs:
+            check_batching(options.batch_size, config)
+        family.patches.apply_patches(configs[0])
     except (RunnerError, PruneConfigError, RuntimeError) as err:  # RuntimeError: untested transformers release
         return _error(prog, str(err))
     try:
-        return _run(family, options, rest, config, env, prog)
+        return _run(family, options, rest, list(zip(runs, configs)), prog)
     except (RunnerError, PruneConfigError) as err:
         return _error(prog, str(err))
     finally:
         family.patches.remove_patches()
 
 
-def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Mapping[str, str], prog: str) -> int:
+def configurations(path: str | None, env: Mapping[str, str]) -> list[tuple[str | None, Mapping[str, str]]]:
+    """``(label, environment)`` of each pruning configuration of a runner call: ``env`` itself, or with
+    ``--configurations FILE`` one per entry of the file, a JSON list of ``{"label": ..., "env": {...}}``, whose
+    ``env`` replaces the stage-selecting variables (``SELECTION_VARS``) of ``env``; method hyper-parameters and
+    everything else pass through, as for separate runner processes. Raises ``RunnerError``."""
+    if path is None:
+        return [(None, env)]
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RunnerError(f"--configurations {path}: {err}") from None
+    if not (isinstance(entries, list) and entries and all(
+            isinstance(entry, dict) and isinstance(entry.get("label"), str) and isinstance(entry.get("env"), dict)
+            for entry in entries)):
+        raise RunnerError(f'--configurations {path}: expected a non-empty JSON list of {{"label": ..., "env": {{...}}}}')
+    labels = [entry["label"] for entry in entries]
+    if len(set(labels)) != len(labels):
+        raise RunnerError(f"--configurations {path}: labels repeat")
+    base = {key: value for key, value in env.items() if key not in SELECTION_VARS}
+    return [(entry["label"], {**base, **{key: str(value) for key, value in entry["env"].items()}})
+            for entry in entries]
+
+
+@dataclass
+class _Session:
+    """What the configurations of one runner call share: VLMEvalKit's command line and data sets, the models and
+    how they are loaded, and the wrappers built so far (``built``: model key -> wrapper), so that an in-process sweep
+    loads each model once."""
+
+    family: Family
+    prog: str
+    vlmeval_run: ModuleType
+    rest: list[str]  # VLMEvalKit's command line
+    args: argparse.Namespace  # ... parsed
+    cfg: dict | None  # --config's JSON
+    entries: dict[str, ModelEntry]  # model key (--model name, --config key) -> model
+    datasets: list[str]
+    wrapper_overrides: dict
+    load: LoadSettings
+    batch_size: int
+    work_dir: Path
+    rank: int
+    built: dict[str, PrunedModel] = field(default_factory=dict)
+
+
+def _shared_wrapper(built: dict, key: str, wrapper: type, *, pruning_run: ModelRun, **kwargs) -> PrunedModel:
+    """VLMEvalKit's factory of a run's model (``supported_VLM[name](...)``): the wrapper an earlier configuration of
+    the same runner call built for this model, switched to this run (:meth:`PrunedModel.use_run`), or a new one."""
+    if key in built:
+        built[key].use_run(pruning_run)
+    else:
+        built[key] = wrapper(pruning_run=pruning_run, **kwargs)
+    return built[key]
+
+
+def _run(family: Family, options, rest: list[str], runs: list[tuple[tuple[str | None, Mapping[str, str]], PruneConfig]],
+         prog: str) -> int:
     # Slow; under torchrun, importing run.py splits CUDA_VISIBLE_DEVICES (or nvidia-smi's GPUs) between the local
     # processes and asserts there are at least as many GPUs as processes. A --device cpu run uses no GPU: hiding
     # LOCAL_WORLD_SIZE while it is imported skips that split (RANK / WORLD_SIZE, read separately, still apply).
@@ -633,6 +1089,7 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         import vlmeval.run as vlmeval_run
     from vlmeval.config import supported_VLM
 
+    register_models(family, supported_VLM)
     args = _parse_vlmeval_args(vlmeval_run, prog, rest)
     for flag, value in (("--api-mode", args.api_mode), ("--base-url", args.base_url), ("--use-vllm", args.use_vllm)):
         if value:
@@ -654,8 +1111,7 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
             name_suffix += "-" + extra.label.format(value)
     load = LoadSettings.resolve(options.device, options.attn_implementation, options.dtype, options.trust_remote_code)
 
-    work_dir = Path(os.environ.get("MMEVAL_ROOT", args.work_dir))  # VLMEvalKit's own override
-    rank = int(os.environ.get("RANK", 0))
+    cfg = None
     if args.config:
         cfg = json.loads(Path(args.config).read_text())
         entries = {key: _config_entry(family, key, value, supported_VLM) for key, value in cfg["model"].items()}
@@ -665,12 +1121,37 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
             raise RunnerError("--model and --data are required (or --config)")
         entries = {name: resolve_model(family, name, supported_VLM) for name in args.model}
         datasets = list(args.data)
-
-    names = {}
-    for key, entry in entries.items():
+    for entry in entries.values():
         entry.base += name_suffix
-        check_depth(entry, config, load.trust_remote_code)
-        identity = run_identity(entry.source, config, wrapper_overrides, load.dtype, family, load.trust_remote_code)
+        for _, config in runs:  # every configuration before VLMEvalKit starts
+            check_depth(entry, config, load.trust_remote_code)
+
+    session = _Session(family, prog, vlmeval_run, rest, args, cfg, entries, datasets, wrapper_overrides, load,
+                       options.batch_size, Path(os.environ.get("MMEVAL_ROOT", args.work_dir)),  # VLMEvalKit's own
+                       int(os.environ.get("RANK", 0)))
+    codes = []
+    for (label, env), config in runs:
+        family.patches.apply_patches(config)  # only replaces the configuration: the hooks stay installed
+        try:
+            code = _evaluate(session, config, env)
+        except (RunnerError, PruneConfigError) as err:
+            code = _error(prog, str(err))
+        if label is not None:
+            print(f"{prog}: configuration {label}: exit {code}", flush=True)
+        codes.append(code)
+    return max(codes)
+
+
+def _evaluate(session: _Session, config: PruneConfig, env: Mapping[str, str]) -> int:
+    """Register every model under this configuration's run name, run ``vlmeval.run.main`` on them, check the
+    outcome. Returns the exit code."""
+    from vlmeval.config import supported_VLM
+
+    family, prog, work_dir, rank, load = session.family, session.prog, session.work_dir, session.rank, session.load
+    names = {}
+    for key, entry in session.entries.items():
+        identity = run_identity(entry.source, config, session.wrapper_overrides, load.dtype, family,
+                                load.trust_remote_code)
         name = run_name(entry.base, config, identity)
         run_dir = work_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -680,12 +1161,13 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         profile = (profiling.ProfileLog(run_dir, rank, profiling.Profiler(config.profile))
                    if config.profile.enabled else None)
         model_run = ModelRun(family, load, TokenLog(run_dir, rank), profile)
-        supported_VLM[name] = functools.partial(adapt(entry.wrapper, family.mixin), pruning_run=model_run,
-                                                **{**entry.kwargs, **wrapper_overrides})
+        supported_VLM[name] = functools.partial(_shared_wrapper, session.built, key, adapt(entry.wrapper, family.mixin),
+                                                pruning_run=model_run, **{**entry.kwargs, **session.wrapper_overrides})
         names[key] = name
 
-    if args.config:
-        cfg["model"] = {names[key]: {} for key in cfg["model"]}  # {}: VLMEvalKit builds supported_VLM[name]
+    cfg = None
+    if session.cfg is not None:
+        cfg = {**session.cfg, "model": {names[key]: {} for key in session.cfg["model"]}}  # {}: supported_VLM[name]
         digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
         new_config = work_dir / f"vlmeval_config_{digest}.json"
         _atomic_write(new_config, json.dumps(cfg, indent=2), rank)
@@ -693,16 +1175,20 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
     else:
         option, values = "--model", list(names.values())
         expected = values
-    vlmeval_argv = _replace_option(rest, option, values)
-    if getattr(_parse_vlmeval_args(vlmeval_run, prog, vlmeval_argv), option[2:]) != expected:
+    vlmeval_argv = _replace_option(session.rest, option, values)
+    if getattr(_parse_vlmeval_args(session.vlmeval_run, prog, vlmeval_argv), option[2:]) != expected:
         raise RunnerError(f"could not rewrite {option} (spell the flag out in full)")
 
     started = datetime.datetime.now().astimezone()
     saved = sys.argv
     sys.argv = [prog, *vlmeval_argv]
     try:
-        with _gloo_for_nccl() if not load.device.startswith("cuda") else contextlib.nullcontext():
-            vlmeval_run.main()
+        with contextlib.ExitStack() as stack:
+            if not load.device.startswith("cuda"):
+                stack.enter_context(_gloo_for_nccl())
+            if session.batch_size > 1:
+                stack.enter_context(_batched_inference(session.vlmeval_run, session.batch_size))
+            session.vlmeval_run.main()
     finally:
         sys.argv = saved
     if rank != 0:
@@ -710,10 +1196,10 @@ def _run(family: Family, options, rest: list[str], config: PruneConfig, env: Map
         # merged every rank's pickle into the prediction file, so a rank returns only once its share is merged.
         return 0
     if config.profile.enabled:  # every rank's samples are written: VLMEvalKit waits for all before evaluating
-        _write_profile_summaries(work_dir, list(names.values()), datasets, prog)
-    failures = check_status(work_dir, list(names.values()), datasets, started)
+        _write_profile_summaries(work_dir, list(names.values()), session.datasets, prog)
+    failures = check_status(work_dir, list(names.values()), session.datasets, started)
     if not failures:
-        failures = check_predictions(work_dir, list(names.values()), datasets, args, cfg if args.config else None)
+        failures = check_predictions(work_dir, list(names.values()), session.datasets, session.args, cfg)
     for failure in failures:
         print(f"{prog}: evaluation failed: {failure}", file=sys.stderr)
     return 1 if failures else 0

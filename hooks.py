@@ -22,6 +22,7 @@ from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
 PAD = -2  # span id of a padding slot
+FIXED = -3  # span id of a placeholder token that is no visual feature (a newline): kept, never pruned
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,6 +35,9 @@ class Span:
     modality: str
     grid: tuple[int, int, int] | None
     counts: dict[str, int] = field(default_factory=dict)  # stage label -> tokens left ('input', 'pre_llm', 'layer_2')
+    # Whether the span's shape came from the feature call's SpanShapes (find_layout); False for a run no shape fitted,
+    # which therefore gets no vision signals. A shaped span may still have no grid (LLaVA-NeXT's image with tiles).
+    shaped: bool = True
 
     @property
     def llm_input(self) -> int:
@@ -49,7 +53,7 @@ class Span:
 class Layout:
     """What each position of the current (B, L) sequence is: text, padding, or a token of span s."""
 
-    span_id: torch.Tensor  # (B, L) long: TEXT, PAD or a span index into spans[b]
+    span_id: torch.Tensor  # (B, L) long: TEXT, PAD, FIXED or a span index into spans[b]
     attention_mask: torch.Tensor | None  # (B, L) 2-D padding mask of this layout, None = no padding
     spans: list[list[Span]]
 
@@ -78,22 +82,51 @@ class ForwardRecord:
         return out
 
 
+@dataclass(frozen=True)
+class SpanShape:
+    """What a feature call says of one span: its token grid and the placeholder tokens that are not its features.
+
+    length: placeholder tokens the span occupies in the sequence (grid tokens plus fixed ones).
+    grid:   (t, h, w) of the span's prunable tokens in LLM tokens, raster order; None when they form no single grid
+            (e.g. LLaVA-NeXT's base image followed by its unpadded tiles).
+    fixed:  span-local offsets of tokens that are never pruned and keep their positions (LLaVA-NeXT/OneVision's
+            ``image_newline`` rows ends, OneVision's newline after a video); they are not counted as visual tokens.
+    """
+
+    length: int
+    grid: tuple[int, int, int] | None = None
+    fixed: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, grid) -> "SpanShape":
+        """A SpanShape as given, or from a bare (t, h, w) grid (every placeholder token is a feature)."""
+        if isinstance(grid, SpanShape):
+            return grid
+        grid = tuple(int(v) for v in grid)
+        return cls(grid[0] * grid[1] * grid[2], grid)
+
+
 def find_layout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     visual_ids: dict[int, str],
-    grids: dict[str, list[tuple[int, int, int]]],
+    grids: dict[str, list],
+    join_runs: bool = False,
 ) -> Layout:
-    """Find every contiguous run of visual placeholder tokens in every sample.
+    """Find every span of visual placeholder tokens in every sample.
 
-    ``grids[modality]`` lists the (t, h, w) of each span of that modality in order of appearance, batch-major
-    (the order in which the model scatters features). A run gets the next grid whose token count matches.
+    ``grids[modality]`` lists the :class:`SpanShape` (or bare (t, h, w) grid) of each span of that modality in
+    order of appearance, batch-major (the order in which the model scatters features). A contiguous run of one
+    placeholder id takes the next shapes whose lengths add up to the run exactly: one span each (two images whose
+    placeholders touch are two spans), or, with ``join_runs``, one span together (InternVL's tiles of one image,
+    laid out between ``<img>`` and ``</img>``; the grid stacks the tiles along t). A run no shapes fit is one span
+    without a grid. Fixed tokens get span id FIXED: kept, never shown to a method, not counted.
     """
     batch, length = input_ids.shape
     span_id = torch.full((batch, length), TEXT, dtype=torch.long)
     if attention_mask is not None:
         span_id[attention_mask.cpu() == 0] = PAD
-    queues = {modality: list(g) for modality, g in grids.items()}
+    queues = {modality: [SpanShape.of(g) for g in shapes] for modality, shapes in grids.items()}
     spans: list[list[Span]] = []
     ids = input_ids.cpu()
     for b in range(batch):
@@ -108,16 +141,42 @@ def find_layout(
             j = i
             while j < length and row[j] == row[i]:
                 j += 1
-            n = j - i
-            queue = queues.get(modality) or []
-            grid = None
-            if queue and queue[0][0] * queue[0][1] * queue[0][2] == n:
-                grid = tuple(int(v) for v in queue.pop(0))
-            span_id[b, i:j] = len(sample)
-            sample.append(Span(modality, grid, {"input": n}))
+            for start, shape, shaped in _fit_run(queues.setdefault(modality, []), j - i, join_runs):
+                begin = i + start
+                span_id[b, begin:begin + shape.length] = len(sample)
+                for offset in shape.fixed:
+                    span_id[b, begin + offset] = FIXED
+                sample.append(Span(modality, shape.grid, {"input": shape.length - len(shape.fixed)}, shaped))
             i = j
         spans.append(sample)
     return Layout(span_id.to(input_ids.device), attention_mask, spans)
+
+
+def _fit_run(queue: list[SpanShape], n: int, join: bool) -> list[tuple[int, SpanShape, bool]]:
+    """(offset in the run, shape, whether it came from the queue) of the spans a run of ``n`` placeholders holds,
+    taking their shapes from the queue's head; one span without a grid if no prefix of the queue adds up to ``n``."""
+    total, count = 0, 0
+    while count < len(queue) and total < n:
+        total += queue[count].length
+        count += 1
+    if total != n or count == 0:
+        return [(0, SpanShape(n), False)]
+    taken, queue[:count] = queue[:count], []
+    if join:
+        grids = {s.grid[1:] if s.grid else None for s in taken}
+        grid = None
+        if len(grids) == 1 and None not in grids:
+            grid = (sum(s.grid[0] for s in taken), *taken[0].grid[1:])
+        offsets, fixed = 0, []
+        for shape in taken:
+            fixed += [offsets + f for f in shape.fixed]
+            offsets += shape.length
+        return [(0, SpanShape(n, grid, tuple(fixed)), True)]
+    out, offset = [], 0
+    for shape in taken:
+        out.append((offset, shape, True))
+        offset += shape.length
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +265,7 @@ def select_tokens(
     kept_rows: list[torch.Tensor] = []
     merged: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, original positions, features)
     for b in range(batch):
-        keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text and padding always stay
+        keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text, padding and fixed tokens always stay
         text_positions = torch.nonzero(span_id[b] == TEXT).flatten()
         for s, span in enumerate(layout.spans[b]):
             positions = torch.nonzero(span_id[b] == s).flatten()
@@ -441,6 +500,49 @@ def vision_layers(needs: VisionNeeds, global_layers: list[int], depth: int) -> l
     return layers
 
 
+def cls_vision_layers(needs: VisionNeeds, depth: int) -> list[int]:
+    """The encoder layers whose [CLS] row ``needs.cls_layers`` asks for, in an encoder of ``depth`` layers (every
+    layer of a CLIP encoder attends globally). A range outside the encoder is a PruneConfigError naming the variable
+    that set it (``needs.first_layer_var``) when the method declared one."""
+    first, last = (layer + depth if layer < 0 else layer for layer in needs.cls_layers)
+    if 0 <= first <= last < depth:
+        return list(range(first, last + 1))
+    allowed = f"a layer in {-depth}..{depth - 1} (a negative index counts from the end) for this encoder of {depth} layers"
+    what = f"[CLS] layers {needs.cls_layers[0]}..{needs.cls_layers[1]} leave no layer of the encoder to read"
+    if needs.first_layer_var:
+        raise PruneConfigError(f"{needs.first_layer_var}={str(needs.first_layer)!r}: {what}; allowed: {allowed}, "
+                               f"up to the method's last [CLS] layer ({needs.cls_layers[1]})")
+    raise PruneConfigError(f"{what} (a hyper-parameter of the pre-LLM method, see `python -m methods`); allowed: "
+                           f"{allowed}")
+
+
+def cls_attention_row(query: torch.Tensor, key: torch.Tensor, scale: float, heads: str) -> torch.Tensor:
+    """[P] attention of the [CLS] query (row 0) to the patches of one image, fp32.
+
+    ``query`` / ``key`` are (H, 1 + P, d), [CLS] first. "mean": softmax per head, averaged over heads; "single": one
+    head over the full width H * d (``scale`` is then ignored: 1 / sqrt(H * d)). The softmax runs over every key,
+    [CLS] included, as the encoder's own attention does; the [CLS] column is then dropped."""
+    query, key = query.float(), key.float()
+    if heads == "single":
+        q = query[:, 0].reshape(1, 1, -1)
+        k = key.transpose(0, 1).reshape(1, key.shape[1], -1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    else:
+        probs = torch.softmax(query[:, :1] @ key.transpose(-1, -2) * scale, dim=-1)
+    return probs[:, 0, 1:].mean(dim=0)
+
+
+def run_with_pre_hooks(hooks_by_module: dict, run: Callable[[], Any]):
+    """``run()`` with forward pre-hooks (``hook(module, args, kwargs)``) on the given modules, removed afterwards
+    whatever happens: how every family reads its vision encoder's chosen attention layers."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks_by_module.items()]
+    try:
+        return run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
                        segments: list[torch.Tensor]) -> torch.Tensor:
     """[P] attention each key patch receives: softmax(q k^T * scale) inside its segment, averaged over the
@@ -462,23 +564,38 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
 
 
 def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> Callable[[int, int], VisionSignals | None]:
-    """Hand every span the vision signals noted for it. ``pending[modality]`` is in the order of that modality's
-    grids, and find_layout gives grids to spans in that order (a span whose size did not match got none), so
-    the k-th span of a modality that has a grid takes the k-th entry."""
+    """Hand every span the vision signals noted for it. ``pending[modality]`` holds one entry per grid of that
+    modality (span_grids' order), and find_layout gives grids to spans in that order (a span whose size did not
+    match got none: ``Span.shaped`` is False), so a shaped span (with or without a grid) takes the next entries
+    until their tokens make up the span: one entry, or, where find_layout joined several grids into one span
+    (``join_runs``: InternVL's tiles of one image), those grids' entries concatenated in span order."""
     queues = {modality: list(signals) for modality, signals in pending.items()}
     by_span: dict[tuple[int, int], VisionSignals] = {}
     for b, sample in enumerate(layout.spans):
         for s, span in enumerate(sample):
             queue = queues.get(span.modality)
-            if span.grid is None or not queue:
+            if not span.shaped or not queue:
                 continue
-            signals = queue.pop(0)
-            lengths = {t.shape[0] for t in signals.attention.values()}
-            if lengths != {span.counts["input"]}:
-                raise RuntimeError(f"vision signals of {lengths} tokens for the {span.modality} span of "
-                                   f"{span.counts['input']} tokens")
-            by_span[(b, s)] = signals
+            parts, lengths = [], []
+            while queue and sum(lengths) < span.counts["input"]:
+                parts.append(queue.pop(0))
+                per_layer = {t.shape[0] for t in parts[-1].attention.values()}
+                if len(per_layer) != 1:
+                    raise RuntimeError(f"vision signals of {per_layer} tokens at different layers for the "
+                                       f"{span.modality} span of {span.counts['input']} tokens")
+                lengths.append(per_layer.pop())
+            if sum(lengths) != span.counts["input"]:
+                raise RuntimeError(f"vision signals of {'+'.join(map(str, lengths))} tokens for the {span.modality} "
+                                   f"span of {span.counts['input']} tokens")
+            by_span[(b, s)] = parts[0] if len(parts) == 1 else _join_signals(parts)
     return lambda b, s: by_span.get((b, s))
+
+
+def _join_signals(parts: list[VisionSignals]) -> VisionSignals:
+    """One span's signals from those of its grids (e.g. the tiles of one image), in span order."""
+    attention = {layer: torch.cat([p.attention[layer] for p in parts]) for layer in parts[0].attention}
+    keys = None if parts[0].keys is None else torch.cat([p.keys for p in parts])
+    return VisionSignals(attention, keys, parts[0].cls)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,8 +609,12 @@ class FamilyAdapter:
         """Placeholder token id -> modality."""
         return {config.image_token_id: "image", config.video_token_id: "video"}
 
-    def span_grids(self, model, modality: str, features_args: dict) -> list[tuple[int, int, int]] | None:
-        """(t, h, w) in LLM tokens of each span, from the arguments of a get_<modality>_features call."""
+    # One span per image even where the model lays out several feature blocks in one run (InternVL's tiles).
+    join_runs = False
+
+    def span_grids(self, model, modality: str, features_args: dict) -> list[tuple[int, int, int] | SpanShape] | None:
+        """(t, h, w) in LLM tokens, or the :class:`SpanShape`, of each span, from the arguments of a
+        get_<modality>_features call."""
         return None
 
     def check_model(self, config: PruneConfig, model) -> None:
@@ -515,6 +636,11 @@ class FamilyAdapter:
     def decode_lm_inputs(self, kwargs: dict, mask_2d: torch.Tensor | None, call) -> None:
         """A decode step after pre-LLM pruning: give the language model the kept-layout 2-D mask."""
         kwargs["attention_mask"] = mask_2d
+
+    def positions_context(self, text_model, call):
+        """A context manager around every language-model call of a pruned prefill and its decode steps (e.g. handing
+        the rotary embedding the kept tokens' original positions, see :class:`DecoderAdapter`)."""
+        return contextlib.nullcontext()
 
     def lm_call_context(self, text_model, call, kwargs: dict, prefill: bool):
         """A context manager around an intra-LLM language-model call (family-specific redirections);
@@ -567,11 +693,115 @@ class FamilyAdapter:
     def capture_vision(self, model, modality: str, features_args: dict, needs: VisionNeeds,
                        run: Callable[[], Any]) -> tuple[Any, list[VisionSignals]]:
         """Run the encoder call ``run()`` (the original get_<modality>_features) while capturing what ``needs``
-        asks for; return its output and one VisionSignals per span, in the order of ``span_grids``. Called only
+        asks for; return its output and one VisionSignals per grid of ``span_grids``, in that order (one per span, or
+        per tile where find_layout joins tiles into spans: :func:`vision_by_span` joins their signals). Called only
         when the configured pre-LLM method declared ``vision=``. Implementations hook the chosen encoder
         layers (see :func:`vision_layers`), score them with :func:`attention_received` from the layer's own
         q/k, and reduce patches to LLM tokens as documented on :class:`methods.VisionSignals`."""
         raise NotImplementedError(f"{type(self).__name__} does not capture vision-encoder signals")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def text_positions_for(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """Contiguous 1-D positions of a (B, length) sequence as generate numbers it (left padding counted out)."""
+    if mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
+
+
+class DecoderAdapter(FamilyAdapter):
+    """A language model of transformers' standard decoder form: Llama, Mistral, Qwen2/2.5/3 (LLaVA's, InternVL's)
+    and the Qwen-VL text models. The model computes one rotary (cos, sin) per call from ``position_ids`` and hands
+    it to every layer; masks come from ``create_causal_mask`` (and its sliding-window twin); attention projects with
+    ``q_proj`` / ``k_proj`` (with ``q_norm`` / ``k_norm`` where the model has them).
+
+    Kept tokens keep their original 1-D positions, which have gaps. Only the rotary embedding may see those: masks and
+    FlashAttention-2 read gaps in ``position_ids`` as boundaries of packed sequences. So after pre-LLM pruning the
+    language model gets contiguous ``position_ids`` (for masks and layers) and its rotary embedding is handed the
+    original ones (:meth:`positions_context`); inside it, every layer's (cos, sin) is gathered from the loop's.
+    """
+
+    def layer_masks(self, text_model, hidden, mask_2d, cache, layer, layout=None):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kwargs = dict(config=text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
+                      past_key_values=cache, position_ids=None, layer_idx=layer)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(text_model.config, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def layer_type(self, text_model, layer):
+        return (getattr(text_model.config, "layer_types", None) or ["full_attention"] * (layer + 1))[layer]
+
+    def shorten_layer_call(self, args, kwargs, index, mask_2d):
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (gather_positions(cos, index), gather_positions(sin, index))
+        if kwargs.get("position_ids") is not None:  # only masks / flash-attention read them: keep them contiguous
+            kwargs["position_ids"] = text_positions_for(mask_2d, *index.shape, cos.device)
+        return args, kwargs
+
+    def shorten_lm_inputs(self, selection: Selection, kwargs: dict, call) -> None:
+        kwargs["attention_mask"] = selection.layout.attention_mask
+        batch, length = selection.index.shape
+        device = kwargs["inputs_embeds"].device
+        positions = kwargs.get("position_ids")
+        if positions is None:  # the text model would number the full sequence 0..L-1: keep those numbers
+            positions = torch.arange(selection.prefill_length, device=device).expand(batch, -1)
+        call.extras["rope_positions"] = selection.gather(positions)
+        kwargs["position_ids"] = text_positions_for(selection.layout.attention_mask, batch, length, device)
+
+    def decode_lm_inputs(self, kwargs, mask_2d, call):
+        kwargs["attention_mask"] = mask_2d
+        if kwargs.get("position_ids") is None:  # the text model would count the pruned cache: number as stock
+            step = call.state.pre_map.prefill_length + call.state.decoded - 1
+            embeds = kwargs["inputs_embeds"]
+            kwargs["position_ids"] = torch.full((embeds.shape[0], 1), step, dtype=torch.long, device=embeds.device)
+
+    def positions_context(self, text_model, call):
+        positions = call.extras.get("rope_positions")
+        if positions is None:
+            return contextlib.nullcontext()
+
+        def original_positions(module, args, kwargs):
+            if len(args) > 1:
+                args = (args[0], positions) + tuple(args[2:])
+            else:
+                kwargs["position_ids"] = positions
+            return args, kwargs
+
+        return _pre_hook(text_model.rotary_emb, original_positions)
+
+    def query_key(self, attn, inp, sample, rows):
+        hidden = inp.hidden[sample]
+        cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
+        d = attn.head_dim
+
+        def project(proj, norm, x, c, s):
+            states = proj(x).view(x.shape[0], proj.out_features // d, d)
+            if norm is not None:
+                states = norm(states)
+            states = states.transpose(0, 1)  # (heads, n, d)
+            return states * c.unsqueeze(0) + rotate_half(states) * s.unsqueeze(0)
+
+        rows = rows.to(hidden.device)
+        q = project(attn.q_proj, getattr(attn, "q_norm", None), hidden[rows], cos[rows], sin[rows])
+        k = project(attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
+        return q, k
+
+
+@contextlib.contextmanager
+def _pre_hook(module, hook):
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass

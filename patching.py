@@ -6,7 +6,8 @@ wraps, at class level and with ``functools.wraps`` (``generate`` inspects signat
 * ``<Model>.get_image_features`` / ``get_video_features``: note each span's grid (``generate`` runs these
   before ``forward`` and then drops their arguments);
 * ``<Model>.forward``: open a :class:`Call` holding the call's arguments (token ids, 2-D mask, ...);
-* ``<TextModel>.forward``, the language-model entry: pre-LLM pruning, intra-LLM layer hooks, decode steps.
+* ``<TextModel>.forward``, the language-model entry: pre-LLM pruning, intra-LLM layer hooks, decode steps (one
+  wrapper per language-model class, shared by every family whose models use it).
 
 Runtime state lives in a per-model :class:`hooks.PruningState` and in context variables scoped to one call;
 nothing goes through environment variables or files.
@@ -68,12 +69,46 @@ def last_record(model) -> hooks.ForwardRecord | None:
 
 @dataclass(frozen=True)
 class Target:
-    """One model family: where its classes live and its adapter."""
+    """One model family: where its classes live and its adapter.
+
+    ``text_class`` names the language-model class in ``module``; families whose language model is built from the
+    text config (``AutoModel.from_config``: LLaVA's Llama / Mistral / Qwen2, InternVL's Qwen2) give None and list the
+    usual ones in ``language_models`` ("module:Class"). Any other language-model class is wrapped when a model of the
+    family is first seen (a model dispatched with a ``device_map`` before that is refused, see :func:`_check_dispatch`).
+    """
 
     module: str
     model_class: str
-    text_class: str
+    text_class: str | None
     adapter: FamilyAdapter
+    language_models: tuple[str, ...] = ()
+
+
+# Language-model classes are shared between families (Qwen2Model under LLaVA-OneVision and InternVL): each is wrapped
+# once, however many families' patches are applied, and restored when the last of them is removed.
+_TEXT_WRAPPED: dict[type, list] = {}  # class -> [original forward, number of FamilyPatch users]
+
+
+def _wrap_text_class(cls: type) -> None:
+    if cls in _TEXT_WRAPPED:
+        _TEXT_WRAPPED[cls][1] += 1
+        return
+    original = cls.__dict__["forward"]
+    _TEXT_WRAPPED[cls] = [original, 1]
+    cls.forward = _wrap_text_forward(original)
+
+
+def _unwrap_text_class(cls: type) -> None:
+    entry = _TEXT_WRAPPED[cls]
+    entry[1] -= 1
+    if entry[1] == 0:
+        cls.forward = entry[0]
+        del _TEXT_WRAPPED[cls]
+
+
+def _class(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class FamilyPatch:
@@ -83,33 +118,44 @@ class FamilyPatch:
         self.targets = targets
         self.config: PruneConfig | None = None
         self.originals: dict[tuple[type, str], Any] = {}
+        self.text_classes: set[type] = set()  # language-model classes this patch wrapped (shared, see _TEXT_WRAPPED)
 
     def apply(self, config: PruneConfig | None = None) -> PruneConfig:
         """Read (or take) the configuration and install the wrappers. A second call only replaces the
         configuration. Raises before touching any class if the configuration is bad."""
         check_transformers_version()
         self.config = PruneConfig.from_env() if config is None else config
-        if self.originals:
+        if self.originals or self.text_classes:
             return self.config
         for target in self.targets:
-            module = importlib.import_module(target.module)
-            model_cls, text_cls = getattr(module, target.model_class), getattr(module, target.text_class)
-            wrappers = [(model_cls, "forward", self._wrap_model_forward(model_cls.forward, target.adapter)),
-                        (text_cls, "forward", self._wrap_text_forward(text_cls.forward))]
+            model_cls = getattr(importlib.import_module(target.module), target.model_class)
+            wrappers = [(model_cls, "forward", self._wrap_model_forward(model_cls.forward, target.adapter))]
             for modality in ("image", "video"):
                 name = f"get_{modality}_features"
-                wrappers.append((model_cls, name, self._wrap_features(getattr(model_cls, name), modality,
-                                                                      target.adapter)))
+                if name in model_cls.__dict__:  # LLaVA-1.5, LLaVA-NeXT and InternVL take no videos
+                    wrappers.append((model_cls, name, self._wrap_features(getattr(model_cls, name), modality,
+                                                                          target.adapter)))
             for cls, name, wrapper in wrappers:
                 self.originals[(cls, name)] = cls.__dict__[name]
                 setattr(cls, name, wrapper)
+            text_classes = [f"{target.module}:{target.text_class}"] if target.text_class else []
+            for path in text_classes + list(target.language_models):
+                self._wrap_text(_class(path))
         return self.config
+
+    def _wrap_text(self, cls: type) -> None:
+        if cls not in self.text_classes:
+            self.text_classes.add(cls)
+            _wrap_text_class(cls)
 
     def remove(self) -> None:
         """Restore every wrapped method. Idempotent."""
         for (cls, name), original in self.originals.items():
             setattr(cls, name, original)
         self.originals.clear()
+        for cls in self.text_classes:
+            _unwrap_text_class(cls)
+        self.text_classes.clear()
         self.config = None
 
     # -- per-model state ---------------------------------------------------------------------------
@@ -119,6 +165,7 @@ class FamilyPatch:
         config = self.config.resolved_for(model.config.get_text_config().num_hidden_layers)
         if state is None or state.config is not config:
             _check_dispatch(model)
+            self._wrap_text(type(model.language_model))  # a language model of a class not listed in the Target
             adapter.check_model(config, model)
             state = PruningState(config)
             setattr(model, STATE_ATTR, state)
@@ -175,21 +222,21 @@ class FamilyPatch:
 
         return forward
 
-    def _wrap_text_forward(self, original):
-        signature = inspect.signature(original)
+def _wrap_text_forward(original):
+    signature = inspect.signature(original)
 
-        @functools.wraps(original)
-        def forward(text_model, *args, **kwargs):
-            call = ACTIVE_CALL.get()
-            if call is None or call.model.language_model is not text_model:
-                return original(text_model, *args, **kwargs)  # called on its own: spans unknown, nothing to prune
-            bound = signature.bind_partial(text_model, *args, **kwargs).arguments
-            extra = bound.pop("kwargs", {})
-            bound.pop("self", None)
-            return run_language_model(original, text_model, call, {**bound, **extra})
+    @functools.wraps(original)
+    def forward(text_model, *args, **kwargs):
+        call = ACTIVE_CALL.get()
+        if call is None or call.model.language_model is not text_model:
+            return original(text_model, *args, **kwargs)  # called on its own: spans unknown, nothing to prune
+        bound = signature.bind_partial(text_model, *args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        bound.pop("self", None)
+        return run_language_model(original, text_model, call, {**bound, **extra})
 
-        forward._pruning_wrapper = True
-        return forward
+    forward._pruning_wrapper = True
+    return forward
 
 
 def _check_dispatch(model) -> None:
@@ -234,7 +281,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
 
     state.record = None  # a new prefill: the last one's record goes (its stage maps went above)
     mask = adapter.mask_2d(kwargs, call)
-    layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids)
+    layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids, adapter.join_runs)
     if not any(layout.spans):
         state.finish_record(layout.spans)
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
@@ -250,7 +297,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
         layout = selection.layout
     try:
-        with profiling.region(profiling.LM_PREFILL, cache, layout.spans), \
+        with profiling.region(profiling.LM_PREFILL, cache, layout.spans), adapter.positions_context(text_model, call), \
                 _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
             output = original(text_model, **kwargs)
         _note_prefill_cache(state, output, cache)
@@ -271,7 +318,8 @@ def _decode_step(original, text_model, call: Call, kwargs: dict):
     mask = adapter.mask_2d(kwargs, call)
     if state.pre_map is not None:
         adapter.decode_lm_inputs(kwargs, state.decode_mask(mask, [state.pre_map]), call)
-    with _intra_llm(adapter, text_model, call, kwargs, None, mask, kwargs.get("past_key_values")):
+    with adapter.positions_context(text_model, call), \
+            _intra_llm(adapter, text_model, call, kwargs, None, mask, kwargs.get("past_key_values")):
         return original(text_model, **kwargs)
 
 

@@ -44,10 +44,20 @@ class VisionNeeds:
                  (a negative value counts from the end of the encoder, as Python indexes do); None: only at
                  the last globally attending layer (the CLS-substitute layer of PruMerge, VisionZip, VisPruner).
     keys:        whether the method reads ``ctx.vision_keys()`` (taken at the last globally attending layer).
+
+    On an encoder with a true [CLS] token (CLIP in LLaVA-1.5 and LLaVA-NeXT) the signals are the [CLS] row itself, read
+    where the method's official code reads it:
+
+    cls_layers:  (first, last) encoder layers, inclusive (negative values count from the end), whose [CLS] attention
+                 rows are captured; keys come from the last of them. Default: the last layer.
+    cls_heads:   "mean": the [CLS] row of every head, averaged over heads; "single": one head over the full width
+                 (softmax(q k^T / sqrt(C)) of the whole q_proj / k_proj outputs, as PruMerge computes it).
     """
 
     first_layer: int | None = None
     keys: bool = False
+    cls_layers: tuple[int, int] = (-1, -1)
+    cls_heads: str = "mean"
     # The environment variable that set first_layer (e.g. "VTC_CLS_START_LAYER"), named in the error raised
     # when it leaves no layer of the encoder to score; not part of equality.
     first_layer_var: str | None = field(default=None, compare=False)
@@ -65,10 +75,15 @@ class VisionSignals:
     keys:      [N, H, d] fp32 key vectors of the last globally attending layer (H: its key heads), post
                key-norm (if the model has one) and before the rotary embedding, averaged over the patches that
                form each LLM token; None unless the method asked for keys.
+    cls:       True on an encoder with a [CLS] token: ``attention`` then holds, at the layers of
+               ``VisionNeeds.cls_layers``, the [CLS] query's attention probabilities to the patches (softmax over
+               every key, [CLS] included, then the [CLS] column dropped; reduced over heads as ``cls_heads`` says),
+               and ``keys`` are the patches' keys of the last of those layers.
     """
 
     attention: dict[int, torch.Tensor]
     keys: torch.Tensor | None = None
+    cls: bool = False
 
 
 class SignalSource:
@@ -200,10 +215,17 @@ class PruneContext:
         """Encoder layers whose attention was captured, ascending; the last one is the default layer."""
         return tuple(sorted(self._need_vision().attention))
 
+    @property
+    def vision_has_cls(self) -> bool:
+        """True when the vision signals are the encoder's true [CLS] row (LLaVA-1.5 / LLaVA-NeXT's CLIP), False when
+        they are the substitute (attention received; Qwen-VL, Gemma 4, SigLIP, InternViT)."""
+        return self._need_vision().cls
+
     def vision_attention_received(self, layer: int | None = None) -> torch.Tensor:
-        """[N] attention each LLM visual token of this span receives inside the vision encoder at ``layer``
-        (default: the last globally attending layer); the [CLS]-attention substitute, see ``VisionSignals``.
-        On the device of ``features`` (the encoder may sit on another one)."""
+        """[N] attention each LLM visual token of this span gets inside the vision encoder at ``layer`` (default: the
+        last captured layer): the [CLS] row where the encoder has a [CLS] token (``vision_has_cls``), else its
+        substitute, the attention received; see ``VisionSignals``. On the device of ``features`` (the encoder may
+        sit on another one)."""
         attention = self._need_vision().attention
         return attention[max(attention) if layer is None else layer].to(self.features.device)
 

@@ -23,13 +23,23 @@ Hyper-parameters:
   PRUMERGE_ADAPTIVE (default 1): 1 = IQR outlier count (official), 0 = the keep-count rule.
   PRUMERGE_NEIGHBOURS (default 32): k, the neighbours merged into each kept token.
 
-Adaptations (see docs/methods.md, "Vision-encoder signals"):
-  * [CLS] attention -> mean attention received at the encoder's last layer, model heads averaged
-    (``ctx.vision_attention_received``); the official code computes one full-width "head" from the 1024-d
-    q/k projections. Keys: that layer's key vectors, all heads concatenated as the official full-width
-    ``k_proj`` output (``ctx.vision_keys``). Qwen2.5-VL: its last full-attention block.
+Signals (``ctx.vision_attention_received``, ``ctx.vision_keys``; see docs/methods.md, "Vision-encoder signals"):
+  * On an encoder with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, ``ctx.vision_has_cls``): the official
+    signal. The [CLS] row of the last CLIP layer (23 of 24) as one "head" over the full width,
+    softmax(q k^T / sqrt(C)) of the whole 1024-d ``q_proj`` / ``k_proj`` outputs (``cls_heads="single"``),
+    and keys = that layer's ``k_proj`` output (all heads concatenated). The IQR rule then runs on the [CLS]
+    probabilities, as in the official code.
+  * Elsewhere (Qwen-VL, Gemma 4: no [CLS]): the substitute, the mean attention received at the encoder's
+    last globally attending layer, model heads averaged; keys of that layer, all heads concatenated as the
+    official full-width ``k_proj`` output. Qwen2.5-VL: its last full-attention block. The same code serves
+    both signals (the official rule has nothing that depends on which one it reads).
+
+Adaptations:
   * Merging uses the span's projected tokens (``ctx.features``); the official code merges CLIP features
     before the projector, which do not exist per LLM token in Qwen (2x2 merge) or Gemma 4 (3x3 pooling).
+    On LLaVA they do (one CLIP patch per LLM token), but a method sees only the projector's output, and the
+    projector (an MLP with GELU) does not commute with the weighted sums: merged tokens differ from the
+    official ones there too (the selection does not).
   * Output order: positional, not attention rank. A kept token keeps its position; the extra token takes
     the position of the most attended token it summarises.
   * The adaptive count keeps at least one token (with no outlier the official code keeps only the extra one).
@@ -100,7 +110,11 @@ def merge_into_kept(attention: torch.Tensor, keys: torch.Tensor, features: torch
     return PruneResult(kept, merged.to(features.dtype))
 
 
-@register_prune("prumerge_pre_llm", params=[ADAPTIVE, NEIGHBOURS], exact_count=False, vision=VisionNeeds(keys=True))
+# The official signal on CLIP-L/336: the last layer's (-1 = 23) [CLS] row over the full width, keys of that layer.
+OFFICIAL_SIGNALS = VisionNeeds(keys=True, cls_layers=(-1, -1), cls_heads="single")
+
+
+@register_prune("prumerge_pre_llm", params=[ADAPTIVE, NEIGHBOURS], exact_count=False, vision=OFFICIAL_SIGNALS)
 def prumerge_pre_llm(ctx: PruneContext) -> torch.Tensor | PruneResult:
     """PruMerge: IQR-outlier tokens by encoder attention, each merged with its key neighbours, plus one token."""
     attention = ctx.vision_attention_received()

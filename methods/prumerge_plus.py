@@ -18,17 +18,24 @@ Count rule (data-dependent, the record shows what was kept per span):
 
 Hyper-parameters (shared with PruMerge): PRUMERGE_ADAPTIVE (default 1), PRUMERGE_NEIGHBOURS (default 32).
 
-Adaptations: those of PruMerge (mean attention received at the encoder's last layer, keys of all heads,
-merging on projected tokens, positional output, extra token at its most attended member's position), plus:
-the uniform stride is at least 1 (the official int(step / 3) is 0 when r > 1/3 and crashes).
+Signals: those of PruMerge (``prumerge.OFFICIAL_SIGNALS``). On an encoder with a [CLS] token (CLIP in LLaVA-1.5 /
+LLaVA-NeXT, ``ctx.vision_has_cls``) the official ones: the [CLS] row of the last CLIP layer (23) as one full-width
+head over the 1024-d ``q_proj`` / ``k_proj`` outputs, keys = that layer's ``k_proj`` output. Elsewhere the
+substitute: mean attention received at the encoder's last globally attending layer, keys of all its heads. The
+same code serves both.
+
+Adaptations: those of PruMerge (merging on projected tokens, positional output, extra token at its most
+attended member's position), plus: the uniform stride is at least 1 (the official int(step / 3) is 0 when
+r > 1/3 and crashes). The official uniform samples are indices of CLIP-L/336's 576-patch raster
+(range(0, 575, ...)); here of the span's N tokens (the same on LLaVA-1.5).
 
 Flash compatibility: yes (attention recomputed from the encoder's own q/k in chunks).
 """
 
 import torch
 
-from methods._base import PruneContext, PruneResult, VisionNeeds, register_prune
-from methods.prumerge import ADAPTIVE, NEIGHBOURS, adaptive_count, by_attention, merge_into_kept
+from methods._base import PruneContext, PruneResult, register_prune
+from methods.prumerge import ADAPTIVE, NEIGHBOURS, OFFICIAL_SIGNALS, adaptive_count, by_attention, merge_into_kept
 
 
 def uniform_complement(selected: torch.Tensor, n: int, count: int) -> torch.Tensor:
@@ -47,7 +54,7 @@ def official_uniform(selected: torch.Tensor, n: int, fraction: float) -> torch.T
 
 
 @register_prune("prumerge_plus_pre_llm", params=[ADAPTIVE, NEIGHBOURS], exact_count=False,
-                vision=VisionNeeds(keys=True))
+                vision=OFFICIAL_SIGNALS)
 def prumerge_plus_pre_llm(ctx: PruneContext) -> torch.Tensor | PruneResult:
     """PruMerge+: PruMerge plus spatially uniform tokens, all merged with their key neighbours, plus one token."""
     attention = ctx.vision_attention_received()

@@ -18,14 +18,26 @@ keep-count rule on ``KEEP_RATIO`` (exact count), per span: D = round(K * ratio),
 Hyper-parameters:
   VISIONZIP_DOMINANT_RATIO (default 54/64 = 0.84375): share of the budget taken by dominant tokens.
 
-Adaptations (see docs/methods.md, "Vision-encoder signals"):
-  * [CLS] attention is replaced by the mean attention received at the encoder's last layer and keys by that
-    layer's head-averaged keys (``ctx.vision_attention_received``, ``ctx.vision_keys``), as HoliTom's
-    VisionZip port does for SigLIP; the last layer is the feature layer in Qwen and Gemma 4 (CLIP layer -2 in
-    LLaVA). Qwen2.5-VL: its last full-attention block. There is no [CLS] token to add, so the whole budget
-    goes to image tokens.
+Signals (``ctx.vision_attention_received``, ``ctx.vision_keys``; see docs/methods.md, "Vision-encoder signals"):
+  * On an encoder with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, ``ctx.vision_has_cls``): the official
+    ones, all of CLIP layer -2 (22 of 24, LLaVA's feature layer): the [CLS] row per head, averaged over heads
+    (the official code sums them: the same ranking), and the head-averaged ``k_proj`` keys as the "metric".
+  * Elsewhere (Qwen-VL, Gemma 4: no [CLS]): the substitute, the mean attention received at the encoder's
+    last globally attending layer and that layer's head-averaged keys, as HoliTom's VisionZip port does for
+    SigLIP; that layer is the feature layer in Qwen and Gemma 4, as layer -2 is in LLaVA. Qwen2.5-VL: its
+    last full-attention block. The same code serves both signals.
+
+Adaptations:
+  * The [CLS] token itself is not output. The official output includes the [CLS] token's own hidden state as
+    one of the dominant tokens (dominant = the [CLS] + dominant - 1 patches); the models here have no slot
+    for it: Qwen and Gemma 4 have no [CLS], and transformers' LLaVA-1.5 (``vision_feature_select_strategy``
+    "default") drops it before the projector, so its LLM sequence holds patches only. On LLaVA too the
+    whole dominant budget therefore goes to patches (D patches where the official code keeps D - 1 and the
+    [CLS]).
   * Merging uses the span's projected tokens (``ctx.features``); the official code merges CLIP features
     before the projector, which do not exist per LLM token in Qwen (2x2 merge) or Gemma 4 (3x3 pooling).
+    On LLaVA they do, but a method sees only the projector's output, and the MLP projector does not commute
+    with the mean: contextual tokens differ from the official ones there too (the selection does not).
   * Output order: positional, not [dominant, contextual]; a contextual token takes its target's position.
   * Dominant ties go to the lower index (stable sort).
 
@@ -63,7 +75,8 @@ def visionzip_merge(attention: torch.Tensor, keys: torch.Tensor, features: torch
     return torch.cat([dominant, targets]), merged
 
 
-@register_prune("visionzip_pre_llm", params=[DOMINANT_RATIO], vision=VisionNeeds(keys=True))
+# The official signals on CLIP-L/336: layer -2's [CLS] row (heads averaged) and its head-averaged keys.
+@register_prune("visionzip_pre_llm", params=[DOMINANT_RATIO], vision=VisionNeeds(keys=True, cls_layers=(-2, -2)))
 def visionzip_pre_llm(ctx: PruneContext) -> torch.Tensor | PruneResult:
     """VisionZip: dominant tokens by encoder attention plus contextual tokens merged by key similarity."""
     if ctx.keep >= ctx.num_tokens:

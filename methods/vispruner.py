@@ -17,13 +17,20 @@ T is the toolkit's keep-count rule on ``KEEP_RATIO`` (exact count), per span.
 Hyper-parameters:
   VISPRUNER_IMPORTANT_RATIO (default 0.5): fraction r of the budget chosen by attention.
 
-Adaptations (see docs/methods.md, "Vision-encoder signals"):
-  * Attention: the mean attention received at the encoder's last layer (``ctx.vision_attention_received``),
-    exactly the official SigLIP path for towers without [CLS]; in Qwen and Gemma 4 the last layer is the
-    feature layer, as CLIP layer -2 is in LLaVA. Qwen2.5-VL: its last full-attention block.
+Signal (``ctx.vision_attention_received``; see docs/methods.md, "Vision-encoder signals"):
+  * On an encoder with a [CLS] token (CLIP in LLaVA-1.5 / LLaVA-NeXT, ``ctx.vision_has_cls``): the official
+    one, the [CLS] row of the feature layer (``attentions[select_layer]``, CLIP layer -2 = 22 of 24), averaged
+    over heads.
+  * Elsewhere (Qwen-VL, Gemma 4: no [CLS]): the mean attention received at the encoder's last globally
+    attending layer, exactly the official SigLIP path for towers without [CLS]; in Qwen and Gemma 4 that
+    layer is the feature layer, as CLIP layer -2 is in LLaVA. Qwen2.5-VL: its last full-attention block.
+  The same code serves both.
+
+Adaptations:
   * Similarity uses the span's projected tokens (``ctx.features``, what the language model receives); the
     official code compares CLIP features before the projector, which do not exist per LLM token in Qwen
-    (2x2 merge) or Gemma 4 (3x3 pooling).
+    (2x2 merge) or Gemma 4 (3x3 pooling). On LLaVA they do, but a method sees only the projector's output, so
+    the diverse tokens can differ from the official ones there (the important ones do not).
   * Odd residual sizes (the official tensor code assumes even) give one more a-token than b-tokens.
   * Sorts are stable: equal scores keep the lower index / earlier rank.
   * The residual tokens' cosine similarities are computed once and read per round (the official code multiplies
@@ -65,7 +72,8 @@ def vispruner_select(attention: torch.Tensor, features: torch.Tensor, keep: int,
     return torch.cat([important, residual])
 
 
-@register_prune("vispruner_pre_llm", params=[IMPORTANT_RATIO], vision=VisionNeeds())
+# The official signal on CLIP-L/336: the [CLS] row of layer -2 (LLaVA's select_layer), heads averaged.
+@register_prune("vispruner_pre_llm", params=[IMPORTANT_RATIO], vision=VisionNeeds(cls_layers=(-2, -2)))
 def vispruner_pre_llm(ctx: PruneContext) -> torch.Tensor:
     """VisPruner: encoder-attention-important tokens plus diverse tokens from iterative de-duplication."""
     chosen = vispruner_select(ctx.vision_attention_received(), ctx.features, ctx.keep,

@@ -77,11 +77,11 @@ SPECIAL_IDS = dict(image_token_id=412, video_token_id=413, vision_start_token_id
 # Model and inputs
 # --------------------------------------------------------------------------------------------------
 def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, device, dtype,
-                attn_implementation: str = "sdpa"):
-    """A random Qwen2.5-VL (default weight init; the tiny models' vocabulary and special ids)."""
+                attn_implementation: str = "sdpa", ids: dict = SPECIAL_IDS):
+    """A random Qwen2.5-VL (default weight init; by default the tiny models' vocabulary and special ids, ``ids``:
+    another tokenizer's, keys as ``SPECIAL_IDS``')."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = SPECIAL_IDS
     head_dim = hidden // heads
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # Qwen's 16/24/24 of 64 frequencies
     text = dict(vocab_size=ids["vocab_size"], hidden_size=hidden, intermediate_size=intermediate,

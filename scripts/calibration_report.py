@@ -4,8 +4,10 @@ A calibration model (``calibration/qwen2.5-vl-shapes`` or ``calibration/gemma4-s
 ``calibration/train.py``) answers questions about coloured shapes whose answer lives in one known visual
 token, so a method that keeps the wrong tokens loses accuracy visibly. This script evaluates it on the held-out
 ``ShapesCalib`` data set (``calibration/data.py``) through the family's real runner and VLMEvalKit's
-exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio, one runner process per
-configuration. It writes into the work dir: the results table (``summary.csv``/``.json``, ``report.md`` with
+exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio
+(by default the configurations share runner processes that load the model once, ``scripts/sweep.py --in-process``,
+and generate 8 questions per call, ``--batch-size``: the predictions of one process per configuration and one
+question at a time, ``--separate-processes --batch-size 1``). It writes into the work dir: the results table (``summary.csv``/``.json``, ``report.md`` with
 the machine and the time it took) and ``calibration_accuracy.png`` (one panel per stage kind).
 
     python scripts/calibration_report.py                        # every method, keep 0.5 / 0.25 / 0.111
@@ -53,12 +55,15 @@ def registered_methods() -> list[str]:
 
 
 def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_dir: Path,
-         runner: str = QWEN.runner, intra_layer: int | None = None) -> list[sweep.Job]:
+         runner: str = QWEN.runner, intra_layer: int | None = None, batch_size: int = 1) -> list[sweep.Job]:
     """Stock, then every method at every ratio (ratio-free ones once). With ``intra_layer``, intra-LLM methods
-    that run at one layer run at that layer (``INTRA_LLM_LAYER_SPECS``) instead of their default one."""
+    that run at one layer run at that layer (``INTRA_LLM_LAYER_SPECS``) instead of their default one.
+    ``batch_size``: the runners' ``--batch-size``."""
+    flags = RUNNER_FLAGS + (["--batch-size", str(batch_size)] if batch_size > 1 else [])
+
     def jobs(names, ratios_, stock):
         return sweep.plan(f"{runner}.py", [str(checkpoint)], [calibration_data.NAME], names, ratios_,
-                          str(work_dir), stock=stock, extra=RUNNER_FLAGS)
+                          str(work_dir), stock=stock, extra=flags)
 
     with_ratio = [m for m in method_names if m not in RATIO_FREE]
     ratio_free = [m for m in method_names if m in RATIO_FREE]
@@ -132,13 +137,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
 
 
-def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None) -> Path:
+def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None,
+                 in_process: bool = False, batch_size: int = 1) -> Path:
     from scripts import summarize
 
+    mode = "configurations sharing runner processes" if in_process else "one runner process per configuration"
     text = "\n".join([
         f"# Calibration report: {title}",
         "",
-        f"Machine: {machine()}; {parallel} runner process(es) at a time; total time {seconds / 60:.1f} min.",
+        f"Machine: {machine()}; {parallel} runner process(es) at a time, {mode}, batch size {batch_size}; "
+        f"total time {seconds / 60:.1f} min.",
         f"Settings for the small model: {', '.join(f'{k}={v}' for k, v in SMALL_MODEL_PARAMS.items())}.",
         "Single-layer intra-LLM methods at " + ("their default layers." if intra_layer is None
                                                  else f"layer {intra_layer} (INTRA_LLM_LAYER_SPECS)."),
@@ -161,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--parallel", type=int, default=2, help="runner processes at a time (one thread each)")
+    parser.add_argument("--separate-processes", action="store_true",
+                        help="one runner process per configuration (default: configurations share processes that "
+                             "load the model once; same run folders and predictions)")
+    parser.add_argument("--batch-size", type=int, default=8, help="the runners' --batch-size (same predictions)")
     parser.add_argument("--intra-layer", type=int, default=None,
                         help="run the single-layer intra-LLM methods at this decoder layer instead of their default "
                              "(the calibration models read the asked object into text tokens at layer 1)")
@@ -179,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     calibration_data.write_dataset(lmudata, n=args.samples)
     method_names = args.methods or registered_methods()
     jobs = plan(checkpoint, method_names, args.ratios, work / "runs", runner=family.runner,
-                intra_layer=args.intra_layer)
+                intra_layer=args.intra_layer, batch_size=args.batch_size)
     print(f"{len(jobs)} runs of {args.samples} questions into {work}", flush=True)
     env = {**os.environ, "LMUData": str(lmudata), **SMALL_MODEL_PARAMS}
-    failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel)
+    failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel,
+                       in_process=not args.separate_processes)
 
     # Importing vlmeval logs an ERROR when it finds no .env file of API keys; none is needed offline.
     logging.getLogger().addFilter(lambda record: "Did not detect the .env file" not in record.getMessage())
@@ -193,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}")
     written = summarize.save_table(table, work) + [
         plot(table, work / PLOT_FILE, title, args.plot_category),
-        write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer)]
+        write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,
+                     not args.separate_processes, args.batch_size)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))
     if failed:

@@ -3,12 +3,15 @@
 On a machine without network or GPU: evaluates the calibration model (``calibration/qwen2.5-vl-shapes``, a
 tiny Qwen2.5-VL trained here on coloured shapes, see ``calibration/train.py``) on held-out questions
 (``calibration/data.py``) with ``run_qwenvl.py``: stock, then random, DivPrune (pre-LLM) and FastV
-(intra-LLM, before layer 2) at a couple of keep ratios, one runner process per configuration, VLMEvalKit's
-exact-matching judge. The answer to each question lives in one known visual token, so the table shows real
-differences between methods. Prints the results table and writes it, the accuracy plot and the kept-token
-view into the work dir.
+(intra-LLM, before layer 2) at a couple of keep ratios, VLMEvalKit's exact-matching judge. The answer to each
+question lives in one known visual token, so the table shows real differences between methods. Prints the results
+table and writes it, the accuracy plot and the kept-token view into the work dir.
 
-    python scripts/demo.py                      # about two minutes on 2 CPU cores; outputs in demo_outputs/
+The configurations share one runner process that loads the model once (``scripts/sweep.py --in-process``) and
+generates 8 questions per call (``--batch-size 8``); ``--separate-processes --batch-size 1`` runs one process per
+configuration and one question at a time, as before, with the same predictions (about 3 minutes).
+
+    python scripts/demo.py                      # about a minute on 2 CPU cores; outputs in demo_outputs/
 
 A second run reuses the predictions already in the work dir (VLMEvalKit resumes); delete it to start over.
 """
@@ -39,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=90, help="held-out questions")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
-    parser.add_argument("--parallel", type=int, default=2, help="runner processes at a time (one thread each)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="runner processes at a time (one thread each); default: 1 (torch's threads) when the "
+                             "configurations share a process, 2 with --separate-processes")
+    parser.add_argument("--separate-processes", action="store_true",
+                        help="one runner process per configuration (default: configurations share processes that "
+                             "load the model once; same run folders and predictions)")
+    parser.add_argument("--batch-size", type=int, default=8, help="the runners' --batch-size (same predictions)")
     args = parser.parse_args(argv)
+    if args.parallel is None:  # one process pays the start-up (imports) once; a second would only split the cores
+        args.parallel = 2 if args.separate_processes else 1
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"
@@ -49,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration_data.write_dataset(lmudata, args.samples)
 
     print("[2/4] VLMEvalKit runs (stock, then each method and keep ratio)", flush=True)
-    jobs = calibration_report.plan(checkpoint, args.methods, args.ratios, work / "runs")
+    jobs = calibration_report.plan(checkpoint, args.methods, args.ratios, work / "runs", batch_size=args.batch_size)
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", {**os.environ, "LMUData": str(lmudata)},
-                       parallel=args.parallel)
+                       parallel=args.parallel, in_process=not args.separate_processes)
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -14,7 +14,11 @@ architecture, ``calibration/models.py``, widened). For every attention implement
 3. Gemma 4: the same pruned run under each attention implementation keeps the same tokens and greedy ids;
 4. the profiler (CUDA events on a GPU) on Qwen2.5-VL: prefill, TTFT and decode time per token for stock and for
    pre-LLM / intra-LLM pruning at keep 0.25 and 0.111, the prefill speed-up next to the FLOPs ideal, the KV-cache
-   bytes and the peak memory increase of one generate call.
+   bytes and the peak memory increase of one generate call;
+5. evaluation throughput (``scripts/bench_throughput.py``, part 1): samples per second of the runner's generation
+   path vs ``--batch-size`` on the calibration model and the benchmark's mid-size random Qwen2.5-VL, stock and
+   pruned; batched greedy answers must equal one-at-a-time answers on the calibration model (the random model's
+   are reported: its near-ties may break differently when a kernel rounds a padded batch differently).
 
 Prints PASS/FAIL lines (exit 1 if any fails) and writes one JSON (``--out``). Installs nothing.
 
@@ -29,6 +33,7 @@ import copy
 import importlib.util
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +46,7 @@ import custom_gemma4  # noqa: E402
 import custom_qwenvl  # noqa: E402
 from calibration.models import GEMMA4, gemma_config  # noqa: E402
 from scripts import bench_pruning as bench  # noqa: E402
+from scripts import bench_throughput  # noqa: E402
 from utils import PruneConfig  # noqa: E402
 
 TOLERANCE = 0.02  # of the largest |logit|: a few bf16 roundings (2^-8 each) between two equal computations
@@ -52,6 +58,13 @@ SIZES = {
                  warmup=2, repeats=5),
     "dry-run": dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, tokens=64, new_tokens=3,
                     warmup=0, repeats=1),
+}
+# Part 5 (bench_throughput.batch_part): questions, batch sizes, rounds, new tokens, the mid-size model's shape.
+THROUGHPUT = {
+    "full": dict(samples=64, batch_sizes=(1, 2, 4, 8, 16), rounds=2, new_tokens=(4, 32),
+                 mid_size=bench_throughput.MID_SIZE),
+    "dry-run": dict(samples=2, batch_sizes=(1, 2), rounds=1, new_tokens=(2,),
+                    mid_size=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)),
 }
 
 
@@ -283,6 +296,16 @@ def main(argv: list[str] | None = None) -> int:
                 results["timings"] = timings(model, size, device, intra_layer)
             del model
         results["checks"] += [{"family": family, **check} for check in across_kernels(family, pruned_runs)]
+    throughput = THROUGHPUT["dry-run" if args.dry_run else "full"]
+    with tempfile.TemporaryDirectory() as work:
+        results["throughput"] = bench_throughput.batch_part(
+            str(device), throughput["samples"], throughput["batch_sizes"], throughput["rounds"],
+            throughput["new_tokens"], Path(work), throughput["mid_size"])
+    for part in results["throughput"]:
+        if part["model"] == bench_throughput.QWEN.checkpoint.name:
+            results["checks"] += [{"family": "qwen2.5-vl", "check": f"calibration model, {row['config']}, "
+                                   f"{part['new_tokens']} new tokens: batched answers = one at a time",
+                                   "passed": all(row["same_answers"].values())} for row in part["rows"]]
     results["seconds"] = time.time() - started
 
     for check in results["checks"]:
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r.get('decode_ms_per_token', float('nan')):.2f}", f"{r['speedup']:.2f}",
                         f"{r['ideal']:.2f}", f"{r.get('kv_cache_bytes', 0) / 2**20:.2f}",
                         f"{r['peak_memory_increase_bytes'] / 2**20:.1f}"] for r in results["timings"]["rows"]]))
+    print("\n" + "\n".join(bench_throughput.batch_tables(results["throughput"], throughput["samples"])))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out} ({results['seconds']:.0f} s)")
     return 0 if all(check["passed"] for check in results["checks"]) else 1

@@ -6,6 +6,10 @@ hyper-parameters and ``PRUNE_METHODS_PATH`` pass through); all data sets go to t
 after ``--`` go to the runner unchanged (runner flags and VLMEvalKit flags). A runner's output goes to
 ``WORK_DIR/sweep_logs/<config>.log``; a failed configuration is reported and the sweep goes on.
 
+With ``--in-process`` the configurations of one model share a runner process (its ``--configurations``): the
+model is loaded once and each configuration writes the run folder its own process would (same run name, files and
+resume), with the same predictions; the log is ``WORK_DIR/sweep_logs/<model>__in-process*.log``.
+
     python scripts/sweep.py --model Qwen2.5-VL-7B-Instruct --data MME MMBench_DEV_EN \\
         --methods divprune_pre_llm fastv_intra_llm --ratios 0.111 0.222 0.5 --work-dir outputs -- --judge exact_matching
 """
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,9 +29,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-# Variables that select the pruning stages: the sweep sets them per configuration and clears the rest.
-SELECTION_VARS = ("KEEP_RATIO", "PRUNE_METHOD", "PRUNE_METHOD_PRE_LLM", "PRUNE_METHOD_INTRA_LLM",
-                  "INTRA_LLM_LAYER_SPECS")
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from evalkit import SELECTION_VARS  # noqa: E402  (the variables each configuration sets or clears)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,25 @@ class Job:
     label: str
     env: dict  # the pruning variables of this configuration
     command: list
+
+
+@dataclass(frozen=True)
+class Process:
+    """One runner process: one job, or (in-process) several jobs of one command line, passed as
+    ``--configurations <log_dir>/<label>.configurations.json``."""
+
+    label: str  # names its log file
+    jobs: tuple[Job, ...]
+    in_process: bool
+
+    def command(self, log_dir: Path) -> list:
+        if not self.in_process:
+            return self.jobs[0].command
+        runner_call, flags = self.jobs[0].command[:2], self.jobs[0].command[2:]
+        return [*runner_call, "--configurations", str(log_dir / f"{self.label}.configurations.json"), *flags]
+
+    def configurations(self) -> list[dict]:
+        return [{"label": job.label, "env": job.env} for job in self.jobs]
 
 
 def plan(runner: str, models: list[str], datasets: list[str], methods: list[str], ratios: list[float],
@@ -49,11 +74,36 @@ def plan(runner: str, models: list[str], datasets: list[str], methods: list[str]
     return jobs
 
 
-def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: int = 1) -> list[str]:
-    """Run the jobs with a progress bar, ``parallel`` at a time; returns the labels of those that failed.
+def processes(jobs: list[Job], parallel: int = 1, in_process: bool = False) -> list[Process]:
+    """The runner processes of a sweep, in order. Separate processes: one per job. In-process: the jobs of one
+    command line (model, data sets, flags) share a process; with ``parallel > 1`` the very first job runs in a
+    process of its own (see :func:`run`) and the other jobs of each command line are dealt round-robin into
+    ``parallel`` processes."""
+    if not in_process:
+        return [Process(job.label, (job,), False) for job in jobs]
+    by_command: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        by_command.setdefault(tuple(job.command), []).append(job)
+    out = []
+    for same in by_command.values():
+        model = same[0].label.split("__")[0]
+        if parallel > 1 and not out:
+            out.append(Process(f"{model}__in-process-first", tuple(same[:1]), True))
+            same = same[1:]
+        shares = min(parallel, len(same))
+        for i in range(shares):
+            suffix = f"-{i + 1}of{shares}" if shares > 1 else ""
+            out.append(Process(f"{model}__in-process{suffix}", tuple(same[i::shares]), True))
+    return out
+
+
+def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: int = 1,
+        in_process: bool = False) -> list[str]:
+    """Run the jobs with a progress bar, ``parallel`` runner processes at a time (``in_process``: the jobs of one
+    command line share processes, see :func:`processes`); returns the labels of those that failed.
 
     With ``parallel > 1`` each runner gets ``OMP_NUM_THREADS=1`` (unless the caller set it), so that the processes
-    do not fight over the cores, and the first job runs alone before the others start: VLMEvalKit writes a data
+    do not fight over the cores, and the first process runs alone before the others start: VLMEvalKit writes a data
     set's images into ``$LMUData/images`` on first use, not atomically, so two first runs at once can read a
     half-written image ("cannot identify image file"). Every job evaluates every data set, so after the first
     one the images are all there."""
@@ -62,25 +112,41 @@ def run(jobs: list[Job], log_dir: Path, base_env: dict | None = None, parallel: 
         base.setdefault("OMP_NUM_THREADS", "1")
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    def one(job: Job) -> int:
-        with open(log_dir / f"{job.label}.log", "w") as out:
-            return subprocess.call(job.command, env={**base, **job.env}, stdout=out, stderr=subprocess.STDOUT)
+    def one(process: Process) -> dict[str, int]:
+        """Exit code per job label."""
+        if process.in_process:
+            (log_dir / f"{process.label}.configurations.json").write_text(
+                json.dumps(process.configurations(), indent=2))
+        with open(log_dir / f"{process.label}.log", "w") as out:
+            env = base if process.in_process else {**base, **process.jobs[0].env}
+            code = subprocess.call(process.command(log_dir), env=env, stdout=out, stderr=subprocess.STDOUT)
+        if not process.in_process:
+            return {process.jobs[0].label: code}
+        # The runner prints "<runner>: configuration <label>: exit <code>" after each configuration; a
+        # configuration it did not reach failed with the process.
+        reported = dict(re.findall(r"^\S+: configuration (.+): exit (\d+)$",
+                                   (log_dir / f"{process.label}.log").read_text(), flags=re.MULTILINE))
+        return {job.label: int(reported.get(job.label, code or 1)) for job in process.jobs}
 
+    work = processes(jobs, parallel, in_process)
     failed = []
     with tqdm(total=len(jobs), unit="run", desc="sweep") as bar, \
             concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-        first = {pool.submit(one, job): job for job in jobs[:1]}
+        first = {pool.submit(one, process): process for process in work[:1]}
         concurrent.futures.wait(first)
-        futures = {**first, **{pool.submit(one, job): job for job in jobs[1:]}}
+        futures = {**first, **{pool.submit(one, process): process for process in work[1:]}}
         for future in concurrent.futures.as_completed(futures):
-            job, code = futures[future], future.result()
-            bar.update()
-            bar.set_postfix_str(job.label)
-            if code:
-                failed.append(job.label)
-                log = log_dir / f"{job.label}.log"
+            process, codes = futures[future], future.result()
+            bar.update(len(codes))
+            bar.set_postfix_str(process.label)
+            if any(codes.values()):
+                log = log_dir / f"{process.label}.log"
                 tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
-                tqdm.write(f"{job.label}: runner exited with {code} (log: {log})\n{tail}")
+                for label, code in codes.items():
+                    if code:
+                        failed.append(label)
+                        tqdm.write(f"{label}: runner exited with {code} (log: {log})")
+                tqdm.write(tail)
     order = [job.label for job in jobs]
     return sorted(failed, key=order.index)
 
@@ -98,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="outputs")
     parser.add_argument("--no-stock", action="store_true", help="skip the unpruned reference run")
     parser.add_argument("--parallel", type=int, default=1, help="runner processes at a time (one thread each)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="load each model once: its configurations share a runner process (--configurations), "
+                             "each writing the run folder of its own process; with --parallel N, N such processes")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     if bool(args.methods) != bool(args.ratios):
@@ -105,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args.runner, args.model, args.data, args.methods, args.ratios, args.work_dir, not args.no_stock,
                 extra)
     if args.dry_run:
-        for job in jobs:
-            print(" ".join([*(f"{k}={v}" for k, v in job.env.items()), *job.command]))
+        log_dir = Path(args.work_dir) / "sweep_logs"
+        for process in processes(jobs, args.parallel, args.in_process):
+            if process.in_process:
+                print(" ".join(map(str, process.command(log_dir))) + f"    # {json.dumps(process.configurations())}")
+            else:
+                print(" ".join([*(f"{k}={v}" for k, v in process.jobs[0].env.items()), *process.command(log_dir)]))
         return 0
-    failed = run(jobs, Path(args.work_dir) / "sweep_logs", parallel=args.parallel)
+    failed = run(jobs, Path(args.work_dir) / "sweep_logs", parallel=args.parallel, in_process=args.in_process)
     print(f"{len(jobs) - len(failed)}/{len(jobs)} runs finished into {args.work_dir}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

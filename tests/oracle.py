@@ -95,6 +95,8 @@ def documented_count(name, span, label, before, budget):
     if name == "sparsevlm_intra_llm":
         return sparsevlm_count(before, budget)
     if name == "pool_pre_llm":
+        if span.grid is None:  # no grid (LLaVA-NeXT's base view + tiles): pooled along the raster to exactly K bins
+            return budget
         t, h, w = span.grid
         scale = (budget / before) ** 0.5
         return t * min(h, max(1, round(h * scale))) * min(w, max(1, round(w * scale)))

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import custom_gemma4
+import custom_llava
 import custom_qwenvl
 from tests import oracle
 from tests.oracle import forward_logits, greedy
 from tests.support import flash_standin as fs
-from tests.support import tiny_gemma, tiny_models
+from tests.support import tiny_gemma, tiny_llava, tiny_models
 from utils import PruneConfigError
 
 FLASH = "flash_attention_2"
@@ -93,6 +94,7 @@ FAMILIES = {  # name -> (hooks module, fixtures module, build_model's first argu
     "qwen2_5_vl": (custom_qwenvl, tiny_models, "qwen2_5_vl"),
     "qwen3_vl": (custom_qwenvl, tiny_models, "qwen3_vl"),
     "gemma4_e2b": (custom_gemma4, tiny_gemma, "e2b"),
+    "llava": (custom_llava, tiny_llava, "llava"),  # a 1-D RoPE decoder: kept positions have gaps (hooks.DecoderAdapter)
 }
 _MODELS = {}
 
@@ -102,7 +104,7 @@ def models(name, dtype=DTYPE):
     key = (name, dtype)
     if key not in _MODELS:
         _, fixtures, arg = FAMILIES.get(name, (custom_gemma4, tiny_gemma, name))
-        processor = fixtures.build_processor(arg) if fixtures is tiny_models else fixtures.build_processor()
+        processor = fixtures.build_processor(arg) if fixtures in (tiny_models, tiny_llava) else fixtures.build_processor()
         with fs.active():
             flash = fixtures.build_model(arg, attn_implementation=FLASH, dtype=dtype)
         sdpa = fixtures.build_model(arg, attn_implementation="sdpa", dtype=dtype)
@@ -142,7 +144,8 @@ def test_unpruned_flash_matches_sdpa(name):
     # single prompt: plain kernel in the language model; left-padded batch: varlen from the 2-D mask;
     # packed positions: varlen from the position ids (a contiguous prompt would take the plain kernel)
     assert branches["image"].get("plain", 0) >= 1, branches
-    assert branches["batch"].get("varlen", 0) >= 1 and "plain" not in branches["batch"], branches
+    plain_encoder = 4 if name == "llava" else 0  # CLIP encodes the images with the plain kernel (one per layer)
+    assert branches["batch"].get("varlen", 0) >= 1 and branches["batch"].get("plain", 0) == plain_encoder, branches
     assert branches["packed"].get("varlen", 0) >= 1 and "plain" not in branches["packed"], branches
 
 

@@ -35,3 +35,10 @@ def test_dry_run_checks_and_reports_everything(tmp_path, capsys):
     assert rows["pre-LLM 0.111"]["ideal"] > rows["pre-LLM 0.25"]["ideal"] > 1.0
     assert rows["pre-LLM 0.25"]["kv_cache_bytes"] < rows["stock"]["kv_cache_bytes"]
     assert printed.count("PASS") == len(results["checks"]) and "FAIL" not in printed
+    # Throughput vs batch size (scripts/bench_throughput.py's part 1): both models, every configuration.
+    parts = results["throughput"]
+    assert [(part["model"], part["new_tokens"]) for part in parts] == [
+        ("qwen2.5-vl-shapes", 2), ("qwen2.5-vl-mid-size-random", 2)]
+    assert all(set(row["samples_per_s"]) == {"1", "2"} and row["samples_per_s"]["2"] > 0
+               for part in parts for row in part["rows"])
+    assert {("qwen2.5-vl", "calibration model, stock, 2 new tokens: batched answers = one at a time")} <= checks

@@ -67,7 +67,7 @@ def test_runner_flags_are_split_off_and_never_clash_with_vlmeval():
     vlmeval_flags = inspect.getsource(vlmeval.run.parse_args)
     parser = evalkit.runner_parser("run_qwenvl.py", run_qwenvl.FAMILY)
     ours = [flag for action in parser._actions for flag in action.option_strings]
-    assert len(ours) == 7
+    assert len(ours) == 9
     for flag in ours:
         assert f"'{flag}'" not in vlmeval_flags or flag in ("-h", "--help")
     options, rest = parser.parse_known_args(
