@@ -64,7 +64,7 @@ THROUGHPUT = {
     "full": dict(samples=64, batch_sizes=(1, 2, 4, 8, 16), rounds=2, new_tokens=(4, 32),
                  mid_size=bench_throughput.MID_SIZE),
     "dry-run": dict(samples=2, batch_sizes=(1, 2), rounds=1, new_tokens=(2,),
-                    mid_size=dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)),
+                    mid_size=dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128)),
 }
 
 
