@@ -273,12 +273,15 @@ def main(argv: list[str] | None = None) -> dict:
     started, load_start = time.time(), os.getloadavg()[0]
     results = {"machine": bench_pruning.machine(torch.device(args.device), torch.get_num_threads()),
                "samples": args.samples, "new_tokens": args.new_tokens}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     (work / "batch").mkdir()
     try:
         if "batch" not in args.skip:
             results["batch"] = batch_part(args.device, args.samples, sorted(args.batch_sizes), args.rounds,
                                           args.new_tokens, work / "batch")
+            out.write_text(json.dumps(results, indent=2, default=str))  # so far, in case the machine stops us
         if "sweep" not in args.skip:
             results["sweep"] = sweep_part(args.device, args.sweep_samples, work / "sweep")
     finally:
@@ -287,8 +290,6 @@ def main(argv: list[str] | None = None) -> dict:
     results["seconds"] = time.time() - started
     results["targets"] = [{"target": t, "passed": p, "detail": d} for t, p, d in targets(results)]
     print(report(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out}")
     return results
