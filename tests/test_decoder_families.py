@@ -287,7 +287,7 @@ def with_new_tokens(index, prefill_length, t):
 
 def check_generated_steps(model, lm, stages, ids, steps):
     """Each generated step equals a no-cache recomputation with the same kept sets plus the tokens generated so far;
-    ``stages`` maps each stage layer to its map (index, prefill_length)."""
+    ``stages``: the stage maps (layer, index, prefill_length)."""
     for t in range(STEPS):
         ref = reference_intra(model, extend(lm, ids[:, :t], model),
                               {m.layer: with_new_tokens(m.index, m.prefill_length, t) for m in stages})[:, -1]
@@ -391,7 +391,8 @@ def test_text_only_prompt_is_untouched(family):
     model = model_for(family)
     inputs = inputs_for(family, "text")
     ref_logits, (ref_ids, _) = forward_logits(model, inputs), greedy(model, inputs, STEPS)
-    with patched(family, KEEP_RATIO=0.1, PRUNE_METHOD="divprune_pre_llm", INTRA_LLM_LAYER_SPECS="2:fastv_intra_llm:0.1"):
+    with patched(family, KEEP_RATIO=0.1, PRUNE_METHOD="divprune_pre_llm",
+                 INTRA_LLM_LAYER_SPECS="2:fastv_intra_llm:0.1"):
         assert torch.equal(forward_logits(model, inputs), ref_logits)
         assert torch.equal(greedy(model, inputs, STEPS)[0], ref_ids)
         assert patches(family).last_record(model).spans == [[]]
@@ -402,7 +403,8 @@ def test_text_only_prompt_is_untouched(family):
 def test_record_has_one_span_per_visual_item_with_counts(family, kind):
     model = model_for(family)
     inputs = inputs_for(family, kind)
-    with patched(family, KEEP_RATIO=0.25, PRUNE_METHOD="random_pre_llm", INTRA_LLM_LAYER_SPECS="2:random_intra_llm:0.5"):
+    with patched(family, KEEP_RATIO=0.25, PRUNE_METHOD="random_pre_llm",
+                 INTRA_LLM_LAYER_SPECS="2:random_intra_llm:0.5"):
         forward_logits(model, inputs)
         record = patches(family).last_record(model)
     spans = record.spans[0]
