@@ -32,6 +32,7 @@ import math
 
 import torch
 
+import encoder_stage
 import hooks
 from hooks import DecoderAdapter, SpanShape
 from methods import VisionSignals
@@ -172,6 +173,42 @@ class LlavaAdapter(DecoderAdapter):
             return [(1, side, side)] * pixel_values.shape[0]
         return [SpanShape(tokens)] * pixel_values.shape[0]  # [CLS] first (CLIP, "full"): no grid
 
+    def check_vit(self, model) -> None:
+        tower = _encoder_body(model.vision_tower)
+        if not hasattr(getattr(tower, "encoder", None), "layers"):
+            raise NotImplementedError(f"the ViT stage needs a CLIP- or SigLIP-style encoder (encoder.layers); "
+                                      f"{type(model.vision_tower).__name__} has none")
+
+    def vit_encoder(self, model, modality, features_args):
+        """The CLIP / SigLIP tower; items = encoded images (tiles, frames), every patch one feature token (the [CLS]
+        dropped by "default", kept by "full"). Per-patch values are laid out by :meth:`per_span`."""
+        tower = model.vision_tower
+        if modality != "image" or features_args.get("image_sizes") is not None and not isinstance(self,
+                                                                                                  LlavaNextAdapter):
+            raise NotImplementedError(f"the ViT stage on {type(model).__name__} takes images of the tower's own size; "
+                                      f"not {modality}s or variable-size images (image_sizes)")
+        blocks = _encoder_body(tower).encoder.layers
+        layer = features_args.get("vision_feature_layer")
+        layer = model.config.vision_feature_layer if layer is None else layer
+        # hidden_states[i] is the output of block i - 1 (hidden_states[0]: the embeddings); the features read the
+        # earliest of the chosen layers, so a stage must run at or before the block producing it.
+        last_block = min(layer if layer >= 0 else len(blocks) + 1 + layer
+                         for layer in ([layer] if isinstance(layer, int) else layer)) - 1
+        side = _tile_side(model)
+        cls, strategy = has_cls_token(tower), _strategy(model, features_args)
+        drop_first = int(strategy == "default")  # as the model: the [CLS] on CLIP, a patch on a [CLS]-free tower
+        if drop_first and not cls:
+            raise NotImplementedError("the ViT stage on a tower without a [CLS] token needs the 'full' feature strategy")
+
+        def lay_out(values):  # (items, 1 + P or P) -> one (N,) tensor per grid, as the features are laid out
+            return [v[:, 0] for v in self.per_span(model, modality, features_args, values[:, drop_first:, None])]
+
+        return encoder_stage.Encoder(tower, blocks, cls, (side, side), last_block, modality), lay_out
+
+    def per_span(self, model, modality, features_args, values):
+        """Per-item values (items, P, C) laid out as the model lays out the features: one (N, C) per span."""
+        return list(values)
+
     def capture_vision(self, model, modality, features_args, needs, run):
         tower = model.vision_tower
         if features_args.get("image_sizes") is not None:
@@ -224,15 +261,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def capture_vision(self, model, modality, features_args, needs, run):
         output, rows, keys, cls = tile_signals(model, features_args, needs, run)
-        if modality == "image":
-            # Per-tile values through pack_image_features without a newline: the base view, then the stitched tiles
-            # unpadded; where OneVision downscales the stitched grid, the values are bilinearly interpolated with it,
-            # so a token's score (key) is the same bilinear mix of its patches' scores (keys) as its feature is of
-            # theirs (not a sum over a partition of patches: downscaled grids have none).
-            sizes = self._tiles(model, features_args)
-            layout = lambda values: self._pack(model, features_args, list(values.split(sizes)), None)
-        else:
-            layout = lambda values: self._pool_video(model, features_args, values)
+        layout = lambda values: self.per_span(model, modality, features_args, values)
         # (items, P) -> one (N,) tensor per span, and (items, P, H, d) -> (N, H, d): the model's layout of features.
         per_layer = {layer: [v[:, 0] for v in layout(r.unsqueeze(-1))] for layer, r in rows.items()}
         span_keys = None
@@ -242,6 +271,16 @@ class LlavaNextAdapter(LlavaAdapter):
         spans = len(next(iter(per_layer.values())))
         return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()},
                                       None if span_keys is None else span_keys[i], cls=cls) for i in range(spans)]
+
+    def per_span(self, model, modality, features_args, values):
+        if modality == "image":
+            # Per-tile values through pack_image_features without a newline: the base view, then the stitched tiles
+            # unpadded; where OneVision downscales the stitched grid, the values are bilinearly interpolated with it,
+            # so a token's score (key) is the same bilinear mix of its patches' scores (keys) as its feature is of
+            # theirs (not a sum over a partition of patches: downscaled grids have none).
+            sizes = self._tiles(model, features_args)
+            return self._pack(model, features_args, list(values.split(sizes)), None)
+        return self._pool_video(model, features_args, values)
 
     def _pool_video(self, model, features_args, values):
         raise NotImplementedError(f"{type(model).__name__} takes no videos")

@@ -74,12 +74,12 @@ FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer re
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # The hook machinery and the runner plumbing: their code decides predictions as much as a method's does.
-MACHINERY_MODULES = ("hooks", "patching", "utils", "evalkit")
-_PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_")
+MACHINERY_MODULES = ("hooks", "encoder_stage", "patching", "utils", "evalkit")
+_PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_", "VIT_")
 # The variables that select the pruning stages: each entry of --configurations (and each run of scripts/sweep.py) sets
 # its own and clears the rest; method hyper-parameters pass through.
-SELECTION_VARS = ("KEEP_RATIO", "PRUNE_METHOD", "PRUNE_METHOD_PRE_LLM", "PRUNE_METHOD_INTRA_LLM",
-                  "INTRA_LLM_LAYER_SPECS")
+SELECTION_VARS = ("KEEP_RATIO", "PRUNE_METHOD", "PRUNE_METHOD_VIT", "PRUNE_METHOD_PRE_LLM", "PRUNE_METHOD_INTRA_LLM",
+                  "VIT_LAYER_SPECS", "INTRA_LLM_LAYER_SPECS")
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,13 @@ def _ratio(value: float) -> str:
 
 
 def run_tag(config: PruneConfig) -> str:
-    """Readable name of the pruning stages: ``stock``, ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``,
-    ``pdrop_intra_llm-0.25`` (a method that schedules its own layers), or several joined with ``+``."""
+    """Readable name of the pruning stages: ``stock``, ``B12-tome_vit-0.5`` (before encoder block 12),
+    ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``, ``pdrop_intra_llm-0.25`` (a method that schedules its own
+    layers), or several joined with ``+``."""
     if not config.active:
         return "stock"
-    parts = [f"{config.pre_llm.method}-{_ratio(config.pre_llm.ratio)}"] if config.pre_llm else []
+    parts = [f"B{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.vit]
+    parts += [f"{config.pre_llm.method}-{_ratio(config.pre_llm.ratio)}"] if config.pre_llm else []
     parts += [f"L{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.intra_llm]
     if config.scheduled:
         parts.append(f"{config.scheduled.method}-{_ratio(config.scheduled.ratio)}")

@@ -17,7 +17,7 @@ import torch
 
 import methods
 import profiling
-from methods import PRE_LLM, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
+from methods import PRE_LLM, VIT, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
@@ -41,8 +41,9 @@ class Span:
 
     @property
     def llm_input(self) -> int:
-        """Tokens the language model received (after the pre-LLM stage, if any)."""
-        return self.counts.get(PRE_LLM, self.counts["input"])
+        """Tokens the language model received (after the ViT and pre-LLM stages, if any)."""
+        before_lm = [n for label, n in self.counts.items() if not label.startswith("layer_")]
+        return before_lm[-1]
 
     @property
     def current(self) -> int:
@@ -290,13 +291,18 @@ def select_tokens(
                 _signals=None if signals is None else signals(b),
                 _vision=None if vision is None else vision(b, s),
             )
-            local, features = _check_result(spec, spec.fn(ctx), n, budget)
+            local, features, _, _ = check_result(spec, spec.fn(ctx), n, budget)
             keep.append(positions[local])
             if features is not None:
                 merged.append((b, positions[local], features))
             span.counts[label] = local.numel()
         kept_rows.append(torch.cat(keep).sort().values)
+    return _selection(layout, kept_rows, merged)
 
+
+def _selection(layout: Layout, kept_rows: list[torch.Tensor], merged: list) -> Selection:
+    """The Selection keeping ``kept_rows[b]`` (ascending positions) of each sample, merged features in place."""
+    batch, length = layout.span_id.shape
     new_length = max(row.numel() for row in kept_rows)
     index = torch.full((batch, new_length), -1, dtype=torch.long)
     for b, row in enumerate(kept_rows):
@@ -313,9 +319,31 @@ def select_tokens(
     return Selection(index, replacements, Layout(new_span_id, mask, layout.spans), length)
 
 
+def select_by_masks(layout: Layout, masks: Callable[[int, int], dict[str, torch.Tensor] | None]) -> Selection:
+    """Keep the tokens the ViT stages kept: ``masks(b, s)`` gives span s of sample b its {stage label: (N,) bool}
+    masks in stage order (None: a span the stages did not see, kept whole). Each label's count is recorded."""
+    span_id = layout.span_id.cpu()
+    kept_rows = []
+    for b in range(span_id.shape[0]):
+        keep = [torch.nonzero(span_id[b] < 0).flatten()]
+        for s, span in enumerate(layout.spans[b]):
+            positions = torch.nonzero(span_id[b] == s).flatten()
+            span_masks = masks(b, s)
+            if not span_masks:
+                keep.append(positions)
+                continue
+            for label, mask in span_masks.items():
+                span.counts[label] = int(mask.sum())
+            keep.append(positions[mask.cpu()])
+        kept_rows.append(torch.cat(keep).sort().values)
+    return _selection(layout, kept_rows, [])
+
+
 def stage_label(stage: Stage) -> str:
-    """The record's name of a stage: 'pre_llm' or 'layer_<K>'."""
-    return PRE_LLM if stage.layer is None else f"layer_{stage.layer}"
+    """The record's name of a stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
+    if stage.layer is None:
+        return PRE_LLM
+    return f"vit_{stage.layer}" if stage.method.endswith("_" + VIT) else f"layer_{stage.layer}"
 
 
 def record_stage(layout: Layout, stage: Stage, count: Callable[[Span, torch.Tensor], int]) -> None:
@@ -327,10 +355,14 @@ def record_stage(layout: Layout, stage: Stage, count: Callable[[Span, torch.Tens
             span.counts[label] = count(span, torch.nonzero(span_id[b] == s).flatten())
 
 
-def _check_result(spec, result, n: int, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    features = None
+def check_result(spec, result, n: int, budget: int):
+    """A method's result for a span of ``n`` tokens, checked: (sorted local indices, merged features, sizes,
+    proportional attention), the last three in the same order as the indices (None / False when not given)."""
+    features = sizes = None
+    proportional = False
     if isinstance(result, PruneResult):
-        result, features = result.indices, result.features
+        result, features, sizes, proportional = (result.indices, result.features, result.sizes,
+                                                 result.proportional_attention)
     if not isinstance(result, torch.Tensor) or result.dim() != 1:
         raise TypeError(f"pruning method {spec.name} must return a 1-D index tensor or a PruneResult")
     if result.dtype == torch.bool or result.is_floating_point() or result.is_complex():
@@ -345,11 +377,14 @@ def _check_result(spec, result, n: int, budget: int) -> tuple[torch.Tensor, torc
                          f"allowed: distinct span-local indices in [0, {n})")
     if spec.exact_count and local.numel() != budget:
         raise ValueError(f"pruning method {spec.name} kept {local.numel()} tokens of {n}; the keep rule asks {budget}")
-    if features is not None:
-        if features.shape[0] != local.numel():
-            raise ValueError(f"pruning method {spec.name} returned {features.shape[0]} merged tokens for {local.numel()} indices")
-        features = features[order.to(features.device)]
-    return local, features
+    if spec.stage == VIT and local.numel() == 0:
+        raise ValueError(f"pruning method {spec.name} kept no token of {n}; allowed: at least one")
+    for what, value in (("merged tokens", features), ("sizes", sizes)):
+        if value is not None and value.shape[0] != local.numel():
+            raise ValueError(f"pruning method {spec.name} returned {value.shape[0]} {what} for {local.numel()} indices")
+    features = None if features is None else features[order.to(features.device)]
+    sizes = None if sizes is None else sizes[order.to(sizes.device)]
+    return local, features, sizes, proportional
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,13 +599,32 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
 
 
 def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> Callable[[int, int], VisionSignals | None]:
-    """Hand every span the vision signals noted for it. ``pending[modality]`` holds one entry per grid of that
-    modality (span_grids' order), and find_layout gives grids to spans in that order (a span whose size did not
-    match got none: ``Span.shaped`` is False), so a shaped span (with or without a grid) takes the next entries
-    until their tokens make up the span: one entry, or, where find_layout joined several grids into one span
-    (``join_runs``: InternVL's tiles of one image), those grids' entries concatenated in span order."""
-    queues = {modality: list(signals) for modality, signals in pending.items()}
-    by_span: dict[tuple[int, int], VisionSignals] = {}
+    """Hand every span the vision signals noted for it (see :func:`entries_by_span`)."""
+    def length(signals: VisionSignals) -> int:
+        per_layer = {t.shape[0] for t in signals.attention.values()}
+        if len(per_layer) != 1:
+            raise RuntimeError(f"vision signals of {per_layer} tokens at different layers")
+        return per_layer.pop()
+
+    return entries_by_span(layout, pending, length, _join_signals, "vision signals")
+
+
+def vit_masks_by_span(layout: Layout, pending: dict[str, list[dict[str, torch.Tensor]]]):
+    """Hand every span the ViT stages' keep masks noted for it (see :func:`entries_by_span`)."""
+    return entries_by_span(layout, pending, lambda masks: next(iter(masks.values())).shape[0],
+                           lambda parts: {label: torch.cat([p[label] for p in parts]) for label in parts[0]},
+                           "ViT-stage masks")
+
+
+def entries_by_span(layout: Layout, pending: dict[str, list], length: Callable[[Any], int],
+                    join: Callable[[list], Any], what: str) -> Callable[[int, int], Any]:
+    """Hand every span the per-token entries a feature call noted for it. ``pending[modality]`` holds one entry per
+    grid of that modality (span_grids' order), and find_layout gives grids to spans in that order (a span whose size
+    did not match got none: ``Span.shaped`` is False), so a shaped span (with or without a grid) takes the next
+    entries until their tokens (``length``) make up the span: one entry, or, where find_layout joined several grids
+    into one span (``join_runs``: InternVL's tiles of one image), those grids' entries joined in span order."""
+    queues = {modality: list(entries) for modality, entries in pending.items()}
+    by_span: dict[tuple[int, int], Any] = {}
     for b, sample in enumerate(layout.spans):
         for s, span in enumerate(sample):
             queue = queues.get(span.modality)
@@ -579,15 +633,11 @@ def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> C
             parts, lengths = [], []
             while queue and sum(lengths) < span.counts["input"]:
                 parts.append(queue.pop(0))
-                per_layer = {t.shape[0] for t in parts[-1].attention.values()}
-                if len(per_layer) != 1:
-                    raise RuntimeError(f"vision signals of {per_layer} tokens at different layers for the "
-                                       f"{span.modality} span of {span.counts['input']} tokens")
-                lengths.append(per_layer.pop())
+                lengths.append(length(parts[-1]))
             if sum(lengths) != span.counts["input"]:
-                raise RuntimeError(f"vision signals of {'+'.join(map(str, lengths))} tokens for the {span.modality} "
+                raise RuntimeError(f"{what} of {'+'.join(map(str, lengths))} tokens for the {span.modality} "
                                    f"span of {span.counts['input']} tokens")
-            by_span[(b, s)] = parts[0] if len(parts) == 1 else _join_signals(parts)
+            by_span[(b, s)] = parts[0] if len(parts) == 1 else join(parts)
     return lambda b, s: by_span.get((b, s))
 
 
@@ -689,6 +739,21 @@ class FamilyAdapter:
 
     def allowed_keys(self, attn, mask, sample: int, rows: torch.Tensor, kv_length: int, device) -> torch.Tensor:
         return causal_allowed(mask, sample, rows, kv_length, device, getattr(attn, "sliding_window", None))
+
+    def vit_encoder(self, model, modality: str, features_args: dict):
+        """The vision encoder of this feature call for the ViT stage (``encoder_stage.Encoder``), and a function laying
+        per-patch values of its items out as the call's features are, one tensor per grid of ``span_grids``:
+        ``(items, full_length) -> [per grid (N,)]``. Families where a shorter patch sequence is not well defined
+        raise NotImplementedError saying why."""
+        raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "
+                                  "this model family; supported: LLaVA-1.5 (CLIP, SigLIP), LLaVA-NeXT and "
+                                  "LLaVA-OneVision images")
+
+    def check_vit(self, model) -> None:
+        """Raise (NotImplementedError, saying why) if this model's encoder cannot take the ViT stage."""
+        raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "
+                                  "this model family; supported: LLaVA-1.5 (CLIP, SigLIP), LLaVA-NeXT and "
+                                  "LLaVA-OneVision images")
 
     def capture_vision(self, model, modality: str, features_args: dict, needs: VisionNeeds,
                        run: Callable[[], Any]) -> tuple[Any, list[VisionSignals]]:
@@ -832,6 +897,7 @@ class PruningState:
     undo: list[Callable[[], None]] = field(default_factory=list)
     pending_grids: dict[str, list] = field(default_factory=dict)  # span grids noted by the vision hooks
     pending_vision: dict[str, list[VisionSignals]] = field(default_factory=dict)  # per modality, in grid order
+    pending_vit: dict[str, list[dict]] = field(default_factory=dict)  # ViT-stage keep masks, per modality, grid order
     listeners: list[Callable[[ForwardRecord], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

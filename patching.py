@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import encoder_stage
 import hooks
 import methods
 import profiling
@@ -167,6 +168,8 @@ class FamilyPatch:
             _check_dispatch(model)
             self._wrap_text(type(model.language_model))  # a language model of a class not listed in the Target
             adapter.check_model(config, model)
+            if config.vit:
+                adapter.check_vit(model)
             state = PruningState(config)
             setattr(model, STATE_ATTR, state)
         return state
@@ -186,7 +189,10 @@ class FamilyPatch:
             needs = self._vision_needs()
             token = _IN_FEATURES.set(True)
             try:
-                with profiling.region(profiling.VISION):  # signal capture included: it runs inside the encoder
+                with profiling.region(profiling.VISION):  # signal capture and ViT stages included
+                    if self.config.vit and grids is not None:
+                        return self._run_vit_stages(model, adapter, modality, bound,
+                                                    lambda: original(model, *args, **kwargs))
                     if needs is None or grids is None:
                         return original(model, *args, **kwargs)
                     output, signals = adapter.capture_vision(model, modality, bound, needs,
@@ -197,6 +203,26 @@ class FamilyPatch:
                 _IN_FEATURES.reset(token)
 
         return get_features
+
+    def _run_vit_stages(self, model, adapter: FamilyAdapter, modality: str, bound: dict, run):
+        """The feature call with the ViT stages inside its encoder; notes each grid's keep masks, laid out as the
+        features are, for the language-model entry."""
+        encoder, lay_out = adapter.vit_encoder(model, modality, bound)
+        output, masks = encoder_stage.run(encoder, self.config, run)
+        per_grid: list[dict] = []
+        for label, mask in masks.items():
+            for g, values in enumerate(lay_out(mask.float())):
+                if not bool(((values == 0) | (values == 1)).all()):
+                    raise NotImplementedError(f"{type(model).__name__} resamples this {modality}'s patch grid "
+                                              "(e.g. LLaVA-OneVision's bilinear downscale of large tile grids), "
+                                              "mixing kept and dropped patches: the ViT stage cannot place its "
+                                              "tokens; allowed: images the model does not resample")
+                if g == len(per_grid):
+                    per_grid.append({})
+                per_grid[g][label] = values.bool()
+        if per_grid:
+            self.state_for(model, adapter).pending_vit[modality] = per_grid
+        return output
 
     def _vision_needs(self):
         """What the configured pre-LLM method reads from the vision encoder (None: nothing, no capture)."""
@@ -269,6 +295,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
     state.forget_prefill()
     grids, state.pending_grids = state.pending_grids, {}
     vision, state.pending_vision = state.pending_vision, {}
+    vit, state.pending_vit = state.pending_vit, {}
     if not _is_empty(cache):
         _warn_once(state, "foreign-cache", "the language model was called with a cache that no prefill of these hooks "
                    "wrote: the call runs unpruned, exactly as stock")
@@ -288,12 +315,10 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
             output = original(text_model, **kwargs)  # text-only prompt: untouched
         _note_prefill_cache(state, output, cache)
         return output
-    if config.pre_llm is not None:
-        with profiling.stage(config.pre_llm):
-            selection = hooks.select_tokens(config.pre_llm, config, layout, embeds,
-                                            vision=hooks.vision_by_span(layout, vision))
-            kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
-            adapter.shorten_lm_inputs(selection, kwargs, call)
+    if vit or config.pre_llm is not None:
+        selection = _before_lm(config, layout, embeds, vit, vision)
+        kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
+        adapter.shorten_lm_inputs(selection, kwargs, call)
         state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
         layout = selection.layout
     try:
@@ -304,6 +329,24 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         return adapter.finish_lm_output(output, kwargs, pruned=True)
     finally:
         state.finish_record(layout.spans)
+
+
+def _before_lm(config: PruneConfig, layout: hooks.Layout, embeds: torch.Tensor, vit: dict, vision: dict):
+    """One selection for what happens before the language model: the tokens the ViT stages kept (their merged
+    states are already in ``embeds``), then the pre-LLM method on those."""
+    selection = None
+    if vit:
+        selection = hooks.select_by_masks(layout, hooks.vit_masks_by_span(layout, vit))
+        layout = selection.layout
+    if config.pre_llm is None:
+        return selection
+    with profiling.stage(config.pre_llm):
+        tokens = embeds if selection is None else selection.gather_tokens(embeds)
+        pre = hooks.select_tokens(config.pre_llm, config, layout, tokens, vision=hooks.vision_by_span(layout, vision))
+    if selection is None:
+        return pre
+    return hooks.Selection(hooks.compose(selection.index, pre.index), pre.replacements, pre.layout,
+                           selection.prefill_length)
 
 
 def _decode_step(original, text_model, call: Call, kwargs: dict):

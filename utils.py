@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import methods
-from methods import INTRA_LLM, PRE_LLM, MethodSpec
+from methods import INTRA_LLM, PRE_LLM, VIT, MethodSpec
 
 TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
 
@@ -58,7 +58,8 @@ def check_transformers_version() -> None:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pruning step: a method, its keep ratio and (intra-LLM) the decoder layer it runs before."""
+    """One pruning step: a method, its keep ratio and (intra-LLM) the decoder layer it runs before, (ViT) the
+    encoder block it runs before (negative: counted from the encoder's end)."""
 
     method: str
     ratio: float
@@ -83,6 +84,9 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
+    # ViT stages, by encoder block as given (negative blocks are resolved against each encoder's depth when it runs);
+    # ratios are fractions of an encoded image's patches, non-increasing.
+    vit: tuple[Stage, ...] = ()
     pre_llm: Stage | None = None
     intra_llm: tuple[Stage, ...] = ()  # sorted by layer, ratios non-increasing
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method name -> hyper-parameters
@@ -94,11 +98,11 @@ class PruneConfig:
 
     @property
     def active(self) -> bool:
-        return self.pre_llm is not None or bool(self.intra_llm) or self.scheduled is not None
+        return bool(self.vit) or self.pre_llm is not None or bool(self.intra_llm) or self.scheduled is not None
 
     @property
     def stages(self) -> tuple[Stage, ...]:
-        return ((self.pre_llm,) if self.pre_llm else ()) + self.intra_llm
+        return self.vit + ((self.pre_llm,) if self.pre_llm else ()) + self.intra_llm
 
     def method(self, name: str) -> MethodSpec:
         return methods.registered_methods()[name]
@@ -169,7 +173,7 @@ def _lookup_method(var: str, name: str, registry: Mapping[str, MethodSpec], stag
     return spec
 
 
-_STAGE_LABELS = {PRE_LLM: "pre-LLM", INTRA_LLM: "intra-LLM"}
+_STAGE_LABELS = {VIT: "ViT", PRE_LLM: "pre-LLM", INTRA_LLM: "intra-LLM"}
 
 
 def _article(word: str) -> str:
@@ -194,17 +198,20 @@ def _parse_profile(env: Mapping[str, str]) -> ProfileConfig:
                          warmup=int(text) if text else DEFAULT_PROFILE_WARMUP)
 
 
-def _parse_layer_specs(text: str, default_ratio: float | None, registry) -> list[Stage]:
-    var = "INTRA_LLM_LAYER_SPECS"
-    allowed = "'LAYER:METHOD[:RATIO]' entries separated by ';' or ',', e.g. '2:fastv_intra_llm:0.5;6:pdrop_intra_llm:0.3'"
+def _parse_layer_specs(text: str, default_ratio: float | None, registry, stage: str = INTRA_LLM) -> list[Stage]:
+    var = "INTRA_LLM_LAYER_SPECS" if stage == INTRA_LLM else "VIT_LAYER_SPECS"
+    allowed = ("'LAYER:METHOD[:RATIO]' entries separated by ';' or ',', e.g. '2:fastv_intra_llm:0.5;6:pdrop_intra_llm:0.3'"
+               if stage == INTRA_LLM else "'BLOCK:METHOD[:RATIO]' entries separated by ';' or ',', BLOCK an encoder "
+               "block (negative: from the end), e.g. '8:tome_vit:0.5;16:tome_vit:0.25'")
     stages: list[Stage] = []
     for entry in filter(None, (e.strip() for e in re.split(r"[;,]", text))):
         parts = [p.strip() for p in entry.split(":")]
         if len(parts) not in (2, 3) or not parts[1]:
             raise _fail(var, text, f"malformed entry {entry!r}", allowed)
-        if not re.fullmatch(r"\d+", parts[0]):
-            raise _fail(var, text, f"layer {parts[0]!r} in {entry!r} is not a non-negative integer", allowed)
-        spec = _lookup_method(var, parts[1], registry, INTRA_LLM)
+        if not re.fullmatch(r"\d+" if stage == INTRA_LLM else r"-?\d+", parts[0]):
+            what = "a non-negative integer" if stage == INTRA_LLM else "an integer"
+            raise _fail(var, text, f"layer {parts[0]!r} in {entry!r} is not {what}", allowed)
+        spec = _lookup_method(var, parts[1], registry, stage)
         if len(parts) == 3:
             ratio = _parse_ratio(f"{var} (entry {entry!r})", parts[2])
         elif default_ratio is None:
@@ -252,32 +259,42 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
         value = env.get(var, "").strip()
         return None if value.lower() in _NONE_VALUES else value
 
-    pre_name, intra_name = named("PRUNE_METHOD_PRE_LLM"), named("PRUNE_METHOD_INTRA_LLM")
-    if pre_name:
-        _lookup_method("PRUNE_METHOD_PRE_LLM", pre_name, registry, PRE_LLM)
-    if intra_name:
-        _lookup_method("PRUNE_METHOD_INTRA_LLM", intra_name, registry, INTRA_LLM)
+    by_stage = {VIT: named("PRUNE_METHOD_VIT"), PRE_LLM: named("PRUNE_METHOD_PRE_LLM"),
+                INTRA_LLM: named("PRUNE_METHOD_INTRA_LLM")}
+    for stage, name in by_stage.items():
+        if name:
+            _lookup_method(f"PRUNE_METHOD_{stage.upper()}", name, registry, stage)
     generic = named("PRUNE_METHOD")
     if generic:
         spec = _lookup_method("PRUNE_METHOD", generic, registry)
-        var = "PRUNE_METHOD_PRE_LLM" if spec.stage == PRE_LLM else "PRUNE_METHOD_INTRA_LLM"
-        other = pre_name if spec.stage == PRE_LLM else intra_name
+        var, other = f"PRUNE_METHOD_{spec.stage.upper()}", by_stage[spec.stage]
         if other and other != generic:
             raise _fail("PRUNE_METHOD", generic, f"conflicts with {var}={other!r}", f"set only one of PRUNE_METHOD and {var}")
-        if spec.stage == PRE_LLM:
-            pre_name = generic
-        else:
-            intra_name = generic
+        by_stage[spec.stage] = generic
+    vit_name, pre_name, intra_name = by_stage[VIT], by_stage[PRE_LLM], by_stage[INTRA_LLM]
 
     specs_text = env.get("INTRA_LLM_LAYER_SPECS", "").strip()
     if specs_text and intra_name:
         raise _fail("INTRA_LLM_LAYER_SPECS", specs_text, f"conflicts with the intra-LLM method {intra_name!r} set by "
                     "PRUNE_METHOD/PRUNE_METHOD_INTRA_LLM", "either a layer spec or a single intra-LLM method")
 
-    if (pre_name or intra_name) and keep_ratio is None:
+    vit_text = env.get("VIT_LAYER_SPECS", "").strip()
+    if vit_text and vit_name:
+        raise _fail("VIT_LAYER_SPECS", vit_text, f"conflicts with the ViT method {vit_name!r} set by "
+                    "PRUNE_METHOD/PRUNE_METHOD_VIT", "either a block spec or a single ViT method")
+
+    if (vit_name or pre_name or intra_name) and keep_ratio is None:
         raise _fail("KEEP_RATIO", keep_text, "required when a pruning method is set", "a number in (0, 1], e.g. 0.25")
 
+    vit = _parse_layer_specs(vit_text, keep_ratio, registry, VIT) if vit_text else []
+    if vit_name:
+        vit = [Stage(vit_name, keep_ratio, registry[vit_name].default_layer)]
+    _check_vit(vit, "VIT_LAYER_SPECS" if vit_text else "PRUNE_METHOD", vit_text or vit_name)
     pre = Stage(pre_name, keep_ratio) if pre_name else None
+    if vit and pre and registry[pre.method].vision is not None:
+        raise _fail("PRUNE_METHOD_PRE_LLM", pre.method, "reads the vision encoder's attention, which a ViT stage "
+                    f"({vit[0].method}) changes", "a pre-LLM method without vision-encoder signals together with a "
+                    "ViT stage, or no ViT stage")
     intra, scheduled = [], None
     if specs_text:
         intra = _parse_layer_specs(specs_text, keep_ratio, registry)
@@ -289,10 +306,11 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     intra.sort(key=lambda s: s.layer)
     _check_intra(intra, "INTRA_LLM_LAYER_SPECS" if specs_text else "PRUNE_METHOD", specs_text or intra_name, registry)
 
-    used = {s.method for s in ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
+    used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
     _warn_ignored(env, keep_text, used, registry)
-    return PruneConfig(pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled, profile=profile)
+    return PruneConfig(vit=tuple(vit), pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled,
+                       profile=profile)
 
 
 def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], registry: Mapping[str, MethodSpec]) -> None:
@@ -300,7 +318,8 @@ def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], regist
     that no configured method declares (several methods may share one, e.g. PRUNE_RANDOM_SEED)."""
     if keep_text and not used:
         warnings.warn(f"KEEP_RATIO={keep_text} is set but no pruning method is configured (PRUNE_METHOD, "
-                      "PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS): the run is stock",
+                      "PRUNE_METHOD_VIT, PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM, VIT_LAYER_SPECS or "
+                      "INTRA_LLM_LAYER_SPECS): the run is stock",
                       UserWarning, stacklevel=4)
     declared: dict[str, list[str]] = {}  # variable -> the registered methods that read it
     for name, spec in registry.items():
@@ -318,6 +337,20 @@ def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], regist
         else:
             unused = f"none of {', '.join(names)} is configured"
         warnings.warn(f"{var}={value} is set but {unused}: it has no effect", UserWarning, stacklevel=4)
+
+
+def _check_vit(vit: list[Stage], var: str, value: str) -> None:
+    """ViT stages as given: distinct blocks, ratios non-increasing in the order given. (Negative blocks count from
+    the encoder's end, so the order and the range are checked again against each encoder, see encoder_stage.py.)"""
+    blocks = [s.layer for s in vit]
+    duplicates = sorted({block for block in blocks if blocks.count(block) > 1})
+    if duplicates:
+        raise _fail(var, value, f"block {duplicates[0]} appears more than once", "each encoder block at most once")
+    for earlier, later in zip(vit, vit[1:]):
+        if later.ratio > earlier.ratio:
+            raise _fail(var, value, f"ratio {later.ratio} at block {later.layer} exceeds {earlier.ratio} at block "
+                        f"{earlier.layer}", "entries in block order with ratios that do not increase (each is a "
+                        "fraction of an encoded image's patches)")
 
 
 def _check_intra(intra: list[Stage], var: str, value: str, registry) -> None:

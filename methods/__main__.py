@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     except (FileNotFoundError, MethodFileError) as err:
         raise SystemExit(f"python -m methods: error: {err}") from None
     for name, spec in registry.items():
-        layer = f"  default layer {spec.default_layer}" if spec.default_layer is not None else ""
+        where = "default encoder block" if spec.stage == "vit" else "default layer"
+        layer = f"  {where} {spec.default_layer}" if spec.default_layer is not None else ""
         if spec.default_schedule is not None:
             # Shown for a 32-layer model at KEEP_RATIO=0.5; the layers scale with the model's depth.
             stages = ", ".join(f"{k}:{r:.3g}" for k, r in spec.default_schedule(32, 0.5))

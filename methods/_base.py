@@ -1,6 +1,7 @@
 """The method contract: the context a method receives, what it returns, and the registry.
 
 A pruning method is a function ``fn(ctx: PruneContext) -> indices | PruneResult`` registered with
+``@register_prune('<name>_vit')`` (inside the vision encoder, before one of its blocks),
 ``@register_prune('<name>_pre_llm')`` or ``@register_prune('<name>_intra_llm')``. It sees tensors only:
 no model classes, no environment variables (its hyper-parameters arrive validated in ``ctx.params``).
 See ``methods/_template.py`` for a commented example.
@@ -15,9 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+VIT = "vit"
 PRE_LLM = "pre_llm"
 INTRA_LLM = "intra_llm"
-STAGES = (PRE_LLM, INTRA_LLM)
+STAGES = (VIT, PRE_LLM, INTRA_LLM)
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,14 @@ class PruneContext:
 
     features:  [N, D] the span's visual tokens. Pre-LLM: the vision encoder + merger output, exactly what
                the language model would receive. Intra-LLM: the hidden states entering decoder layer ``layer``.
+               ViT: the hidden states entering encoder block ``layer`` of ONE encoded image (a tile, a frame),
+               patch tokens only (a [CLS] token is kept by the stage and not shown).
     keep:      how many tokens to keep (the toolkit's keep-count rule has already been applied).
     grid:      (t, h, w) of the span in LLM tokens (after the spatial merge), raster order; None if unknown.
+               ViT: the patch grid (1, h, w) while the tokens are still every patch in raster order; None after
+               an earlier ViT stage.
+    sizes:     ViT: [N] float, how many patches each token stands for (1 until a merge); a merging method returns
+               the merged tokens' sizes in ``PruneResult.sizes``.
     """
 
     features: torch.Tensor
@@ -140,9 +148,11 @@ class PruneContext:
     hidden_states: torch.Tensor | None = None  # [L, D]
     span_positions: torch.Tensor | None = None  # [N] indices of this span inside hidden_states
     text_positions: torch.Tensor | None = None  # indices of the sample's real text tokens (no padding)
-    layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before
+    layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before; ViT: the encoder block
+    sizes: torch.Tensor | None = None  # ViT: [N] patches per token
     _signals: SignalSource | None = field(default=None, repr=False)
     _vision: VisionSignals | None = field(default=None, repr=False)
+    _encoder: "EncoderSignals | None" = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -237,9 +247,36 @@ class PruneContext:
             raise RuntimeError("vision keys were not captured: register the method with VisionNeeds(keys=True)")
         return keys.to(self.features.device)
 
+    def _need_encoder(self) -> "EncoderSignals":
+        if self._encoder is None:
+            raise RuntimeError("encoder keys and [CLS] rows are only available to ViT-stage methods (names ending "
+                               "in '_vit') running before an encoder block >= 1")
+        return self._encoder
+
+    def encoder_keys(self) -> torch.Tensor:
+        """ViT: [N, H, d] fp32 keys of the current tokens in the attention of encoder block ``layer - 1`` (the block
+        just run), before any rotary embedding; ToMe's similarity metric is their mean over heads."""
+        return self._need_encoder().keys.to(self.features.device)
+
+    def encoder_cls_attention(self) -> torch.Tensor:
+        """ViT: [N] fp32 attention of the [CLS] query to the current tokens in block ``layer - 1`` (softmax over every
+        key, the [CLS] and the tokens' sizes included, mean over heads); raises on an encoder without a [CLS]."""
+        encoder = self._need_encoder()
+        if encoder.cls_attention is None:
+            raise RuntimeError("this vision encoder has no [CLS] token")
+        return encoder.cls_attention.to(self.features.device)
+
     def generator(self, seed: int) -> torch.Generator:
         """A CPU generator for this span derived from the method's ``seed``: reproducible run to run."""
         return torch.Generator().manual_seed(seed * 1_000_003 + self.span_key)
+
+
+@dataclass
+class EncoderSignals:
+    """What a ViT-stage method may read of the encoder block just run (one encoded image), see ``PruneContext``."""
+
+    keys: torch.Tensor  # [N, H, d]
+    cls_attention: torch.Tensor | None = None  # [N], None without a [CLS] token
 
 
 @dataclass
@@ -249,10 +286,15 @@ class PruneResult:
     indices:  [K] original (span-local) indices; for a merged token, the representative whose position the
               merged token takes.
     features: [K, D] replacement tokens in the same order as ``indices``, or None to keep the originals.
+    sizes:    ViT only: [K] patches each returned token stands for (None: the kept tokens' own sizes).
+    proportional_attention: ViT only: the later encoder blocks add log(size) to every attention logit of a key
+              (ToMe's proportional attention), so a merged token weighs as the patches it stands for.
     """
 
     indices: torch.Tensor
     features: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
+    proportional_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +304,8 @@ class MethodSpec:
     fn: Callable[[PruneContext], torch.Tensor | PruneResult]
     description: str
     params: tuple[HyperParam, ...] = ()
-    default_layer: int | None = None  # intra-LLM: the layer it runs before when named alone
+    default_layer: int | None = None  # intra-LLM: the layer it runs before when named alone; ViT: the encoder block
+    # (negative: counted from the encoder's end)
     min_layer: int = 0  # intra-LLM: e.g. 1 for methods that read the previous layer's attention
     exact_count: bool = True  # False: the method may keep fewer or more than ctx.keep (documented by it)
     source: str = ""
@@ -309,23 +352,28 @@ def register_prune(
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None,
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
 ):
-    """Register a pruning method. The name's suffix (``_pre_llm`` / ``_intra_llm``) fixes its stage.
+    """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm``) fixes its stage.
 
     ``vision``: the vision-encoder signals a pre-LLM method reads (``ctx.vision_attention_received()``,
     ``ctx.vision_keys()``), or a function of its hyper-parameters returning them (e.g. a layer range).
     """
     stage = stage_of(name)
     if stage is None:
-        raise RegistrationError(f"method name {name!r} must end with '_pre_llm' or '_intra_llm'",
-                                "a method name ending in '_pre_llm' or '_intra_llm' (the suffix fixes the stage)")
+        raise RegistrationError(f"method name {name!r} must end with '_vit', '_pre_llm' or '_intra_llm'",
+                                "a method name ending in '_vit', '_pre_llm' or '_intra_llm' (the suffix fixes "
+                                "the stage)")
     if stage == INTRA_LLM and default_layer is None and default_schedule is None:
         raise RegistrationError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule",
                                 "register_prune(name, default_layer=K) or default_schedule=...")
+    if stage == VIT and (default_layer is None or default_schedule is not None):
+        raise RegistrationError(f"ViT-stage method {name!r} needs a default_layer (the encoder block it runs "
+                                "before) and takes no default_schedule",
+                                "register_prune(name, default_layer=K), K an encoder block (negative: from the end)")
     if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
         raise RegistrationError(f"pre-LLM method {name!r} takes no default_layer or default_schedule",
                                 "no default_layer / default_schedule for a method whose name ends in '_pre_llm'")
-    if stage == INTRA_LLM and vision is not None:
-        raise RegistrationError(f"intra-LLM method {name!r} cannot read vision-encoder signals (pre-LLM only)",
+    if stage != PRE_LLM and vision is not None:
+        raise RegistrationError(f"{stage} method {name!r} cannot read vision-encoder signals (pre-LLM only)",
                                 "vision=... on pre-LLM methods only")
 
     def decorator(fn):

@@ -5,8 +5,11 @@ Files starting with ``_`` are not loaded, so this template registers nothing.
 The contract
 ------------
 * Register with ``@register_prune("<name>_pre_llm")`` (runs on the vision encoder's output, before the
-  language model) or ``@register_prune("<name>_intra_llm", default_layer=K)`` (runs on the hidden states
-  entering decoder layer K during prefill). The suffix decides the stage.
+  language model), ``@register_prune("<name>_intra_llm", default_layer=K)`` (runs on the hidden states
+  entering decoder layer K during prefill) or ``@register_prune("<name>_vit", default_layer=B)`` (runs inside the
+  vision encoder on the hidden states entering block B, per encoded image; ``ctx.sizes``, ``ctx.encoder_keys()``,
+  ``ctx.encoder_cls_attention()``; merge with ``PruneResult(indices, features, sizes, proportional_attention)``;
+  see ``methods/tome.py``). The suffix decides the stage.
 * The function receives one :class:`methods.PruneContext` for ONE span (an image, a video, or a video frame
   where the model lays frames out separately) and returns either
     - a 1-D LongTensor of ``ctx.keep`` span-local indices (any order: the hook sorts them), or

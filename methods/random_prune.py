@@ -22,3 +22,9 @@ def random_pre_llm(ctx: PruneContext) -> torch.Tensor:
 def random_intra_llm(ctx: PruneContext) -> torch.Tensor:
     """Keep a uniformly random subset of each span's visual tokens at a decoder layer."""
     return _random_keep(ctx)
+
+
+@register_prune("random_vit", params=[SEED], default_layer=1)
+def random_vit(ctx: PruneContext) -> torch.Tensor:
+    """Keep a uniformly random subset of each encoded image's patches before an encoder block."""
+    return _random_keep(ctx)

@@ -53,13 +53,16 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     The effective ratio is the fraction of the encoder's visual tokens left after the last stage (intra-LLM
     ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one).
     """
-    pre, intra = pruning.get("pre_llm"), pruning.get("intra_llm") or []
+    vit, pre, intra = pruning.get("vit") or [], pruning.get("pre_llm"), pruning.get("intra_llm") or []
     scheduled = pruning.get("scheduled")  # a method that picks its own layers from the model's depth
-    if not pre and not intra and not scheduled:
+    if not vit and not pre and not intra and not scheduled:
         return "stock", "-", 1.0
-    methods = ([pre["method"]] if pre else []) + [s["method"] for s in intra]
-    stages = (["pre-LLM"] if pre else []) + [f"intra-LLM L{s['layer']}" for s in intra]
-    ratio = (pre["ratio"] if pre else 1.0) * (intra[-1]["ratio"] if intra else 1.0)
+    methods = [s["method"] for s in vit] + ([pre["method"]] if pre else []) + [s["method"] for s in intra]
+    stages = [f"ViT B{s['layer']}" for s in vit] + (["pre-LLM"] if pre else []) + \
+        [f"intra-LLM L{s['layer']}" for s in intra]
+    # Before the language model: the ViT stages' last ratio, or the pre-LLM one (a fraction of the same tokens).
+    before_lm = min([vit[-1]["ratio"] if vit else 1.0] + ([pre["ratio"]] if pre else []))
+    ratio = before_lm * (intra[-1]["ratio"] if intra else 1.0)
     if scheduled:
         methods.append(scheduled["method"])
         stages.append("intra-LLM scheduled")

@@ -2,6 +2,7 @@
 
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 import methods
@@ -105,7 +106,8 @@ def documented_count(name, span, label, before, budget):
 
 def check_counts(name, record, config):
     spec = methods.registered_methods()[name]
-    ratios = {"pre_llm": config.pre_llm.ratio} if config.pre_llm else {}
+    ratios = {f"vit_{s.layer}": s.ratio for s in config.vit}  # blocks given as non-negative numbers here
+    ratios.update({"pre_llm": config.pre_llm.ratio} if config.pre_llm else {})
     ratios.update({f"layer_{s.layer}": s.ratio for s in config.intra_llm})
     for sample in record.spans:
         for span in sample:
@@ -113,6 +115,9 @@ def check_counts(name, record, config):
             assert labels[1:] == list(ratios), (name, span.counts)
             for previous, label in zip(labels, labels[1:]):
                 before, after = span.counts[previous], span.counts[label]
+                if label.startswith("vit_"):  # the keep rule applies per encoded image (tile), not per span
+                    assert 0 < after <= before, (name, label, span.counts)
+                    continue
                 base = span.counts["input"] if label == "pre_llm" else span.llm_input
                 budget = min(before, keep_count(base, ratios[label])) if before else 0
                 if spec.exact_count:
@@ -122,15 +127,40 @@ def check_counts(name, record, config):
                     assert after == rule if rule is not None else 0 <= after <= before, (name, label, span.counts)
 
 
-def check_registered_method(family_module, name, model, inputs, reference, env):
+def _fits(spec, depth: int) -> bool:
+    try:
+        spec.default_schedule(depth, 0.25)
+        return True
+    except ValueError:
+        return False
+
+
+def check_registered_method(family_module, name, model, inputs, reference, env, vit_block=None):
     """One registered method through a family's hooks; ``env(ratio)`` is its pruning configuration at that keep
     ratio, ``reference`` the unpatched model's ``(forward_logits, greedy)`` on ``inputs``.
+
+    A ViT-stage method runs before encoder block ``vit_block`` (``VIT_LAYER_SPECS``; the tiny encoders are shallower
+    than the methods' default blocks); with None the family (or these inputs) must refuse it with a clear error.
 
     Ratio 1.0: bit-identical to the reference unless the method's own documented count drops tokens anyway.
     Ratio 0.25: the recorded counts follow the keep rule (or the method's documented rule), the logits are as long
     as the kept sequence, and greedy generation runs.
     """
     ref_logits, (ref_ids, ref_steps) = reference
+    spec, given = methods.registered_methods()[name], env
+    if spec.stage == methods.VIT:
+        env = lambda ratio: {**{k: v for k, v in given(ratio).items() if k != "PRUNE_METHOD"},
+                             "VIT_LAYER_SPECS": f"{vit_block or 1}:{name}"}
+        if vit_block is None:
+            with patched(family_module, **env(0.25)), pytest.raises(NotImplementedError, match="ViT stage"):
+                forward_logits(model, inputs)
+            return
+    depth = model.config.get_text_config().num_hidden_layers
+    if spec.default_schedule is not None and "PRUNE_METHOD" in given(0.25) and not _fits(spec, depth):
+        # A schedule with more stages than the tiny model has layers: every layer the method may run before.
+        env = lambda ratio: {**{k: v for k, v in given(ratio).items() if k != "PRUNE_METHOD"},
+                             "INTRA_LLM_LAYER_SPECS": ";".join(f"{layer}:{name}"
+                                                               for layer in range(max(1, spec.min_layer), depth))}
     with patched(family_module, **env(1.0)):
         logits = forward_logits(model, inputs)
         # The full-length prefill's record: generate's asks for the last row only, which Gemma 4's KV-shared

@@ -114,7 +114,8 @@ def ignored_warnings(**env) -> list[str]:
 
 def test_keep_ratio_without_a_method_warns_once_that_the_run_is_stock():
     with pytest.warns(UserWarning, match=r"^KEEP_RATIO=0\.25 is set but no pruning method is configured \(PRUNE_METHOD, "
-                      r"PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS\): the run is stock$"):
+                      r"PRUNE_METHOD_VIT, PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM, VIT_LAYER_SPECS or "
+                      r"INTRA_LLM_LAYER_SPECS\): the run is stock$"):
         assert not parse(KEEP_RATIO=0.25).active
     assert len(ignored_warnings(KEEP_RATIO=0.25)) == 1
 
@@ -124,12 +125,12 @@ def test_hyper_parameters_of_methods_not_configured_warn():
         "DART_PIVOT_IMAGE_TOKENS=8 is set but dart_intra_llm is not configured: it has no effect"]
     # Stock: each variable once, KEEP_RATIO too.
     assert ignored_warnings(KEEP_RATIO=0.5, DART_PIVOT_TEXT_TOKENS=2, VTC_CLS_START_LAYER=-1) == [
-        "KEEP_RATIO=0.5 is set but no pruning method is configured (PRUNE_METHOD, PRUNE_METHOD_PRE_LLM, "
-        "PRUNE_METHOD_INTRA_LLM or INTRA_LLM_LAYER_SPECS): the run is stock",
+        "KEEP_RATIO=0.5 is set but no pruning method is configured (PRUNE_METHOD, PRUNE_METHOD_VIT, "
+        "PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM, VIT_LAYER_SPECS or INTRA_LLM_LAYER_SPECS): the run is stock",
         "DART_PIVOT_TEXT_TOKENS=2 is set but dart_intra_llm is not configured: it has no effect",
         "VTC_CLS_START_LAYER=-1 is set but vtc_cls_pre_llm is not configured: it has no effect"]
-    with pytest.warns(UserWarning, match="PRUNE_RANDOM_SEED=3 is set but neither random_intra_llm nor "
-                                         "random_pre_llm is configured: it has no effect"):
+    with pytest.warns(UserWarning, match="PRUNE_RANDOM_SEED=3 is set but none of random_intra_llm, "
+                      "random_pre_llm, random_vit is configured: it has no effect"):
         parse(KEEP_RATIO=0.5, PRUNE_METHOD="fastv_intra_llm", PRUNE_RANDOM_SEED=3)
 
 

@@ -26,8 +26,8 @@ from tests.test_runner import predictions, token_records
 from utils import keep_count
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"divprune": conftest.CONFIGS["divprune"], "stock": {}}
-FLAGS = {"stock": ["--limit", "3"]}  # the stock reference: its first 3 rows
+CONFIGS = {"divprune": conftest.CONFIGS["divprune"], "stock": {}, "tome": {"VIT_LAYER_SPECS": "1:tome_vit:0.5"}}
+FLAGS = {"stock": ["--limit", "3"], "tome": ["--limit", "3"]}  # the stock reference and the ViT stage: 3 rows
 TOKENS, GRID = 36, [1, 6, 6]  # one 84 px CLIP view of 6 x 6 patches per image (padded to a square first)
 
 
@@ -171,7 +171,7 @@ def test_registered_llava_models_resolve_to_their_wrappers(tmp_path):
 # ---------------------------------------------------------------- end to end: LLaVA-1.5 (rigged to answer A)
 def test_llava_1_5_scores_exactly_the_share_of_a_answers(evaluated_llava):
     assert evaluated_llava.exit_codes == {label: 0 for label in CONFIGS}
-    for label, rows in (("divprune", QUESTIONS), ("stock", 3)):
+    for label, rows in (("divprune", QUESTIONS), ("stock", 3), ("tome", 3)):
         run_dir = evaluated_llava.run_dir(label)
         _, preds = predictions(run_dir)
         assert list(preds["prediction"]) == ["A"] * rows, label
@@ -183,11 +183,12 @@ def test_llava_1_5_scores_exactly_the_share_of_a_answers(evaluated_llava):
 
 def test_llava_1_5_records_its_visual_tokens_per_configuration(evaluated_llava):
     expected = {"divprune": ({"input": TOKENS, "pre_llm": keep_count(TOKENS, 0.5)}, QUESTIONS),
-                "stock": ({"input": TOKENS}, 3)}
+                "stock": ({"input": TOKENS}, 3), "tome": ({"input": TOKENS, "vit_1": keep_count(TOKENS, 0.5)}, 3)}
     for label, (tokens, rows) in expected.items():
         records = token_records(evaluated_llava.run_dir(label))
         assert len(records) == rows and all(r["tokens"] == tokens for r in records), label
         assert records[0]["spans"][0]["grid"] == GRID
+    assert "__B1-tome_vit-0.5__" in evaluated_llava.run_dir("tome").name
     recorded = json.loads((evaluated_llava.run_dir("divprune") / evalkit.RUN_CONFIG_FILE).read_text())
     assert recorded["wrapper"] == "LLaVA_HF" and recorded["family"] == "LLaVA"
     assert "run_llava.py" in recorded["machinery_code"] and "custom_llava.py" in recorded["machinery_code"]
