@@ -12,23 +12,31 @@ round-robin so that drifts of the machine hit all of them alike:
    algorithm is not quadratic in N (those are listed as such, with the reason, and their measured exponent);
 3. peak memory of the attention-scored intra-LLM methods at an 8k-token prompt vs stock; target: <= 1.1x, on the
    peak *increase* over what was allocated before generate (the weights excluded: the stricter ratio);
-4. DivPrune's greedy selection grows as O(K N), not O(K^2 N): its time at fixed N for growing K.
+4. DivPrune's greedy selection grows as O(K N), not O(K^2 N): its time at fixed N for growing K;
+5. the ViT stage (``*_vit`` methods, before an encoder block), on a second random model shaped like LLaVA-1.5's
+   encoder (a CLIP-L/14-336 tower: 24 blocks, width 1024, 16 heads, MLP 4096, 576 patches + [CLS]; a tiny language
+   model, not timed): the time of ``get_image_features`` stock vs with ToMe (``tome_vit``) halving the patches
+   before block 12 (with and without proportional attention) and ``random_vit`` at the same place (selection
+   only), next to the encoder's FLOPs ratio; target: the measured speed-up reaches >= 0.8 of the FLOPs ideal.
+   And each ViT method's own time (the method function on N = 576 patches) as a share of the stock encoder.
 
 Prefill = the pre-LLM stage + the language model's prefill call (vision encoder, generate's own work and lm_head
 excluded); every run is ``generate(max_new_tokens=1)``. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU;
 on a CPU the live bytes of torch's CPU allocations from the profiler's memory events (``torch.profiler``,
 ``profile_memory=True``), in a separate, untimed pass.
 
-    python scripts/bench_pruning.py --threads 1              # CPU defaults: N = 1k and 4k; 10-15 min on 2 cores
+    python scripts/bench_pruning.py --threads 1              # CPU defaults: N = 1k and 4k; ~25 min on 2 cores
     python scripts/bench_pruning.py --sizes 1024 4096 16384  # the full sizes (16k: hours on a CPU)
     python scripts/bench_pruning.py --device cuda --threads 0
+    python scripts/bench_pruning.py --threads 1 --only encoder   # only part 5 (``--only`` / ``--skip`` a part)
 
-Prints the tables and the four targets as PASS/FAIL lines, and writes everything to ``--out`` (JSON).
+Prints the tables and the targets as PASS/FAIL lines, and writes everything to ``--out`` (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,11 +50,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+import custom_llava  # noqa: E402
 import custom_qwenvl  # noqa: E402
+import encoder_stage  # noqa: E402
 import methods  # noqa: E402
 import profiling  # noqa: E402
+from methods import VIT, PruneContext, PruneResult  # noqa: E402
 from methods.divprune import cosine_distance, divprune_select, max_min_greedy  # noqa: E402
-from utils import PruneConfig  # noqa: E402
+from utils import PruneConfig, keep_count  # noqa: E402
+
+PARTS = ("speedup", "overhead", "memory", "divprune", "compare", "encoder")
 
 KEEP = 0.25
 TEXT_BEFORE, TEXT_AFTER = 16, 32  # text tokens around the image: system prompt, then the instruction
@@ -63,6 +76,9 @@ QUADRATIC = {
     "vispruner_pre_llm": "N^2 similarities once, then (N - K) / 8 rounds reading (N/2)^2 of them",
     "fitprune_intra_llm": "attention of all N visual rows to every key",
     "sparsevlm_intra_llm": "DPC-kNN pairwise distances of the pruned tokens",
+    "tome_pre_llm": "N/2 x N/2 bipartite cosine similarities per round (2 rounds at keep 0.25)",
+    "tome_vit": "N/2 x N/2 bipartite cosine similarities of the keys",
+    "vscan_pre_llm": "(N - K) x K cosine similarities of the merge (K grows with N)",
 }
 ATTENTION_SCORED = ("fastv_intra_llm", "pdrop_intra_llm", "fitprune_intra_llm", "sparsevlm_intra_llm")
 # The benchmark's encoder has 2 blocks: VTC-CLS sums its globally attending layers from the last one.
@@ -358,6 +374,239 @@ def divprune_versus_uniprunebench(tokens: int, hidden: int, keep: int, device) -
 
 
 # --------------------------------------------------------------------------------------------------
+# The ViT stage (part 5)
+# --------------------------------------------------------------------------------------------------
+# Configurations of the encoder table: (method at the stage block, its hyper-parameters); None = stock (the hooks
+# installed, no method).
+ENCODER_CONFIGS = {
+    "stock": None,
+    "tome_vit": ("tome_vit", {}),
+    "tome_vit, TOME_PROP_ATTN=0": ("tome_vit", {"TOME_PROP_ATTN": "0"}),
+    "random_vit": ("random_vit", {}),
+}
+ENCODER_TARGET = "tome_vit"  # the configuration the encoder target is read from
+ENCODER_TARGET_SHARE = 0.8  # measured speed-up >= 0.8 x the FLOPs ideal
+LLAVA_IMAGE_TOKEN = 500  # the random LLaVA's ids: no tokenizer, no prompt (only the encoder call is timed)
+
+
+def build_llava(depth: int, hidden: int, heads: int, intermediate: int, image: int, patch: int, device, dtype,
+                attn_implementation: str = "sdpa"):
+    """A random LLaVA-1.5-shaped model (default weight init): a CLIP vision tower of the given shape (CLIP-L/14-336:
+    24 blocks, 1024, 16 heads, 4096, 336 px, patch 14), features of its penultimate layer without the [CLS]
+    ("default"), the two-layer projector, and a one-layer Llama of width 64 (never run here)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
+                              num_attention_heads=heads, image_size=image, patch_size=patch,
+                              projection_dim=min(hidden, 768), hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(image // patch) ** 2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return model.to(device, dtype).eval()
+
+
+def encoder_flops(lengths: list[int], hidden: int, intermediate: int) -> float:
+    """Matmul FLOPs of a ViT whose block i processes ``lengths[i]`` tokens (per image): attention projections
+    4 N C^2, attention scores and weighted sum 2 N^2 C, MLP 2 N C I (multiply-adds, as the issue counts them;
+    only ratios are reported)."""
+    return sum(4 * n * hidden ** 2 + 2 * n * n * hidden + 2 * n * hidden * intermediate for n in lengths)
+
+
+class StageMeter:
+    """Records, during feature calls, the tokens each encoder block processes (pre-hooks on the blocks' first
+    norm, which run after the ViT stage's own block pre-hooks) and the ViT stage's own work: the signals it
+    computes on the block before a stage (keys, [CLS] row), the method's application between the blocks, and the
+    outputs put back at full length. The stage functions are wrapped for the meter's lifetime (the instrument of
+    this benchmark; ``encoder_stage.py`` itself is unchanged)."""
+
+    WRAPPED = ((encoder_stage, "_block_signals"), (encoder_stage.EncoderRun, "_apply"),
+               (encoder_stage.EncoderRun, "restore_outputs"))
+
+    def __init__(self, blocks, device):
+        self.device, self.lengths, self.stage_ns = device, [], 0
+        self.handles = [block.layer_norm1.register_forward_pre_hook(self._length) for block in blocks]
+        self.originals = []
+        for owner, name in self.WRAPPED:
+            original = getattr(owner, name)
+            self.originals.append((owner, name, original))
+            setattr(owner, name, self._timed(original))
+
+    def _length(self, module, args):
+        self.lengths.append(args[0].shape[1])
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.stage_ns += time.perf_counter_ns() - start
+        return timed
+
+    def reset(self):
+        self.lengths, self.stage_ns = [], 0
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+        for owner, name, original in self.originals:
+            setattr(owner, name, original)
+
+
+def encoder_env(config: tuple[str, dict] | None, block: int, keep: float) -> dict:
+    if config is None:
+        return {}
+    method, params = config
+    return {"VIT_LAYER_SPECS": f"{block}:{method}:{keep:g}", **params}
+
+
+def image_features(model, pixels: torch.Tensor):
+    with torch.no_grad():
+        return model.model.get_image_features(pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def encoder_part(model, batches: list[int], block: int, keep: float, warmup: int, repeats: int, device) -> dict:
+    """``get_image_features`` of each batch size, every configuration of ``ENCODER_CONFIGS`` interleaved
+    round-robin (``warmup`` + ``repeats`` calls each; the best measured call), stock = the hooks installed without
+    a method. Per configuration: the tokens each block processed, the FLOPs ratio from them, the stage's own time
+    (median over the measured calls)."""
+    vision = model.config.vision_config
+    blocks = custom_llava._encoder_body(model.model.vision_tower).encoder.layers
+    side = vision.image_size // vision.patch_size
+    meter = StageMeter(blocks, device)
+    per_batch = {}
+    try:
+        for batch in batches:
+            pixels = torch.randn(batch, 3, vision.image_size, vision.image_size,
+                                 generator=torch.Generator().manual_seed(batch)).to(device, model.dtype)
+            times = {label: [] for label in ENCODER_CONFIGS}
+            stage_ms = {label: [] for label in ENCODER_CONFIGS}
+            lengths = {}
+            for round_ in range(warmup + repeats):
+                for i, (label, config) in enumerate(ENCODER_CONFIGS.items()):
+                    print(f"\r  encoder, batch {batch}: round {round_ + 1}/{warmup + repeats}, "
+                          f"{i + 1}/{len(ENCODER_CONFIGS)} {label:<28}", end="", file=sys.stderr, flush=True)
+                    custom_llava.apply_patches(PruneConfig.from_env(encoder_env(config, block, keep)))
+                    meter.reset()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter_ns()
+                    image_features(model, pixels)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = (time.perf_counter_ns() - start) / 1e6
+                    lengths[label] = list(meter.lengths)
+                    if round_ >= warmup:
+                        times[label].append(elapsed)
+                        stage_ms[label].append(meter.stage_ns / 1e6)
+            print(file=sys.stderr)
+            stock_ms = min(times["stock"])
+            stock_flops = encoder_flops(lengths["stock"], vision.hidden_size, vision.intermediate_size)
+            rows = []
+            for label in ENCODER_CONFIGS:
+                best = min(times[label])
+                flops_ratio = encoder_flops(lengths[label], vision.hidden_size, vision.intermediate_size) / stock_flops
+                rows.append({"config": label, "ms": best, "all_ms": times[label],
+                             "stage_ms": statistics.median(stage_ms[label]), "time_ratio": best / stock_ms,
+                             "flops_ratio": flops_ratio, "speedup": stock_ms / best, "ideal": 1 / flops_ratio,
+                             "of_ideal": (stock_ms / best) * flops_ratio,
+                             "tokens_per_block": sorted(set(lengths[label]), reverse=True),
+                             "blocks_run": len(lengths[label])})
+            per_batch[batch] = {"stock_ms": stock_ms, "rows": rows}
+    finally:
+        meter.close()
+        custom_llava.remove_patches()
+    return {"patches": side * side, "block": block, "keep": keep, "kept": keep_count(side * side, keep),
+            "depth": len(blocks), "hidden": vision.hidden_size, "heads": vision.num_attention_heads,
+            "intermediate": vision.intermediate_size, "image_size": vision.image_size,
+            "patch_size": vision.patch_size, "repeats": repeats, "warmup": warmup, "batches": per_batch}
+
+
+def vit_block(name: str, depth: int, last: int, fallback: int) -> int:
+    """A ViT method's official block (its registered default, negative from the end), or ``fallback`` where that
+    block is outside this encoder's 1..last (a toy encoder)."""
+    default = methods.registered_methods()[name].default_layer
+    block = default + depth if default < 0 else default
+    return block if 1 <= block <= last else fallback
+
+
+def vit_methods_part(model, names: list[str], stage_block: int, keep: float, repeats: int, stock_encoder_ms: float,
+                     device) -> dict:
+    """Each ViT method's own function on one image's N patches, on the hidden states entering its block of a stock
+    call (and the signals the stage gives it: keys and [CLS] row of the block before, as the stage computes them):
+    best of ``repeats`` calls, vs ``stock_encoder_ms`` (the stock ``get_image_features`` of one image)."""
+    vision = model.config.vision_config
+    blocks = custom_llava._encoder_body(model.model.vision_tower).encoder.layers
+    side = vision.image_size // vision.patch_size
+    depth = len(blocks)
+    feature_block = depth - 2  # features of the penultimate layer (vision_feature_layer -2): block depth - 2's output
+    pixels = torch.randn(1, 3, vision.image_size, vision.image_size,
+                         generator=torch.Generator().manual_seed(576)).to(device, model.dtype)
+    where = {name: vit_block(name, depth, feature_block, stage_block) for name in names}
+    entering, normed = {}, {}
+
+    def capture(store, block):
+        def hook(module, args, kwargs):
+            store[block] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    handles = []
+    for block in set(where.values()):
+        handles.append(blocks[block].register_forward_pre_hook(capture(entering, block), with_kwargs=True))
+        handles.append(blocks[block - 1].self_attn.register_forward_pre_hook(capture(normed, block), with_kwargs=True))
+    try:
+        custom_llava.remove_patches()
+        image_features(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def fastest(fn):
+        best, out = float("inf"), None
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter_ns()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter_ns() - start) / 1e6)
+        return best, out
+
+    rows = {}
+    for name in names:
+        block = where[name]
+        attn = blocks[block - 1].self_attn
+        with torch.no_grad():
+            signals_ms, signals = fastest(lambda: encoder_stage._block_signals(attn, normed[block], None, True, None))
+            spec = methods.registered_methods()[name]
+            params = PruneConfig.from_env({"VIT_LAYER_SPECS": f"{block}:{name}:{keep:g}"}).params.get(name, {})
+            patches = entering[block][0, 1:]
+            ctx = PruneContext(features=patches, keep=keep_count(patches.shape[0], keep), grid=(1, side, side),
+                               modality="image", stage=VIT, params=params, span_key=block, layer=block,
+                               sizes=torch.ones(patches.shape[0], device=patches.device), _encoder=signals[0])
+            spec.fn(ctx)  # warm-up
+            method_ms, result = fastest(lambda: spec.fn(ctx))
+        kept = result.indices if isinstance(result, PruneResult) else result
+        rows[name] = {"block": block, "tokens": patches.shape[0], "kept": int(kept.numel()), "ms": method_ms,
+                      "signals_ms": signals_ms, "percent": 100 * method_ms / stock_encoder_ms,
+                      "signals_percent": 100 * signals_ms / stock_encoder_ms}
+    return {"stock_encoder_ms": stock_encoder_ms, "keep": keep, "repeats": repeats, "methods": rows}
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 def machine(device, threads: int) -> dict:
@@ -374,33 +623,41 @@ def machine(device, threads: int) -> dict:
 
 
 def targets(results: dict, check_size: int) -> list[tuple[str, bool | None, str]]:
-    """(target, passed, detail); passed None when the run did not measure it."""
+    """(target, passed, detail); passed None when the run did not measure it (a part left out by --only / --skip
+    gives no line)."""
     out = []
-    pre = next((r for r in results["speedup"]["rows"] if r["config"] == f"pre-LLM {KEEP:g}"), None)
-    out.append(("pre-LLM at keep 0.25 reaches >= 0.9 of the ideal prefill speed-up",
-                None if pre is None else pre["of_ideal"] >= 0.9,
-                "not measured" if pre is None else
-                f"{pre['speedup']:.2f}x of {pre['ideal']:.2f}x ideal = {pre['of_ideal']:.2f}"))
-    sizes = results["overhead"]["sizes"]
-    if check_size in sizes:
-        linear = {n: m for n, m in sizes[check_size]["methods"].items() if n not in QUADRATIC}
-        over = {n: m["percent"] for n, m in linear.items() if m["percent"] > 2}
-        worst = max(linear.items(), key=lambda item: item[1]["percent"])
-        out.append((f"every non-quadratic method's own time <= 2 % of stock prefill at N = {check_size}",
-                    not over, (f"over: {', '.join(f'{n} {p:.2f} %' for n, p in over.items())}" if over else
-                               f"worst {worst[0]} {worst[1]['percent']:.2f} %")
-                    + f"; quadratic by their official algorithm, reported only: {', '.join(sorted(QUADRATIC))}"))
-    else:
-        out.append((f"method time <= 2 % at N = {check_size}", None, f"N = {check_size} not in --sizes"))
-    memory = results["memory"]
-    worst = max(memory["ratio"].items(), key=lambda item: item[1])
-    out.append((f"attention-scored intra-LLM peak memory <= 1.1x stock at a {memory['prompt_tokens']}-token prompt",
-                worst[1] <= 1.1, f"worst {worst[0]} {worst[1]:.3f}x (peak increase; with the weights "
-                                 f"{memory['ratio_with_weights'][worst[0]]:.3f}x)"))
-    scaling = results["divprune"]
-    out.append(("DivPrune's greedy selection is O(K N), not O(K^2 N)", scaling["exponent_in_k"] < 1.5,
-                f"time ~ K^{scaling['exponent_in_k']:.2f} at N = {scaling['tokens']}, "
-                f"~ N^{scaling['exponent_in_n']:.2f} at K = {scaling['fixed_keep']}"))
+    if "speedup" in results:
+        pre = next((r for r in results["speedup"]["rows"] if r["config"] == f"pre-LLM {KEEP:g}"), None)
+        out.append(("pre-LLM at keep 0.25 reaches >= 0.9 of the ideal prefill speed-up",
+                    None if pre is None else pre["of_ideal"] >= 0.9,
+                    "not measured" if pre is None else
+                    f"{pre['speedup']:.2f}x of {pre['ideal']:.2f}x ideal = {pre['of_ideal']:.2f}"))
+    if "overhead" in results:
+        sizes = results["overhead"]["sizes"]
+        if check_size in sizes:
+            linear = {n: m for n, m in sizes[check_size]["methods"].items() if n not in QUADRATIC}
+            over = {n: m["percent"] for n, m in linear.items() if m["percent"] > 2}
+            quadratic = sorted(n for n in sizes[check_size]["methods"] if n in QUADRATIC)
+            worst = max(linear.items(), key=lambda item: item[1]["percent"], default=None)
+            out.append((f"every non-quadratic method's own time <= 2 % of stock prefill at N = {check_size}",
+                        None if worst is None else not over,
+                        (f"over: {', '.join(f'{n} {p:.2f} %' for n, p in over.items())}" if over else
+                         "no non-quadratic method measured" if worst is None else
+                         f"worst {worst[0]} {worst[1]['percent']:.2f} %")
+                        + f"; quadratic by their official algorithm, reported only: {', '.join(quadratic) or 'none'}"))
+        else:
+            out.append((f"method time <= 2 % at N = {check_size}", None, f"N = {check_size} not in --sizes"))
+    if "memory" in results:
+        memory = results["memory"]
+        worst = max(memory["ratio"].items(), key=lambda item: item[1])
+        out.append((f"attention-scored intra-LLM peak memory <= 1.1x stock at a {memory['prompt_tokens']}-token "
+                    f"prompt", worst[1] <= 1.1, f"worst {worst[0]} {worst[1]:.3f}x (peak increase; with the weights "
+                                                f"{memory['ratio_with_weights'][worst[0]]:.3f}x)"))
+    if "divprune" in results:
+        scaling = results["divprune"]
+        out.append(("DivPrune's greedy selection is O(K N), not O(K^2 N)", scaling["exponent_in_k"] < 1.5,
+                    f"time ~ K^{scaling['exponent_in_k']:.2f} at N = {scaling['tokens']}, "
+                    f"~ N^{scaling['exponent_in_n']:.2f} at K = {scaling['fixed_keep']}"))
     versus = results.get("divprune_vs_uniprunebench")
     if versus:
         out.append((f"DivPrune >= 20x faster than UniPruneBench's at N = {versus['tokens']}, keep {versus['keep']}, "
@@ -408,6 +665,18 @@ def targets(results: dict, check_size: int) -> list[tuple[str, bool | None, str]
                     f"{versus['ratio']:.1f}x ({versus['ours_ms']:.0f} vs {versus['uniprunebench_ms']:.0f} ms), "
                     f"same selection: {versus['same_selection']}; the shared N x N distance product alone takes "
                     f"{versus['distances_ms']:.0f} ms, bounding the ratio at {versus['ratio_bound']:.1f}x"))
+    encoder = results.get("encoder")
+    if encoder:
+        rows = {batch: next(r for r in part["rows"] if r["config"] == ENCODER_TARGET)
+                for batch, part in encoder["batches"].items()}
+        out.append((f"the encoder's measured time falls to within {ENCODER_TARGET_SHARE} of its FLOPs ratio "
+                    f"({ENCODER_TARGET} before block {encoder['block']} of {encoder['depth']}, "
+                    f"keep {encoder['keep']:g}: "
+                    f"measured speed-up >= {ENCODER_TARGET_SHARE} x the FLOPs ideal, every batch size)",
+                    all(r["of_ideal"] >= ENCODER_TARGET_SHARE for r in rows.values()),
+                    "; ".join(f"batch {batch}: {r['speedup']:.2f}x measured (time ratio {r['time_ratio']:.3f}) of "
+                              f"{r['ideal']:.2f}x ideal (FLOPs ratio {r['flops_ratio']:.3f}) = {r['of_ideal']:.2f}"
+                              for batch, r in rows.items())))
     return out
 
 
@@ -419,50 +688,83 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def report(results: dict, check_size: int) -> str:
     lines = []
-    speed = results["speedup"]
-    lines += [f"## Prefill speed-up vs keep ratio (N = {speed['tokens']} visual tokens, prompt "
-              f"{speed['prompt_tokens']} tokens)", "",
-              table(["configuration", "prefill ms", "pruning ms", "speed-up", "ideal (FLOPs)", "of ideal"],
-                    [[r["config"], f"{r['prefill_ms']:.1f}", f"{r['pruning_ms']:.2f}", f"{r['speedup']:.2f}x",
-                      f"{r['ideal']:.2f}x", f"{r['of_ideal']:.2f}"] for r in speed["rows"]]),
-              "", f"Hooks installed, no method (stock) vs patches removed: TTFT "
-                  f"{100 * speed['stock_hook_overhead_ttft']:+.1f} %", ""]
-    over = results["overhead"]
-    sizes = list(over["sizes"])
-    names = list(over["sizes"][sizes[0]]["methods"])
-    header = ["method", "official cost"] + [f"% at {n}" for n in sizes] + [f"ms at {sizes[-1]}"]
-    if len(sizes) > 1:
-        header.append(f"exponent {sizes[0]}→{sizes[-1]}")
-    header.append(f"encoder +% at {sizes[-1]}")
-    rows = []
-    for name in names:
-        last = over["sizes"][sizes[-1]]["methods"][name]
-        row = [name, f"quadratic: {QUADRATIC[name]}" if name in QUADRATIC else "linear"]
-        row += [f"{over['sizes'][n]['methods'][name]['percent']:.2f}" for n in sizes] + [f"{last['ms']:.1f}"]
+    speed = results.get("speedup")
+    if speed:
+        lines += [f"## Prefill speed-up vs keep ratio (N = {speed['tokens']} visual tokens, prompt "
+                  f"{speed['prompt_tokens']} tokens)", "",
+                  table(["configuration", "prefill ms", "pruning ms", "speed-up", "ideal (FLOPs)", "of ideal"],
+                        [[r["config"], f"{r['prefill_ms']:.1f}", f"{r['pruning_ms']:.2f}", f"{r['speedup']:.2f}x",
+                          f"{r['ideal']:.2f}x", f"{r['of_ideal']:.2f}"] for r in speed["rows"]]),
+                  "", f"Hooks installed, no method (stock) vs patches removed: TTFT "
+                      f"{100 * speed['stock_hook_overhead_ttft']:+.1f} %", ""]
+    over = results.get("overhead")
+    if over:
+        sizes = list(over["sizes"])
+        names = list(over["sizes"][sizes[0]]["methods"])
+        header = ["method", "official cost"] + [f"% at {n}" for n in sizes] + [f"ms at {sizes[-1]}"]
         if len(sizes) > 1:
-            row.append(f"{last['exponent']:.2f}")
-        row.append(f"{last['encoder_extra_percent']:+.1f}")
-        rows.append(row)
-    lines += [f"## Method time as % of stock prefill (keep {over['keep']}; stock prefill: "
-              + ", ".join(f"{over['sizes'][n]['stock_prefill_ms']:.0f} ms at {n}" for n in sizes) + ")", "",
-              table(header, rows), ""]
-    memory = results["memory"]
-    lines += [f"## Peak memory at a {memory['prompt_tokens']}-token prompt (keep {memory['keep']}; weights "
-              f"{memory['weights_bytes'] / 2 ** 20:.0f} MiB)", "",
-              table(["configuration", "peak increase MiB", "vs stock", "vs stock, weights included"],
-                    [[label, f"{b / 2 ** 20:.1f}", "" if label == "stock" else f"{memory['ratio'][label]:.3f}x",
-                      "" if label == "stock" else f"{memory['ratio_with_weights'][label]:.3f}x"]
-                     for label, b in memory["peak_increase_bytes"].items()]), ""]
-    scaling = results["divprune"]
-    lines += [f"## DivPrune's greedy selection (D = {scaling['hidden']}; the K-independent setup, N x N distances and "
-              f"seed, at N = {scaling['tokens']}: {scaling['setup_ms']:.1f} ms)", "",
-              table(["K (N = %d)" % scaling["tokens"], "greedy ms", "µs per kept token"],
-                    [[r["keep"], f"{r['ms']:.1f}", f"{r['us_per_kept_token']:.1f}"] for r in scaling["by_keep"]]),
-              "", table([f"N (K = {scaling['fixed_keep']})", "greedy ms"],
-                        [[r["tokens"], f"{r['ms']:.1f}"] for r in scaling["by_tokens"]]),
-              "", f"Greedy time ~ K^{scaling['exponent_in_k']:.2f} at fixed N and ~ N^{scaling['exponent_in_n']:.2f} at "
-                  f"fixed K: O(K N) as implemented (a running minimum) gives exponents <= 1; the official loop, "
-                  f"which takes the minimum over every chosen row again at each step, is O(K^2 N): 2 in K.", ""]
+            header.append(f"exponent {sizes[0]}→{sizes[-1]}")
+        header.append(f"encoder +% at {sizes[-1]}")
+        rows = []
+        for name in names:
+            last = over["sizes"][sizes[-1]]["methods"][name]
+            row = [name, f"quadratic: {QUADRATIC[name]}" if name in QUADRATIC else "linear"]
+            row += [f"{over['sizes'][n]['methods'][name]['percent']:.2f}" for n in sizes] + [f"{last['ms']:.1f}"]
+            if len(sizes) > 1:
+                row.append(f"{last['exponent']:.2f}")
+            row.append(f"{last['encoder_extra_percent']:+.1f}")
+            rows.append(row)
+        lines += [f"## Method time as % of stock prefill (keep {over['keep']}; stock prefill: "
+                  + ", ".join(f"{over['sizes'][n]['stock_prefill_ms']:.0f} ms at {n}" for n in sizes) + ")", "",
+                  table(header, rows), ""]
+    memory = results.get("memory")
+    if memory:
+        lines += [f"## Peak memory at a {memory['prompt_tokens']}-token prompt (keep {memory['keep']}; weights "
+                  f"{memory['weights_bytes'] / 2 ** 20:.0f} MiB)", "",
+                  table(["configuration", "peak increase MiB", "vs stock", "vs stock, weights included"],
+                        [[label, f"{b / 2 ** 20:.1f}", "" if label == "stock" else f"{memory['ratio'][label]:.3f}x",
+                          "" if label == "stock" else f"{memory['ratio_with_weights'][label]:.3f}x"]
+                         for label, b in memory["peak_increase_bytes"].items()]), ""]
+    scaling = results.get("divprune")
+    if scaling:
+        lines += [f"## DivPrune's greedy selection (D = {scaling['hidden']}; the K-independent setup, N x N distances "
+                  f"and seed, at N = {scaling['tokens']}: {scaling['setup_ms']:.1f} ms)", "",
+                  table(["K (N = %d)" % scaling["tokens"], "greedy ms", "µs per kept token"],
+                        [[r["keep"], f"{r['ms']:.1f}", f"{r['us_per_kept_token']:.1f}"] for r in scaling["by_keep"]]),
+                  "", table([f"N (K = {scaling['fixed_keep']})", "greedy ms"],
+                            [[r["tokens"], f"{r['ms']:.1f}"] for r in scaling["by_tokens"]]),
+                  "", f"Greedy time ~ K^{scaling['exponent_in_k']:.2f} at fixed N and "
+                      f"~ N^{scaling['exponent_in_n']:.2f} at fixed K: O(K N) as implemented (a running minimum) "
+                      f"gives exponents <= 1; the official loop, which takes the minimum over every chosen row again "
+                      f"at each step, is O(K^2 N): 2 in K.", ""]
+    encoder = results.get("encoder")
+    if encoder:
+        lines += [f"## ViT stage: encoder time (CLIP {encoder['depth']} blocks, width {encoder['hidden']}, "
+                  f"{encoder['heads']} heads, MLP {encoder['intermediate']}, {encoder['image_size']} px / "
+                  f"{encoder['patch_size']}: {encoder['patches']} patches + [CLS]; stage before block "
+                  f"{encoder['block']}, keep {encoder['keep']:g} = {encoder['kept']} patches; best of "
+                  f"{encoder['repeats']})", "",
+                  table(["configuration", "batch", "encoder ms", "stage ms", "time ratio", "FLOPs ratio",
+                         "speed-up", "ideal (FLOPs)", "of ideal", "tokens per block"],
+                        [[r["config"], batch, f"{r['ms']:.1f}", f"{r['stage_ms']:.1f}", f"{r['time_ratio']:.3f}",
+                          f"{r['flops_ratio']:.3f}", f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x",
+                          f"{r['of_ideal']:.2f}", " → ".join(str(n) for n in r["tokens_per_block"])]
+                         for batch, part in encoder["batches"].items() for r in part["rows"]]),
+                  "", "encoder ms: the whole get_image_features call (projector included), the stage's own work "
+                      "included; stage ms: that work alone (the signals of the block before, the method, the outputs "
+                      "put back at full length; median); FLOPs ratio: the blocks' matmuls only, from the tokens each "
+                      "block processed, the stage excluded.", ""]
+    vit = results.get("vit_methods")
+    if vit:
+        lines += [f"## ViT methods' own time as % of the stock encoder (one image, "
+                  f"{vit['stock_encoder_ms']:.0f} ms; keep {vit['keep']:g}; best of {vit['repeats']})", "",
+                  table(["method", "official cost", "block", "N", "kept", "method ms", "% of encoder",
+                         "signals ms", "signals %"],
+                        [[name, f"quadratic: {QUADRATIC[name]}" if name in QUADRATIC else "linear", r["block"],
+                          r["tokens"], r["kept"], f"{r['ms']:.2f}", f"{r['percent']:.2f}", f"{r['signals_ms']:.2f}",
+                          f"{r['signals_percent']:.2f}"] for name, r in vit["methods"].items()]),
+                  "", "method ms: the method function on the hidden states entering its block; signals ms: the keys "
+                      "and [CLS] row of the block before, which the stage computes for every ViT method.", ""]
     lines += ["## Targets", ""]
     for name, passed, detail in targets(results, check_size):
         verdict = "NOT MEASURED" if passed is None else "PASS" if passed else "FAIL"
@@ -470,7 +772,8 @@ def report(results: dict, check_size: int) -> str:
     info = results["machine"]
     lines += ["", f"Machine: {info['cpu']}, {info['cpu_count']} cores, torch threads {info['torch_threads']}, "
                   f"{info.get('gpu', 'no GPU')}, torch {info['torch']}; load average at start / end: "
-                  f"{results['load_average'][0]} / {results['load_average'][1]}; {results['seconds']:.0f} s"]
+                  f"{results['load_average'][0]} / {results['load_average'][1]}; {results.get('date', '')}; "
+                  f"parts: {', '.join(results.get('parts', PARTS))}; {results['seconds']:.0f} s"]
     return "\n".join(lines)
 
 
@@ -500,33 +803,83 @@ def main(argv: list[str] | None = None) -> dict:
                         help="N of the second DivPrune table (K fixed at the smallest --divprune-keeps)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up generate calls per configuration")
     parser.add_argument("--repeats", type=int, default=3, help="measured generate calls per configuration")
+    parser.add_argument("--vit-depth", type=int, default=24, help="CLIP blocks of the encoder model (CLIP-L: 24)")
+    parser.add_argument("--vit-hidden", type=int, default=1024)
+    parser.add_argument("--vit-heads", type=int, default=16)
+    parser.add_argument("--vit-intermediate", type=int, default=4096)
+    parser.add_argument("--vit-image", type=int, default=336, help="image side in pixels (patches: (image/patch)^2)")
+    parser.add_argument("--vit-patch", type=int, default=14)
+    parser.add_argument("--vit-block", type=int, default=None,
+                        help="encoder block the ViT stage runs before (default: depth // 2, 12 of CLIP-L's 24)")
+    parser.add_argument("--vit-keep", type=float, default=0.5, help="keep ratio of the ViT stage")
+    parser.add_argument("--vit-batches", type=int, nargs="+", default=[1, 4], help="images per encoder call")
+    parser.add_argument("--vit-warmup", type=int, default=1, help="warm-up encoder calls per configuration")
+    parser.add_argument("--vit-repeats", type=int, default=3, help="measured encoder calls per configuration (best)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=None,
+                        help="run only these parts (speedup, overhead, memory, divprune, compare = DivPrune vs "
+                             "UniPruneBench, encoder = the ViT stage and the ViT methods' own time)")
+    parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="leave these parts out")
     parser.add_argument("--out", default="bench_outputs/bench_pruning.json")
     args = parser.parse_args(argv)
 
+    parts = [part for part in (args.only or PARTS) if part not in args.skip]
+    if not args.compare_hidden and "compare" in parts:
+        parts.remove("compare")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started, load_start = time.time(), os.getloadavg()[0]
-    names = args.methods or list(methods.load_methods())
-    model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, device,
-                        getattr(torch, args.dtype))
-    bench = Bench(model, args.warmup, args.repeats)
+    registry = methods.load_methods()
+    names = args.methods or list(registry)
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; registered: {', '.join(registry)}")
+    llm_names = [name for name in names if registry[name].stage != VIT]  # the prefill table (Qwen2.5-VL model)
+    vit_names = [name for name in names if registry[name].stage == VIT]  # the ViT table (the CLIP model)
     results = {"model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                          "kv_heads": args.kv_heads, "intermediate": args.intermediate, "dtype": args.dtype},
-               "machine": machine(device, torch.get_num_threads()), "warmup": args.warmup, "repeats": args.repeats}
-    try:  # every generate call installs its own configuration; none may outlive the benchmark
-        results["speedup"] = speedup_part(bench, args.speedup_tokens, args.ratios, device)
-        results["overhead"] = overhead_part(bench, args.sizes, names, device)
-        results["memory"] = memory_part(bench, args.memory_tokens,
-                                        [n for n in ATTENTION_SCORED if n in methods.registered_methods()], device)
-    finally:
-        custom_qwenvl.remove_patches()
-    results["divprune"] = divprune_part(args.divprune_tokens, args.hidden, args.divprune_keeps, args.divprune_sizes,
-                                        args.repeats, device)
-    if args.compare_hidden:
+               "machine": machine(device, torch.get_num_threads()), "warmup": args.warmup, "repeats": args.repeats,
+               "parts": parts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if {"speedup", "overhead", "memory"} & set(parts):
+        model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, device,
+                            getattr(torch, args.dtype))
+        bench = Bench(model, args.warmup, args.repeats)
+        try:  # every generate call installs its own configuration; none may outlive the benchmark
+            if "speedup" in parts:
+                results["speedup"] = speedup_part(bench, args.speedup_tokens, args.ratios, device)
+            if "overhead" in parts and llm_names:
+                results["overhead"] = overhead_part(bench, args.sizes, llm_names, device)
+            if "memory" in parts:
+                results["memory"] = memory_part(bench, args.memory_tokens,
+                                                [n for n in ATTENTION_SCORED if n in methods.registered_methods()],
+                                                device)
+        finally:
+            custom_qwenvl.remove_patches()
+        del model, bench
+    if "divprune" in parts:
+        results["divprune"] = divprune_part(args.divprune_tokens, args.hidden, args.divprune_keeps,
+                                            args.divprune_sizes, args.repeats, device)
+    if "compare" in parts:
         print("  DivPrune vs UniPruneBench's implementation", file=sys.stderr, flush=True)
         results["divprune_vs_uniprunebench"] = divprune_versus_uniprunebench(
             args.divprune_tokens, args.compare_hidden, round(KEEP * args.divprune_tokens), device)
+    if "encoder" in parts:
+        llava = build_llava(args.vit_depth, args.vit_hidden, args.vit_heads, args.vit_intermediate, args.vit_image,
+                            args.vit_patch, device, getattr(torch, args.dtype))
+        block = args.vit_block if args.vit_block is not None else args.vit_depth // 2
+        results["vit_model"] = {"depth": args.vit_depth, "hidden": args.vit_hidden, "heads": args.vit_heads,
+                                "intermediate": args.vit_intermediate, "image": args.vit_image,
+                                "patch": args.vit_patch, "dtype": args.dtype}
+        results["encoder"] = encoder_part(llava, args.vit_batches, block, args.vit_keep, args.vit_warmup,
+                                          args.vit_repeats, device)
+        one = results["encoder"]["batches"].get(1)
+        if vit_names:
+            if one is None:  # the share is of one image's stock encoder call
+                one = encoder_part(llava, [1], block, args.vit_keep, args.vit_warmup, args.vit_repeats,
+                                   device)["batches"][1]
+            results["vit_methods"] = vit_methods_part(llava, vit_names, block, args.vit_keep,
+                                                      max(args.vit_repeats, 3), one["stock_ms"], device)
+        del llava
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     results["seconds"] = time.time() - started
     results["targets"] = [{"target": t, "passed": p, "detail": d} for t, p, d in targets(results, args.check_size)]

@@ -21,8 +21,8 @@ from methods.vispruner import vispruner_select
 from utils import PruneConfigError
 
 REGISTRY = methods.load_methods()
-CLS_METHODS = ["fastervlm_pre_llm", "prumerge_plus_pre_llm", "prumerge_pre_llm", "visionzip_pre_llm",
-               "vispruner_pre_llm", "vtc_cls_pre_llm"]
+CLS_METHODS = ["fastervlm_pre_llm", "hiprune_pre_llm", "prumerge_plus_pre_llm", "prumerge_pre_llm",
+               "visionzip_pre_llm", "vispruner_pre_llm", "vscan_pre_llm", "vtc_cls_pre_llm"]
 DEPTH = 24  # CLIP-L/336 in LLaVA-1.5 / LLaVA-NeXT
 
 
@@ -63,6 +63,8 @@ def test_every_cls_method_declares_the_official_layers_and_head_reduction():
     ("prumerge_pre_llm", [23]), ("prumerge_plus_pre_llm", [23]),  # hooks on encoder.layers[23]
     ("visionzip_pre_llm", [22]), ("vispruner_pre_llm", [22]), ("fastervlm_pre_llm", [22]),  # attentions[-2]
     ("vtc_cls_pre_llm", list(range(16, 23))),  # attentions[16:-1]
+    ("hiprune_pre_llm", list(range(0, 23))),  # "auto": every layer to attentions[-2]; reads 8 and 22 of them
+    ("vscan_pre_llm", list(range(0, 23))),  # "auto": every layer to attentions[-2]; reads 5 and 22 of them
 ])
 def test_the_declared_layers_resolve_to_the_official_clip_layers(name, layers):
     assert hooks.cls_vision_layers(needs(name), DEPTH) == layers

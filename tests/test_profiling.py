@@ -237,29 +237,59 @@ def test_runs_without_profiling_write_no_profile(evaluated):
 
 
 # ---------------------------------------------------------------- the benchmark script (structure only)
-def test_benchmark_runs_and_reports_the_five_targets(tmp_path, capsys):
+def test_benchmark_runs_and_reports_the_six_targets(tmp_path, capsys):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
+    import encoder_stage
     from scripts import bench_pruning
 
     unpatched = Qwen2_5_VLTextModel.forward
+    unwrapped = encoder_stage._block_signals, encoder_stage.EncoderRun._apply
     out = tmp_path / "bench.json"
-    bench_pruning.main(["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+    llm_methods = ["uniform_pre_llm", "divprune_pre_llm", "fastv_intra_llm", "tome_pre_llm", "hiprune_pre_llm",
+                   "mustdrop_intra_llm", "vscan_pre_llm", "vscan_intra_llm"]
+    # 5 decoder layers: MustDrop's four scaled stages need at least 5
+    bench_pruning.main(["--layers", "5", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
                         "--sizes", "16", "64", "--check-size", "64", "--speedup-tokens", "64", "--ratios", "0.25",
-                        "--memory-tokens", "64", "--methods", "uniform_pre_llm", "divprune_pre_llm", "fastv_intra_llm",
+                        "--memory-tokens", "64", "--methods", *llm_methods, "tome_vit", "mustdrop_vit",
                         "--divprune-tokens", "64", "--divprune-keeps", "8", "16", "--divprune-sizes", "32", "64",
                         "--compare-hidden", "48", "--warmup", "0", "--repeats", "1",
+                        "--vit-depth", "4", "--vit-hidden", "32", "--vit-heads", "4", "--vit-intermediate", "64",
+                        "--vit-image", "84", "--vit-batches", "1", "2", "--vit-warmup", "0", "--vit-repeats", "1",
                         "--out", str(out)])
     results = json.loads(out.read_text())
     assert [row["config"] for row in results["speedup"]["rows"]] == ["stock", "pre-LLM 0.25", "intra-LLM L2 0.25"]
-    assert set(results["overhead"]["sizes"]["64"]["methods"]) == {"uniform_pre_llm", "divprune_pre_llm",
-                                                                  "fastv_intra_llm"}
+    assert set(results["overhead"]["sizes"]["64"]["methods"]) == set(llm_methods)  # the ViT methods: their own table
     assert set(results["memory"]["ratio"]) == set(bench_pruning.ATTENTION_SCORED)
     assert [row["keep"] for row in results["divprune"]["by_keep"]] == [8, 16]
     assert [row["tokens"] for row in results["divprune"]["by_tokens"]] == [32, 64]
     versus = results["divprune_vs_uniprunebench"]
     assert (versus["tokens"], versus["hidden"], versus["keep"]) == (64, 48, 16) and versus["same_selection"]
-    assert len(results["targets"]) == 5 and all(t["passed"] in (True, False) for t in results["targets"])
+    # the ViT stage: 36 patches + [CLS], the stage before block 2 of 4 halves them; every block runs
+    encoder = results["encoder"]
+    assert (encoder["patches"], encoder["block"], encoder["kept"]) == (36, 2, 18)
+    assert list(encoder["batches"]) == ["1", "2"]
+    for part in encoder["batches"].values():
+        rows = {row["config"]: row for row in part["rows"]}
+        assert list(rows) == list(bench_pruning.ENCODER_CONFIGS)
+        assert rows["stock"]["tokens_per_block"] == [37] and rows["stock"]["flops_ratio"] == 1
+        for label in list(rows)[1:]:
+            assert rows[label]["tokens_per_block"] == [37, 19] and rows[label]["blocks_run"] == 4
+            assert 0 < rows[label]["flops_ratio"] < 1 and rows[label]["stage_ms"] > 0
+    vit = results["vit_methods"]["methods"]
+    assert set(vit) == {"tome_vit", "mustdrop_vit"}
+    assert (vit["tome_vit"]["block"], vit["tome_vit"]["tokens"], vit["tome_vit"]["kept"]) == (2, 36, 18)
+    assert vit["mustdrop_vit"]["block"] == 1 and all(row["ms"] > 0 for row in vit.values())
+    assert len(results["targets"]) == 6 and all(t["passed"] in (True, False) for t in results["targets"])
     printed = capsys.readouterr().out
-    assert printed.count("PASS: ") + printed.count("FAIL: ") == 5 and "Machine: " in printed
+    assert printed.count("PASS: ") + printed.count("FAIL: ") == 6 and "Machine: " in printed
+    assert "ViT stage: encoder time" in printed and "ViT methods' own time" in printed
     assert Qwen2_5_VLTextModel.forward is unpatched  # no configuration outlives the benchmark
+    assert (encoder_stage._block_signals, encoder_stage.EncoderRun._apply) == unwrapped  # nor the stage meter
+
+    # --only: the chosen parts alone, their targets alone
+    bench_pruning.main(["--only", "divprune", "--hidden", "32", "--divprune-tokens", "64", "--divprune-keeps", "8",
+                        "16", "--divprune-sizes", "32", "64", "--repeats", "1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["parts"] == ["divprune"] and "speedup" not in results and "encoder" not in results
+    assert [t["target"] for t in results["targets"]] == ["DivPrune's greedy selection is O(K N), not O(K^2 N)"]

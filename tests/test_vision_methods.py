@@ -33,8 +33,8 @@ def run(name, ctx):
 
 
 def test_vision_methods_are_registered_with_their_needs():
-    assert VISION_METHODS == ["fastervlm_pre_llm", "prumerge_plus_pre_llm", "prumerge_pre_llm", "visionzip_pre_llm",
-                              "vispruner_pre_llm", "vtc_cls_pre_llm"]
+    assert VISION_METHODS == ["fastervlm_pre_llm", "hiprune_pre_llm", "prumerge_plus_pre_llm", "prumerge_pre_llm",
+                              "visionzip_pre_llm", "vispruner_pre_llm", "vscan_pre_llm", "vtc_cls_pre_llm"]
     assert REGISTRY["vtc_cls_pre_llm"].vision_needs({"VTC_CLS_START_LAYER": -3}) == \
         VisionNeeds(first_layer=-3, cls_layers=(-3, -2))
     assert REGISTRY["visionzip_pre_llm"].vision_needs({}) == VisionNeeds(keys=True, cls_layers=(-2, -2))
