@@ -71,10 +71,6 @@ def resolve_blocks(stages: Sequence[Stage], depth: int, last: int, var: str = "V
     return resolved
 
 
-def stage_label(block: int) -> str:
-    return f"vit_{block}"
-
-
 @dataclass
 class _Tokens:
     """The current tokens of every item of the call: where each came from, how many patches it stands for."""
@@ -181,7 +177,7 @@ class EncoderRun:
             new.valid[i, :row.shape[0]] = True
         kept = torch.zeros(hidden.shape[0], self.full_length + 1, dtype=torch.bool, device=hidden.device)
         kept.scatter_(1, new.index.masked_fill(~new.valid, self.full_length), True)  # padding -> the extra column
-        self.masks[stage_label(block)] = kept[:, :-1].cpu()
+        self.masks[stage.label] = kept[:, :-1].cpu()
         if not self.changed:
             return hidden  # the stock states, unpadded: keep 1.0 is the unpatched call
         self.tokens = new

@@ -341,9 +341,7 @@ def select_by_masks(layout: Layout, masks: Callable[[int, int], dict[str, torch.
 
 def stage_label(stage: Stage) -> str:
     """The record's name of a stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
-    if stage.layer is None:
-        return PRE_LLM
-    return f"vit_{stage.layer}" if stage.method.endswith("_" + VIT) else f"layer_{stage.layer}"
+    return stage.label
 
 
 def record_stage(layout: Layout, stage: Stage, count: Callable[[Span, torch.Tensor], int]) -> None:
@@ -555,9 +553,12 @@ def cls_attention_row(query: torch.Tensor, key: torch.Tensor, scale: float, head
     """[P] attention of the [CLS] query (row 0) to the patches of one image, fp32.
 
     ``query`` / ``key`` are (H, 1 + P, d), [CLS] first. "mean": softmax per head, averaged over heads; "single": one
-    head over the full width H * d (``scale`` is then ignored: 1 / sqrt(H * d)). The softmax runs over every key,
-    [CLS] included, as the encoder's own attention does; the [CLS] column is then dropped."""
+    head over the full width H * d (``scale`` is then ignored: 1 / sqrt(H * d)); "received": not the [CLS] row but the
+    attention each patch receives, averaged over every query ([CLS] included) and over heads. The softmax runs over
+    every key, [CLS] included, as the encoder's own attention does; the [CLS] column is then dropped."""
     query, key = query.float(), key.float()
+    if heads == "received":
+        return attention_received(query, key, scale, [torch.arange(query.shape[1])])[1:]
     if heads == "single":
         q = query[:, 0].reshape(1, 1, -1)
         k = key.transpose(0, 1).reshape(1, key.shape[1], -1)

@@ -306,7 +306,7 @@ class Profiler:
     def _result(model, sample: Sample, clock, memory) -> dict:
         ms = clock.ms
         peak, increase = memory.stop()
-        stages = [{"stage": "pre_llm" if s.layer is None else f"layer_{s.layer}", "method": s.method, "ms": ms(a, b)}
+        stages = [{"stage": s.label, "method": s.method, "ms": ms(a, b)}
                   for s, a, b in sample.stages]
         metrics: dict[str, float | int | None] = {
             "vision_encoder_ms": sum(ms(a, b) for a, b in sample.vision),

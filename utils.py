@@ -65,6 +65,13 @@ class Stage:
     ratio: float
     layer: int | None = None  # None for pre-LLM
 
+    @property
+    def label(self) -> str:
+        """The record's name of the stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
+        if self.layer is None:
+            return "pre_llm"
+        return f"vit_{self.layer}" if self.method.endswith("_vit") else f"layer_{self.layer}"
+
 
 @dataclass(frozen=True)
 class ProfileConfig:

@@ -53,7 +53,9 @@ class VisionNeeds:
     cls_layers:  (first, last) encoder layers, inclusive (negative values count from the end), whose [CLS] attention
                  rows are captured; keys come from the last of them. Default: the last layer.
     cls_heads:   "mean": the [CLS] row of every head, averaged over heads; "single": one head over the full width
-                 (softmax(q k^T / sqrt(C)) of the whole q_proj / k_proj outputs, as PruMerge computes it).
+                 (softmax(q k^T / sqrt(C)) of the whole q_proj / k_proj outputs, as PruMerge computes it);
+                 "received": instead of the [CLS] row, the attention each patch receives averaged over every query
+                 ([CLS] included) and head (``attentions[l].mean(1).mean(1)[:, 1:]``, as HiPrune reads CLIP).
     """
 
     first_layer: int | None = None

@@ -26,8 +26,9 @@ Signals (``ctx.vision_attention_received`` at two captured layers; see docs/meth
     per-image constant (same ranking). The object layer is the first globally attending layer at or after
     HIPRUNE_OBJECT_LAYER - 1 (Qwen2.5-VL: its full-attention blocks only; 15 by default, as official), the deep
     layer the last globally attending one (the feature layer).
-  * On CLIP with a [CLS] (LLaVA-1.5 / NeXT, ``ctx.vision_has_cls``): the toolkit captures the [CLS] query's row there,
-    not the all-query mean, so both layers (8 and 22, as official) are read as [CLS] rows, heads averaged.
+  * On CLIP with a [CLS] (LLaVA-1.5 / NeXT, ``ctx.vision_has_cls``): the official score itself, at both layers (8 and
+    22): ``VisionNeeds(cls_heads="received")`` averages the attention every patch receives over every query, the
+    [CLS] query included, and over heads, then drops the [CLS] column.
 
 Official defaults (README, bench_llava.sh, bench_qwen.sh): HIPRUNE_ALPHA 0.1; HIPRUNE_OBJECT_LAYER 9 (LLaVA-1.5 and
 LLaVA-NeXT, CLIP-L's 24 layers) and 16 (Qwen2.5-VL's 32); budget HIPRUNE_RETENTION 192/128/64 tokens (LLaVA-1.5),
@@ -52,8 +53,6 @@ Adaptations:
     every 24 x 24 crop separately (``HIPRUNE_RETENTION / crops`` tokens each) before unpadding and stitching.
   * Qwen2.5-VL: per span (one image or video), not over every image of the prompt at once (the official code ranks
     all images of a prompt together and uses the first image's width for all); videos are not pruned officially.
-  * On CLIP the [CLS] row replaces the all-query mean (above): the official code has that [CLS] variant as its
-    commented-out alternative on the same lines; the toolkit's CLIP hooks capture only [CLS] rows.
   * If anchors and buffers exceed K (only when round(K * alpha / 5) * 5 > K, e.g. alpha near 1 or tiny K; the
     official ``topk`` then fails on a negative count), the anchors are kept in rank order, then the buffers of the
     best anchors first (left, right, up, down), cut at K; no registers.
@@ -90,11 +89,12 @@ OBJECT_LAYER = HyperParam("HIPRUNE_OBJECT_LAYER", AUTO, layer,
 
 
 def vision_needs(params) -> VisionNeeds:
-    """Captured from the object layer (0-based: the setting - 1; 'auto': from layer 0) to the deep layer: the [CLS]
-    rows of CLIP up to layer -2 (LLaVA's feature layer), elsewhere every globally attending layer to the last."""
+    """Captured from the object layer (0-based: the setting - 1; 'auto': from layer 0) to the deep layer: CLIP's
+    all-query attention received up to layer -2 (LLaVA's feature layer), elsewhere every globally attending layer to the last."""
     setting = params["HIPRUNE_OBJECT_LAYER"]
     first = 0 if setting == AUTO else setting - 1
-    return VisionNeeds(first_layer=first, cls_layers=(first, -2))
+    # On CLIP the official LLaVA code averages over every query, not the [CLS] row: cls_heads="received".
+    return VisionNeeds(first_layer=first, cls_layers=(first, -2), cls_heads="received")
 
 
 def hiprune_layers(ctx: PruneContext) -> tuple[int, int]:
@@ -103,7 +103,7 @@ def hiprune_layers(ctx: PruneContext) -> tuple[int, int]:
     deep = captured[-1]
     setting = ctx.params["HIPRUNE_OBJECT_LAYER"]
     if setting == AUTO:
-        # The captured range ends at the deep layer: CLIP's layer -2 ([CLS] rows), else the encoder's last layer.
+        # The captured range ends at the deep layer: CLIP's layer -2, else the encoder's last layer.
         depth = deep + 2 if ctx.vision_has_cls else deep + 1
         setting = max(1, depth * 3 // 8 if ctx.vision_has_cls else depth // 2)
     later = [index for index in captured if index >= setting - 1]

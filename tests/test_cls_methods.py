@@ -57,6 +57,8 @@ def test_every_cls_method_declares_the_official_layers_and_head_reduction():
     assert vtc == VisionNeeds(first_layer=16, cls_layers=(16, -2), cls_heads="mean")
     assert vtc.first_layer_var == "VTC_CLS_START_LAYER"
     assert needs("vtc_cls_pre_llm", VTC_CLS_START_LAYER=-7).cls_layers == (-7, -2)
+    # HiPrune's official LLaVA score is the all-query mean, not the [CLS] row.
+    assert needs("hiprune_pre_llm") == VisionNeeds(first_layer=0, cls_layers=(0, -2), cls_heads="received")
 
 
 @pytest.mark.parametrize("name, layers", [

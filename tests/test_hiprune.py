@@ -60,9 +60,9 @@ def grid_loop(shallow, deep, keep, alpha, h, w):
 def test_registration_declares_both_layers_and_the_official_defaults():
     assert SPEC.stage == PRE_LLM and SPEC.exact_count
     assert params() == {"HIPRUNE_ALPHA": 0.1, "HIPRUNE_OBJECT_LAYER": "auto"}
-    assert SPEC.vision_needs(params()) == VisionNeeds(first_layer=0, cls_layers=(0, -2))
+    assert SPEC.vision_needs(params()) == VisionNeeds(first_layer=0, cls_layers=(0, -2), cls_heads="received")
     nine = SPEC.vision_needs(params(HIPRUNE_OBJECT_LAYER=9))
-    assert nine == VisionNeeds(first_layer=8, cls_layers=(8, -2))
+    assert nine == VisionNeeds(first_layer=8, cls_layers=(8, -2), cls_heads="received")
     assert hooks.cls_vision_layers(nine, 24) == list(range(8, 23))  # CLIP-L: attentions[8] .. attentions[-2]
     sixteen = SPEC.vision_needs(params(HIPRUNE_OBJECT_LAYER=16))
     assert hooks.vision_layers(sixteen, [7, 15, 23, 31], 32) == [15, 23, 31]  # Qwen2.5-VL's full-attention blocks

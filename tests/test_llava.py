@@ -61,6 +61,22 @@ def test_cls_row_equals_the_encoders_own_eager_attention(layers):
         assert span.keys.shape == (36, 4, 8)  # 6 x 6 patches, 4 heads of 8
 
 
+def test_received_mode_is_the_all_query_mean_of_the_encoders_own_eager_attention():
+    """``cls_heads="received"`` (HiPrune): ``attentions[l].mean(1).mean(1)[:, 1:]``, as its official LLaVA code."""
+    model = tiny_llava.build_model("llava", attn_implementation="eager")
+    inputs = inputs_for("llava", "two_images")
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    signals = captured_signals(model, inputs, VisionNeeds(cls_layers=(1, 2), cls_heads="received"))
+    for i, span in enumerate(signals):
+        assert span.cls and sorted(span.attention) == [1, 2]
+        for layer in (1, 2):
+            expected = attentions[layer][i].mean(dim=0).mean(dim=0)[1:]
+            torch.testing.assert_close(span.attention[layer], expected, rtol=1e-5, atol=1e-7)
+            row = attentions[layer][i, :, 0, 1:].mean(dim=0)
+            assert not torch.allclose(span.attention[layer], row)  # not the [CLS] row
+
+
 def test_single_head_cls_row_is_one_full_width_head():
     """PruMerge's form: softmax(q k^T / sqrt(C)) over the whole q_proj / k_proj outputs of the last layer."""
     model = tiny_llava.build_model("llava", attn_implementation="eager")

@@ -333,3 +333,29 @@ def test_flash_attention_is_refused():
             forward_logits(model, inputs)
     finally:
         config._attn_implementation = saved
+
+
+def test_profiling_names_the_vit_stage_and_changes_no_output():
+    """METHOD_TIME: the ViT stage's time is its own ``pruning_ms/vit_<B>/<method>`` entry (timed inside the encoder,
+    whose time includes it), its tokens ``visual_tokens/vit_<B>``; ids and logits are those of the unprofiled run."""
+    import profiling
+
+    model, inputs = model_for("llava"), inputs_for("llava", "image")
+    env = dict(VIT_LAYER_SPECS="1:tome_vit:0.5", PRUNE_METHOD_PRE_LLM="divprune_pre_llm", KEEP_RATIO=0.25)
+    with patched(custom_llava, **env):
+        ids, logits = greedy(model, inputs, STEPS)
+    with patched(custom_llava, **env, METHOD_TIME="True") as config:
+        profiler = profiling.Profiler(config.profile)
+        profiler.instrument(model)
+        try:
+            profiled_ids, profiled_logits = greedy(model, inputs, STEPS)
+        finally:
+            del model.generate  # the instance attribute: back to the class's generate
+    (record,) = profiler.take("data", "key")
+    assert torch.equal(profiled_ids, ids) and torch.equal(profiled_logits, logits)
+    assert [(s["stage"], s["method"], s["tokens_in"]) for s in record["stages"]] == [
+        ("vit_1", "tome_vit", 36), ("pre_llm", "divprune_pre_llm", 18)]
+    metrics = record["metrics"]
+    assert metrics["pruning_ms/vit_1/tome_vit"] > 0
+    assert {k: v for k, v in metrics.items() if k.startswith("visual_tokens/")} == {
+        "visual_tokens/input": 36, "visual_tokens/vit_1": 18, "visual_tokens/pre_llm": 9}
