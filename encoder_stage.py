@@ -57,8 +57,15 @@ def resolve_blocks(stages: Sequence[Stage], depth: int, last: int, var: str = "V
     """The stages' encoder blocks for an encoder of ``depth`` blocks (negative blocks count from the end): each in
     1..last (block 0 sees the embeddings, whose keys no block has computed; ``last``: the block whose output the
     features are read from), strictly increasing."""
-    resolved = []
+    expanded = []
     for stage in stages:
+        if stage.layer is None:  # the method's own schedule (e.g. ToMe's merges in every block), for this encoder
+            schedule = methods.registered_methods()[stage.method].default_schedule(last, stage.ratio)
+            expanded += [replace(stage, layer=block, ratio=ratio) for block, ratio in schedule]
+        else:
+            expanded.append(stage)
+    resolved = []
+    for stage in expanded:
         block = stage.layer + depth if stage.layer < 0 else stage.layer
         if not 1 <= block <= last:
             raise PruneConfigError(f"{var}: block {stage.layer} ({stage.method}) is outside what this vision encoder's "

@@ -124,7 +124,7 @@ def run_tag(config: PruneConfig) -> str:
     layers), or several joined with ``+``."""
     if not config.active:
         return "stock"
-    parts = [f"B{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.vit]
+    parts = [(f"B{s.layer}-" if s.layer is not None else "") + f"{s.method}-{_ratio(s.ratio)}" for s in config.vit]
     parts += [f"{config.pre_llm.method}-{_ratio(config.pre_llm.ratio)}"] if config.pre_llm else []
     parts += [f"L{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.intra_llm]
     if config.scheduled:

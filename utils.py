@@ -69,7 +69,7 @@ class Stage:
     def label(self) -> str:
         """The record's name of the stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
         if self.layer is None:
-            return "pre_llm"
+            return "vit" if self.method.endswith("_vit") else "pre_llm"  # a ViT schedule before its expansion
         return f"vit_{self.layer}" if self.method.endswith("_vit") else f"layer_{self.layer}"
 
 
@@ -294,7 +294,7 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
         raise _fail("KEEP_RATIO", keep_text, "required when a pruning method is set", "a number in (0, 1], e.g. 0.25")
 
     vit = _parse_layer_specs(vit_text, keep_ratio, registry, VIT) if vit_text else []
-    if vit_name:
+    if vit_name:  # a method with its own schedule gets layer None: expanded per encoder (encoder_stage.py)
         vit = [Stage(vit_name, keep_ratio, registry[vit_name].default_layer)]
     _check_vit(vit, "VIT_LAYER_SPECS" if vit_text else "PRUNE_METHOD", vit_text or vit_name)
     pre = Stage(pre_name, keep_ratio) if pre_name else None
@@ -349,7 +349,7 @@ def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], regist
 def _check_vit(vit: list[Stage], var: str, value: str) -> None:
     """ViT stages as given: distinct blocks, ratios non-increasing in the order given. (Negative blocks count from
     the encoder's end, so the order and the range are checked again against each encoder, see encoder_stage.py.)"""
-    blocks = [s.layer for s in vit]
+    blocks = [s.layer for s in vit if s.layer is not None]
     duplicates = sorted({block for block in blocks if blocks.count(block) > 1})
     if duplicates:
         raise _fail(var, value, f"block {duplicates[0]} appears more than once", "each encoder block at most once")

@@ -19,7 +19,12 @@ def main(argv=None) -> None:
     for name, spec in registry.items():
         where = "default encoder block" if spec.stage == "vit" else "default layer"
         layer = f"  {where} {spec.default_layer}" if spec.default_layer is not None else ""
-        if spec.default_schedule is not None:
+        if spec.default_schedule is not None and spec.stage == "vit":
+            # Shown for LLaVA-1.5's CLIP-L (features of block 22) at KEEP_RATIO=0.5.
+            stages = spec.default_schedule(22, 0.5)
+            shown = ", ".join(f"{k}:{r:.3g}" for k, r in stages[:2]) + f", ..., {stages[-1][0]}:{stages[-1][1]:.3g}"
+            layer = f"  default schedule (features of block 22, KEEP_RATIO=0.5) {shown}"
+        elif spec.default_schedule is not None:
             # Shown for a 32-layer model at KEEP_RATIO=0.5; the layers scale with the model's depth.
             stages = ", ".join(f"{k}:{r:.3g}" for k, r in spec.default_schedule(32, 0.5))
             layer = f"  default schedule (32 layers, KEEP_RATIO=0.5) {stages}"

@@ -313,6 +313,8 @@ class MethodSpec:
     source: str = ""
     # intra-LLM: (num_layers, keep_ratio) -> [(layer, ratio), ...], the method's own multi-stage schedule for a
     # model of that depth, used when the method is named alone (the depth is known at the first forward).
+    # ViT: (feature_block, keep_ratio) -> [(block, ratio), ...] over blocks 1..feature_block (the block whose output
+    # the features are read from), known when the encoder first runs.
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None
     # Pre-LLM: the vision-encoder signals it reads, or a function of its validated hyper-parameters giving them.
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None
@@ -367,10 +369,10 @@ def register_prune(
     if stage == INTRA_LLM and default_layer is None and default_schedule is None:
         raise RegistrationError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule",
                                 "register_prune(name, default_layer=K) or default_schedule=...")
-    if stage == VIT and (default_layer is None or default_schedule is not None):
-        raise RegistrationError(f"ViT-stage method {name!r} needs a default_layer (the encoder block it runs "
-                                "before) and takes no default_schedule",
-                                "register_prune(name, default_layer=K), K an encoder block (negative: from the end)")
+    if stage == VIT and (default_layer is None) == (default_schedule is None):
+        raise RegistrationError(f"ViT-stage method {name!r} needs either a default_layer (the encoder block it runs "
+                                "before) or a default_schedule", "register_prune(name, default_layer=B), B an encoder "
+                                "block (negative: from the end), or default_schedule=fn(feature_block, keep_ratio)")
     if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
         raise RegistrationError(f"pre-LLM method {name!r} takes no default_layer or default_schedule",
                                 "no default_layer / default_schedule for a method whose name ends in '_pre_llm'")

@@ -31,12 +31,12 @@ and B tokens keep their own indices; the result is in ascending index order (the
 A tokens, sorted only with a [CLS], then every B token: the same tokens, in another order).
 
 Adaptations (``tome_vit``):
-  * One stage, one block. The official code merges r tokens in every block (constant schedule ``r``); here the
-    whole reduction N - keep happens before one block, by default ``-12`` (block 12 of CLIP-L's 24 in
-    LLaVA-1.5 / NeXT, 15 of SigLIP-so400m's 27): a cut at the middle of the encoder costs the same token-blocks
-    as the official constant schedule reaching the same final count (tokens falling linearly from N to K over
-    the depth average (N + K) / 2, as half the blocks at N and half at K do). An encoder of fewer than 13 blocks
-    needs its block set explicitly (``VIT_LAYER_SPECS``).
+  * Schedule. The official code merges a constant r tokens in every block. Named alone (``PRUNE_METHOD=tome_vit``),
+    ``tome_vit`` does the same on the blocks the features depend on: a stage before every block 1..F (F: the block
+    whose output the model reads as features, LLaVA-1.5's 22 of CLIP-L's 24), the cumulative ratio falling linearly
+    from 1 to ``KEEP_RATIO`` (block b keeps ``1 - (1 - KEEP_RATIO) * b / F`` of the patches, so each block merges
+    about (N - K) / F tokens: the constant r). Block 0 merges nothing here (no block has computed keys before it).
+    ``VIT_LAYER_SPECS`` places single stages instead (e.g. ``12:tome_vit:0.5``: every merge before block 12).
   * Rounds: the official code caps r at floor(N / 2) per block. When keep < N / 2 the matching is repeated
     (each round at most floor(N_current / 2) merges) on the tokens in ascending representative order, the
     merged tokens' metric being the size-weighted average of their metrics (as their features; the official
@@ -77,8 +77,11 @@ PROP_ATTN = HyperParam("TOME_PROP_ATTN", True, flag,
                        "1: later encoder blocks add log(size) to the attention logits of merged tokens (official "
                        "proportional attention); 0: plain attention")
 
-# ToMe merges in every block; one ViT stage here. Block -12 is the middle of CLIP-L (24 blocks): see the docstring.
-DEFAULT_VIT_LAYER = -12
+def tome_schedule(feature_block: int, keep_ratio: float) -> list[tuple[int, float]]:
+    """ToMe's constant r per block: a stage before every block 1..feature_block, the kept share falling linearly
+    from 1 to ``keep_ratio`` (cumulative ratios, as the ViT stage takes them)."""
+    return [(block, 1 - (1 - keep_ratio) * block / feature_block) for block in range(1, feature_block + 1)]
+
 
 
 def bipartite_matching(metric: torch.Tensor, r: int, class_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +152,7 @@ def encoder_has_cls(ctx: PruneContext) -> bool:
     return True
 
 
-@register_prune("tome_vit", params=[PROP_ATTN], default_layer=DEFAULT_VIT_LAYER, min_layer=1)
+@register_prune("tome_vit", params=[PROP_ATTN], default_schedule=tome_schedule, min_layer=1)
 def tome_vit(ctx: PruneContext) -> PruneResult:
     """ToMe: bipartite soft matching on the encoder keys (heads averaged), size-weighted merge inside the ViT."""
     prop_attn = ctx.params["TOME_PROP_ATTN"]

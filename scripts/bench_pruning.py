@@ -536,8 +536,11 @@ def encoder_part(model, batches: list[int], block: int, keep: float, warmup: int
 
 def vit_block(name: str, depth: int, last: int, fallback: int) -> int:
     """A ViT method's official block (its registered default, negative from the end), or ``fallback`` where that
-    block is outside this encoder's 1..last (a toy encoder)."""
+    block is outside this encoder's 1..last (a toy encoder) or the method has a schedule instead (ToMe: timed as one
+    stage making all its merges at ``fallback``)."""
     default = methods.registered_methods()[name].default_layer
+    if default is None:
+        return fallback
     block = default + depth if default < 0 else default
     return block if 1 <= block <= last else fallback
 

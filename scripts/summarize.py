@@ -58,7 +58,7 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     if not vit and not pre and not intra and not scheduled:
         return "stock", "-", 1.0
     methods = [s["method"] for s in vit] + ([pre["method"]] if pre else []) + [s["method"] for s in intra]
-    stages = [f"ViT B{s['layer']}" for s in vit] + (["pre-LLM"] if pre else []) + \
+    stages = [f"ViT B{s['layer']}" if s["layer"] is not None else "ViT scheduled" for s in vit] + (["pre-LLM"] if pre else []) + \
         [f"intra-LLM L{s['layer']}" for s in intra]
     # Before the language model: the ViT stages' last ratio, or the pre-LLM one (a fraction of the same tokens).
     before_lm = min([vit[-1]["ratio"] if vit else 1.0] + ([pre["ratio"]] if pre else []))

@@ -43,7 +43,14 @@ def basis(i, dim=8):
 def test_both_methods_are_registered_with_their_stage():
     listed = methods.registered_methods()
     assert listed["tome_vit"].stage == VIT and listed["tome_pre_llm"].stage == PRE_LLM
-    assert listed["tome_vit"].default_layer == -12 and listed["tome_pre_llm"].default_layer is None
+    assert listed["tome_vit"].default_layer is None and listed["tome_pre_llm"].default_layer is None
+    # Official: r tokens in every block. Named alone: a stage before every block up to the feature block, the kept
+    # share falling linearly to KEEP_RATIO (about (N - K) / F merges per block).
+    schedule = listed["tome_vit"].default_schedule(22, 0.5)
+    assert [block for block, _ in schedule] == list(range(1, 23))
+    assert schedule[-1][1] == 0.5 and schedule[0][1] == 1 - 0.5 / 22
+    merges = [round(576 * (a - b)) for (_, a), (_, b) in zip([(0, 1.0)] + schedule, schedule)]
+    assert max(merges) - min(merges) <= 1  # a constant r (up to rounding)
     assert [(p.env, p.default) for p in listed["tome_vit"].params] == [("TOME_PROP_ATTN", True)]
     assert listed["tome_vit"].description and listed["tome_pre_llm"].description
     assert listed["tome_vit"].exact_count and listed["tome_pre_llm"].exact_count

@@ -359,3 +359,14 @@ def test_profiling_names_the_vit_stage_and_changes_no_output():
     assert metrics["pruning_ms/vit_1/tome_vit"] > 0
     assert {k: v for k, v in metrics.items() if k.startswith("visual_tokens/")} == {
         "visual_tokens/input": 36, "visual_tokens/vit_1": 18, "visual_tokens/pre_llm": 9}
+
+
+def test_tome_named_alone_merges_before_every_block_up_to_the_feature_block():
+    """ToMe's own schedule: the tiny CLIP's features are block 2's output, so stages before blocks 1 and 2, the kept
+    share falling linearly to KEEP_RATIO."""
+    model, inputs = model_for("llava"), inputs_for("llava", "image")
+    with patched(custom_llava, PRUNE_METHOD="tome_vit", KEEP_RATIO=0.5) as config:
+        forward_logits(model, inputs)
+        record = custom_llava.last_record(model)
+    assert config.vit[0].layer is None
+    assert record.spans[0][0].counts == {"input": 36, "vit_1": keep_count(36, 0.75), "vit_2": keep_count(36, 0.5)}
