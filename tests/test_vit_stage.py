@@ -133,25 +133,29 @@ def reference_encoder(model, pixel_values):
                 patches = x.shape[1] - 1
                 rows = [by_hand(name, x[i, 1:], sizes[i, 1:], min(patches, keep_count(36, ratio)), block,
                                 (1, 6, 6) if patches == 36 else None) for i in range(items)]
-                x = torch.stack([torch.cat([x[i, :1], merged]) for i, (_, merged, _, _) in enumerate(rows)])
+                x = torch.stack([torch.cat([x[i, :1], merged.to(x.dtype)]) for i, (_, merged, _, _) in enumerate(rows)])
                 where = torch.stack([torch.cat([where[i, :1], where[i, 1:][local]])
                                      for i, (local, _, _, _) in enumerate(rows)])
                 sizes = torch.stack([torch.cat([sizes[i, :1], new]) for i, (_, _, new, _) in enumerate(rows)])
                 proportional = proportional or any(wants for *_, wants in rows)
-            mask = sizes.log()[:, None, None, :] if proportional else None
+            mask = sizes.log()[:, None, None, :].to(x.dtype) if proportional else None
             x = blocks[block](x, mask)
         # The projector runs on every patch position (as on the model's own, put-back features: zeros where no
         # representative is), so that its matrix products have the model's shapes.
-        full = x.new_zeros(items, 36, x.shape[2])
+        full = x.new_zeros(items, 37, x.shape[2])  # [CLS] + 36 patches, the [CLS] then dropped as the model does
         for i in range(items):
-            full[i, where[i, 1:] - 1] = x[i, 1:]
-        projected = model.model.multi_modal_projector(full)
+            full[i, where[i]] = x[i]
+        projected = model.model.multi_modal_projector(full[:, 1:])
         return [(projected[i, where[i, 1:] - 1], where[i, 1:] - 1) for i in range(items)]
 
 
-@pytest.mark.parametrize("attn", ATTN)
-def test_pruned_encoder_equals_a_hand_written_loop_over_its_blocks(attn):
-    model, inputs = model_for("llava", attn), inputs_for("llava", "two_images")
+@pytest.mark.parametrize("attn, dtype", [("eager", torch.float32), ("sdpa", torch.float32),
+                                         ("sdpa", torch.bfloat16), ("eager", torch.bfloat16)])
+def test_pruned_encoder_equals_a_hand_written_loop_over_its_blocks(attn, dtype):
+    """In float32 and bfloat16 alike (the stage keeps the model's dtype; sizes enter the mask in it)."""
+    model = tiny_llava.build_model("llava", attn_implementation=attn, dtype=dtype)
+    inputs = inputs_for("llava", "two_images")
+    inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(dtype)}
     expected = reference_encoder(model, inputs["pixel_values"])
     with patched(custom_llava, VIT_LAYER_SPECS=SPECS), torch.no_grad():
         features = model.model.get_image_features(inputs["pixel_values"], vision_feature_layer=-2,
