@@ -18,7 +18,11 @@ architecture, ``calibration/models.py``, widened). For every attention implement
 5. evaluation throughput (``scripts/bench_throughput.py``, part 1): samples per second of the runner's generation
    path vs ``--batch-size`` on the calibration model and the benchmark's mid-size random Qwen2.5-VL, stock and
    pruned; batched greedy answers must equal one-at-a-time answers on the calibration model (the random model's
-   are reported: its near-ties may break differently when a kernel rounds a padded batch differently).
+   are reported: its near-ties may break differently when a kernel rounds a padded batch differently);
+6. the ViT stage on a LLaVA-1.5-shaped model (CLIP-L/14-336 tower, ``scripts/bench_pruning.py``'s), sdpa: keep 1.0
+   gives the stock image features bit for bit, ToMe halving the patches before block 12 changes them, and the encoder
+   time stock vs ToMe / random at that block, next to the FLOPs ideal (``bench_pruning.encoder_part``). FlashAttention-2
+   is not checked: the ViT stage refuses it (it needs an additive attention mask).
 
 Prints PASS/FAIL lines (exit 1 if any fails) and writes one JSON (``--out``). Installs nothing.
 
@@ -43,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import custom_gemma4  # noqa: E402
+import custom_llava  # noqa: E402
 import custom_qwenvl  # noqa: E402
 from calibration.models import GEMMA4, gemma_config  # noqa: E402
 from scripts import bench_pruning as bench  # noqa: E402
@@ -57,6 +62,13 @@ SIZES = {
     "full": dict(layers=8, hidden=1024, heads=16, kv_heads=4, intermediate=2816, tokens=2048, new_tokens=32,
                  warmup=2, repeats=5),
     "dry-run": dict(layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, tokens=64, new_tokens=3,
+                    warmup=0, repeats=1),
+}
+# Part 6 (the ViT stage): the CLIP tower's shape, the stage block, the batch sizes timed.
+VIT = {
+    "full": dict(depth=24, hidden=1024, heads=16, intermediate=4096, image=336, patch=14, block=12, batches=(1, 8),
+                 warmup=2, repeats=5),
+    "dry-run": dict(depth=4, hidden=32, heads=4, intermediate=64, image=84, patch=14, block=2, batches=(1,),
                     warmup=0, repeats=1),
 }
 # Part 5 (bench_throughput.batch_part): questions, batch sizes, rounds, new tokens, the mid-size model's shape.
@@ -263,6 +275,29 @@ def timings(model, size: dict, device, intra_layer: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# The ViT stage (LLaVA-1.5-shaped)
+# --------------------------------------------------------------------------------------------------
+def vit_stage(size: dict, device, dtype) -> tuple[list[dict], dict]:
+    """Checks (keep 1.0 bit-identical, ToMe at 0.5 changes the features) and the encoder timings."""
+    model = bench.build_llava(size["depth"], size["hidden"], size["heads"], size["intermediate"], size["image"],
+                              size["patch"], device, dtype)
+    pixels = torch.randn(2, 3, size["image"], size["image"], generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(device, dtype)
+    features = {}
+    for label, env in (("stock", None), ("keep 1.0", {"VIT_LAYER_SPECS": f"{size['block']}:tome_vit:1.0"}),
+                       ("keep 0.5", {"VIT_LAYER_SPECS": f"{size['block']}:tome_vit:0.5"})):
+        with Patched(custom_llava, env):
+            features[label] = torch.stack(list(bench.image_features(model, pixels).pooler_output))
+    checks = [{"check": f"ViT stage: tome_vit at keep 1.0 before block {size['block']} gives the stock image features "
+                        "bit for bit", "passed": bool(torch.equal(features["keep 1.0"], features["stock"]))},
+              {"check": "ViT stage: tome_vit at keep 0.5 changes them (the stage ran)",
+               "passed": not bool(torch.equal(features["keep 0.5"], features["stock"]))}]
+    timing = bench.encoder_part(model, list(size["batches"]), size["block"], 0.5, size["warmup"], size["repeats"],
+                                device)
+    return checks, timing
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
 def attention_implementations(device) -> list[str]:
@@ -306,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             results["checks"] += [{"family": "qwen2.5-vl", "check": f"calibration model, {row['config']}, "
                                    f"{part['new_tokens']} new tokens: batched answers = one at a time",
                                    "passed": all(row["same_answers"].values())} for row in part["rows"]]
+    vit_checks, results["vit_stage"] = vit_stage(VIT["dry-run" if args.dry_run else "full"], device, dtype)
+    results["checks"] += [{"family": "llava-1.5", "attention": "sdpa", **check} for check in vit_checks]
     results["seconds"] = time.time() - started
 
     for check in results["checks"]:
@@ -320,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['ideal']:.2f}", f"{r.get('kv_cache_bytes', 0) / 2**20:.2f}",
                         f"{r['peak_memory_increase_bytes'] / 2**20:.1f}"] for r in results["timings"]["rows"]]))
     print("\n" + "\n".join(bench_throughput.batch_tables(results["throughput"], throughput["samples"])))
+    vit = results["vit_stage"]
+    print(f"\nViT stage, LLaVA-1.5-shaped CLIP ({vit['depth']} blocks, {vit['patches']} patches), stage before block "
+          f"{vit['block']} at keep {vit['keep']}:")
+    print(bench.table(["batch", "config", "encoder ms", "speed-up", "FLOPs ideal", "of ideal"],
+                      [[batch, row["config"], f"{row['ms']:.2f}", f"{row['speedup']:.2f}", f"{row['ideal']:.2f}",
+                        f"{row['of_ideal']:.2f}"] for batch, part in vit["batches"].items() for row in part["rows"]]))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out} ({results['seconds']:.0f} s)")
     return 0 if all(check["passed"] for check in results["checks"]) else 1

@@ -42,3 +42,11 @@ def test_dry_run_checks_and_reports_everything(tmp_path, capsys):
     assert all(set(row["samples_per_s"]) == {"1", "2"} and row["samples_per_s"]["2"] > 0
                for part in parts for row in part["rows"])
     assert {("qwen2.5-vl", "calibration model, stock, 2 new tokens: batched answers = one at a time")} <= checks
+    # The ViT stage on the LLaVA-1.5-shaped model: keep 1.0 exact, keep 0.5 effective, the encoder timed per config.
+    assert {("llava-1.5", "ViT stage: tome_vit at keep 1.0 before block 2 gives the stock image features bit for bit"),
+            ("llava-1.5", "ViT stage: tome_vit at keep 0.5 changes them (the stage ran)")} <= checks
+    vit = results["vit_stage"]
+    assert vit["block"] == 2 and vit["kept"] == 18
+    rows = {row["config"]: row for row in vit["batches"]["1"]["rows"]}
+    assert rows["stock"]["flops_ratio"] == 1.0 and rows["tome_vit"]["flops_ratio"] < 1.0
+    assert "ViT stage, LLaVA-1.5-shaped CLIP" in printed
