@@ -183,17 +183,16 @@ class LlavaAdapter(DecoderAdapter):
         """The CLIP / SigLIP tower; items = encoded images (tiles, frames), every patch one feature token (the [CLS]
         dropped by "default", kept by "full"). Per-patch values are laid out by :meth:`per_span`."""
         tower = model.vision_tower
-        if modality != "image" or features_args.get("image_sizes") is not None and not isinstance(self,
-                                                                                                  LlavaNextAdapter):
+        if modality != "image" or self._variable_size(features_args):
             raise NotImplementedError(f"the ViT stage on {type(model).__name__} takes images of the tower's own size; "
                                       f"not {modality}s or variable-size images (image_sizes)")
         blocks = _encoder_body(tower).encoder.layers
-        layer = features_args.get("vision_feature_layer")
-        layer = model.config.vision_feature_layer if layer is None else layer
+        chosen = features_args.get("vision_feature_layer")
+        chosen = model.config.vision_feature_layer if chosen is None else chosen
         # hidden_states[i] is the output of block i - 1 (hidden_states[0]: the embeddings); the features read the
         # earliest of the chosen layers, so a stage must run at or before the block producing it.
         last_block = min(layer if layer >= 0 else len(blocks) + 1 + layer
-                         for layer in ([layer] if isinstance(layer, int) else layer)) - 1
+                         for layer in ([chosen] if isinstance(chosen, int) else chosen)) - 1
         side = _tile_side(model)
         cls, strategy = has_cls_token(tower), _strategy(model, features_args)
         drop_first = int(strategy == "default")  # as the model: the [CLS] on CLIP, a patch on a [CLS]-free tower
@@ -209,9 +208,14 @@ class LlavaAdapter(DecoderAdapter):
         """Per-item values (items, P, C) laid out as the model lays out the features: one (N, C) per span."""
         return list(values)
 
+    def _variable_size(self, features_args) -> bool:
+        """Whether the images are encoded at their own sizes (``image_sizes`` on LlavaModel: Pixtral towers), which
+        the per-patch signals and the ViT stage do not take; LLaVA-NeXT's ``image_sizes`` only lay out its tiles."""
+        return features_args.get("image_sizes") is not None
+
     def capture_vision(self, model, modality, features_args, needs, run):
         tower = model.vision_tower
-        if features_args.get("image_sizes") is not None:
+        if self._variable_size(features_args):
             raise NotImplementedError(f"vision-encoder signals on {type(tower).__name__} with image_sizes "
                                       "(variable-size images) are not supported; supported: a CLIP tower with the "
                                       "'default' strategy (LLaVA-1.5), a SigLIP tower with the 'full' strategy")
@@ -227,6 +231,9 @@ class LlavaNextAdapter(LlavaAdapter):
     Shapes and signal layouts come from the model's own ``pack_image_features``: run on an index-valued stand-in for the
     features (one channel, the newline a -1), it says where every token of an image lands and which are newlines;
     run without a newline on per-tile scores or keys, it lays them out exactly as the features."""
+
+    def _variable_size(self, features_args) -> bool:
+        return False
 
     def _tiles(self, model, features_args) -> list[int]:
         """Tiles (base view first) each image is encoded as, as ``get_image_features`` counts them."""

@@ -98,7 +98,7 @@ class EncoderRun:
     config: PruneConfig
     tokens: _Tokens | None = None
     full_length: int = 0
-    signals: dict[int, EncoderSignals | list] = field(default_factory=dict)  # block -> per-item signals
+    signals: dict[int, list[EncoderSignals]] = field(default_factory=dict)  # stage block -> per item
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> (items, full_length) kept
     outputs: list[tuple[torch.Tensor, _Tokens]] = field(default_factory=list)  # block outputs and their tokens
     changed: bool = False  # whether any stage changed any item's tokens (if not, the call is the stock one)
@@ -115,7 +115,7 @@ class EncoderRun:
                 with profiling.stage(stage):
                     hidden = self._apply(block, stage, hidden)
             mask = self._attention_bias(hidden)
-            args, kwargs = _replace_inputs(args, kwargs, hidden, mask, self.tokens)
+            args, kwargs = _replace_inputs(args, kwargs, hidden, mask)
             return args, kwargs
 
         return hook
@@ -236,7 +236,9 @@ def _scatter(state: torch.Tensor, tokens: _Tokens, full_length: int) -> torch.Te
     return out
 
 
-def _replace_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor, mask, tokens):
+def _replace_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor, mask):
+    """A block's call with ``hidden`` as its states and, unless None, ``mask`` as its attention mask (second
+    positional argument or keyword, as the encoder passes it)."""
     if args:
         args = (hidden, *args[1:])
     else:

@@ -260,7 +260,7 @@ def select_tokens(
     """
     spec = methods.registered_methods()[stage.method]
     params = config.params.get(stage.method, {})
-    label = stage_label(stage)
+    label = stage.label
     batch, length = layout.span_id.shape
     span_id = layout.span_id.cpu()
     kept_rows: list[torch.Tensor] = []
@@ -339,14 +339,9 @@ def select_by_masks(layout: Layout, masks: Callable[[int, int], dict[str, torch.
     return _selection(layout, kept_rows, [])
 
 
-def stage_label(stage: Stage) -> str:
-    """The record's name of a stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
-    return stage.label
-
-
 def record_stage(layout: Layout, stage: Stage, count: Callable[[Span, torch.Tensor], int]) -> None:
     """Record a stage that chose nothing itself: ``count(span, positions)`` tokens of each span remain."""
-    label = stage_label(stage)
+    label = stage.label
     span_id = layout.span_id.cpu()
     for b, spans in enumerate(layout.spans):
         for s, span in enumerate(spans):

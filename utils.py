@@ -68,9 +68,10 @@ class Stage:
     @property
     def label(self) -> str:
         """The record's name of the stage: 'vit_<B>' (before encoder block B), 'pre_llm' or 'layer_<K>'."""
+        vit = methods.stage_of(self.method) == VIT
         if self.layer is None:
-            return "vit" if self.method.endswith("_vit") else "pre_llm"  # a ViT schedule before its expansion
-        return f"vit_{self.layer}" if self.method.endswith("_vit") else f"layer_{self.layer}"
+            return "vit" if vit else PRE_LLM  # "vit": a ViT schedule before its expansion
+        return f"vit_{self.layer}" if vit else f"layer_{self.layer}"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from methods._base import (
     closest_names,
     register_prune,
     registered_methods,
+    stage_of,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "load_methods",
     "register_prune",
     "registered_methods",
+    "stage_of",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -34,6 +34,16 @@ class HyperParam:
     check: Callable[[Any], str | None] | None = None
 
 
+def flag(text: str) -> bool:
+    """The ``type`` of an on/off hyper-parameter: 1/true/yes/on or 0/false/no/off (any case); else ValueError."""
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(text)
+
+
 @dataclass(frozen=True)
 class VisionNeeds:
     """The vision-encoder signals a pre-LLM method reads, declared at registration (``vision=``) so that the

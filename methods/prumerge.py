@@ -49,16 +49,7 @@ Flash compatibility: yes (attention recomputed from the encoder's own q/k in chu
 
 import torch
 
-from methods._base import HyperParam, PruneContext, PruneResult, VisionNeeds, register_prune
-
-
-def flag(text: str) -> bool:
-    value = text.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(text)
+from methods._base import HyperParam, PruneContext, PruneResult, VisionNeeds, flag, register_prune
 
 
 ADAPTIVE = HyperParam("PRUMERGE_ADAPTIVE", True, flag,

@@ -61,16 +61,7 @@ attention mask: sdpa or eager).
 import torch
 import torch.nn.functional as F
 
-from methods._base import HyperParam, PruneContext, PruneResult, register_prune
-
-
-def flag(text: str) -> bool:
-    value = text.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(text)
+from methods._base import HyperParam, PruneContext, PruneResult, flag, register_prune
 
 
 PROP_ATTN = HyperParam("TOME_PROP_ATTN", True, flag,

@@ -297,21 +297,32 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
+def timed_ms(fn, device) -> tuple:
+    """(``fn()``, its wall time in ms), the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter_ns()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, (time.perf_counter_ns() - start) / 1e6
+
+
+def fastest_ms(fn, device, repeats: int) -> tuple:
+    """(the best of ``repeats`` timed calls of ``fn`` in ms, the last call's result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        out, ms = timed_ms(fn, device)
+        best = min(best, ms)
+    return best, out
+
+
 def divprune_part(tokens: int, hidden: int, keeps: list[int], sizes: list[int], repeats: int, device) -> dict:
     """DivPrune's greedy selection (``max_min_greedy``) on a precomputed distance matrix: its time for growing K at
     fixed N, and for growing N at fixed K; the K-independent setup (N x N distances, seed) timed apart."""
 
     def fastest(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter_ns()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter_ns() - start) / 1e6)
-        return min(times)
+        return fastest_ms(fn, device, repeats)[0]
 
     def features(n: int) -> torch.Tensor:
         return torch.randn(n, hidden, generator=torch.Generator().manual_seed(n)).to(device)
@@ -354,20 +365,11 @@ def divprune_versus_uniprunebench(tokens: int, hidden: int, keep: int, device) -
     their ratio, the shared N x N distance product's time (the bound on the ratio), and whether the selections are
     identical."""
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter_ns()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out, (time.perf_counter_ns() - start) / 1e6
-
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(device)
     divprune_select(x[:64], 8)  # warm-up
-    _, distances_ms = timed(lambda: cosine_distance(x))
-    ours, ours_ms = timed(lambda: divprune_select(x, keep))
-    theirs, theirs_ms = timed(lambda: uniprunebench_divprune(x, keep))
+    _, distances_ms = timed_ms(lambda: cosine_distance(x), device)
+    ours, ours_ms = timed_ms(lambda: divprune_select(x, keep), device)
+    theirs, theirs_ms = timed_ms(lambda: uniprunebench_divprune(x, keep), device)
     return {"tokens": tokens, "hidden": hidden, "keep": keep, "ours_ms": ours_ms, "uniprunebench_ms": theirs_ms,
             "ratio": theirs_ms / ours_ms, "distances_ms": distances_ms,
             "ratio_bound": theirs_ms / distances_ms, "same_selection": bool(torch.equal(ours.cpu(), theirs.cpu()))}
@@ -577,16 +579,7 @@ def vit_methods_part(model, names: list[str], stage_block: int, keep: float, rep
             handle.remove()
 
     def fastest(fn):
-        best, out = float("inf"), None
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter_ns()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, (time.perf_counter_ns() - start) / 1e6)
-        return best, out
+        return fastest_ms(fn, device, repeats)
 
     rows = {}
     for name in names:

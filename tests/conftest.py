@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 import evalkit
 from tests.support import shapes_data
@@ -27,6 +28,16 @@ CONFIGS = {  # label -> pruning environment
     "divprune": {"PRUNE_METHOD": "divprune_pre_llm", "KEEP_RATIO": "0.5"},
     "fastv": {"PRUNE_METHOD": "fastv_intra_llm", "KEEP_RATIO": "0.25"},
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): small tensors
+    gain nothing from a second thread, and on a busy 2-core machine OpenMP threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass

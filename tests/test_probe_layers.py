@@ -3,21 +3,17 @@ and hidden state, accuracies in [0, 1], the answer decodable from the last promp
 from its input embedding (the same token in every prompt)."""
 
 import pytest
-import torch
 
 from calibration.models import QWEN
 from scripts import probe_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.mark.skipif(not (QWEN.checkpoint / "model.safetensors").is_file(), reason="no calibration model")
 def test_probe_reads_the_answer_from_the_last_token_at_the_last_layer_only(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        (result,) = probe_layers.main(["--models", "qwen2.5-vl", "--train", "90", "--test", "45",
-                                       "--out", str(tmp_path / "probe.md")])
-    finally:
-        torch.set_num_threads(threads)
+    (result,) = probe_layers.main(["--models", "qwen2.5-vl", "--train", "90", "--test", "45",
+                                   "--out", str(tmp_path / "probe.md")])
     rows = {(row["where"], row["layer"]): row for row in result["rows"]}
     assert set(rows) == {(where, layer) for where in ("last", "text") for layer in range(result["layers"] + 1)}
     assert all(0.0 <= row[key] <= 1.0 for row in rows.values() for key in ("overall", "colour", "shape", "position"))

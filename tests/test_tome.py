@@ -13,13 +13,7 @@ from methods.tome import bipartite_matching, tome_merge
 REGISTRY = methods.load_methods()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, and on a shared 2-core machine two threads can be 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def vit_context(features, keep, keys, sizes=None, cls=False, prop_attn=True):
