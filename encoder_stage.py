@@ -20,7 +20,7 @@ Supported where a shorter patch sequence is well defined, see each family's ``Fa
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -31,25 +31,52 @@ from methods import EncoderSignals, PruneContext, VIT
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 
+def clip_projection(name: str):
+    """Queries or keys (``name``: "q_proj" / "k_proj") of an attention module with ``num_heads`` and ``head_dim``:
+    (items, T, D) -> (items, T, heads, head_dim) (CLIP, SigLIP)."""
+
+    def project(attn, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(attn, name)(hidden).view(*hidden.shape[:2], attn.num_heads, attn.head_dim)
+
+    return project
+
+
 @dataclass(frozen=True)
 class Encoder:
     """What the stage needs of one vision-encoder call, given by the family adapter.
 
     tower:  the module whose output carries ``hidden_states`` / ``last_hidden_state`` (put back at full length).
-    blocks: the encoder blocks, each called as ``block(hidden_states, attention_mask, ...)`` with an additive
-            attention mask (None: no mask); their ``self_attn`` has ``q_proj``, ``k_proj``, ``num_heads``,
-            ``head_dim`` and ``scale`` (CLIP, SigLIP).
+    blocks: the encoder blocks, each called with the hidden states (items, T, D) first; the attention module of a
+            block (``attention(block)``) takes an additive ``attention_mask`` keyword (None: no mask), which the
+            stage sets once it has changed the tokens (padding keys, proportional attention).
     has_cls: whether every item's sequence starts with a [CLS] token.
-    grid:   (h, w) patches of one item, raster order.
+    grid:   (h, w) patches of one item, raster order; or one (h, w) per item (items of their own sizes).
     feature_block: the last block whose output the features are read from (a later stage would change nothing).
+    keys, queries: the attention's keys / queries of its input (items, T, D) -> (items, T, heads, d), as the
+            methods read them (the [CLS] row also needs ``attn.scale``).
+    per_token: block keywords holding one value per token along dim 1 (rotary tables, patch positions): the later
+            blocks get them for the current tokens.
+    valid:  (items, T) bool, False for an item's padding patches (a suffix): the encoder's own padding.
+    pool:   (module, fn): a module that pools the put-back outputs (Gemma 4's pooler); its output is replaced by
+            ``fn(module, args, kwargs, output, weights)``, weights (items, T) the patches each kept token stands
+            for at its position, 0 elsewhere.
     """
 
     tower: torch.nn.Module
     blocks: Sequence[torch.nn.Module]
     has_cls: bool
-    grid: tuple[int, int]
+    grid: Union[tuple[int, int], Sequence[tuple[int, int]]]
     feature_block: int
     modality: str = "image"
+    attention: Callable[[torch.nn.Module], torch.nn.Module] = lambda block: block.self_attn
+    keys: Callable[[Any, torch.Tensor], torch.Tensor] = clip_projection("k_proj")
+    queries: Callable[[Any, torch.Tensor], torch.Tensor] = clip_projection("q_proj")
+    per_token: tuple[str, ...] = ()
+    valid: torch.Tensor | None = None
+    pool: tuple[torch.nn.Module, Callable] | None = None
+
+    def item_grid(self, item: int) -> tuple[int, int]:
+        return self.grid if isinstance(self.grid[0], int) else self.grid[item]
 
 
 def resolve_blocks(stages: Sequence[Stage], depth: int, last: int, var: str = "VIT_LAYER_SPECS"
@@ -98,6 +125,7 @@ class EncoderRun:
     config: PruneConfig
     tokens: _Tokens | None = None
     full_length: int = 0
+    patches: list[int] = field(default_factory=list)  # per item: its patches entering the first stage ([CLS] not)
     signals: dict[int, list[EncoderSignals]] = field(default_factory=dict)  # stage block -> per item
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> (items, full_length) kept
     outputs: list[tuple[torch.Tensor, _Tokens]] = field(default_factory=list)  # block outputs and their tokens
@@ -114,11 +142,22 @@ class EncoderRun:
             if stage is not None:
                 with profiling.stage(stage):
                     hidden = self._apply(block, stage, hidden)
-            mask = self._attention_bias(hidden)
-            args, kwargs = _replace_inputs(args, kwargs, hidden, mask)
+            if not self.changed:
+                return args, kwargs  # the stock call
+            args = (hidden, *args[1:]) if args else args
+            kwargs = {**kwargs, **({} if args else {"hidden_states": hidden}),
+                      **{name: _gather(kwargs[name], self.tokens.index) for name in self.encoder.per_token}}
             return args, kwargs
 
         return hook
+
+    def set_mask(self, attn, args, kwargs):
+        """The attention of a block after a stage that changed the tokens: the current tokens' additive mask (the
+        encoder's own mask, if any, was built for the full sequence)."""
+        if self.changed:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs = {**kwargs, "attention_mask": self._attention_bias(hidden)}
+        return args, kwargs
 
     def after_block(self, module, args, output):
         if self.changed:  # outputs of blocks after a stage that changed the tokens: put back by restore_outputs
@@ -129,35 +168,38 @@ class EncoderRun:
 
         def hook(attn, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.signals[block + 1] = _block_signals(attn, hidden, self.tokens, self.encoder.has_cls,
-                                                     self._attention_bias(hidden))
+            bias = self._attention_bias(hidden) if self.changed else None
+            self.signals[block + 1] = _block_signals(self.encoder, attn, hidden, self.tokens, bias)
         return hook
 
     def _start(self, hidden: torch.Tensor) -> None:
         items, length = hidden.shape[:2]
         self.full_length = length
         index = torch.arange(length, device=hidden.device).expand(items, length)
-        self.tokens = _Tokens(index, torch.ones(items, length, dtype=torch.bool, device=hidden.device),
-                              torch.ones(items, length, device=hidden.device))
+        valid = self.encoder.valid
+        valid = torch.ones(items, length, dtype=torch.bool) if valid is None else valid.bool()
+        counts = valid.sum(dim=1)
+        if not torch.equal(valid, torch.arange(length) < counts[:, None].cpu()):
+            raise RuntimeError("the ViT stage takes padding patches only at the end of an item")
+        self.patches = [int(c) - int(self.encoder.has_cls) for c in counts]
+        self.tokens = _Tokens(index, valid.to(hidden.device), torch.ones(items, length, device=hidden.device))
 
     def _apply(self, block: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         spec = methods.registered_methods()[stage.method]
         params = self.config.params.get(stage.method, {})
         tokens, first = self.tokens, int(self.encoder.has_cls)
-        patches_in_full = self.full_length - first
-        budget_all = keep_count(patches_in_full, stage.ratio)
         rows, sizes, index, proportional = [], [], [], tokens.proportional
         signals = self.signals.get(block)
         for i in range(hidden.shape[0]):
             n_valid = int(tokens.valid[i].sum())
             state, size, where = hidden[i, :n_valid], tokens.sizes[i, :n_valid], tokens.index[i, :n_valid]
             n = n_valid - first
-            budget = min(n, budget_all)
+            budget = min(n, keep_count(self.patches[i], stage.ratio))
             if budget == n and spec.exact_count:  # nothing to choose: the tokens stay as they are
                 rows.append(state), sizes.append(size), index.append(where)
                 continue
             self.changed = True
-            h, w = self.encoder.grid
+            h, w = self.encoder.item_grid(i)
             ctx = PruneContext(features=state[first:], keep=budget, grid=(1, h, w) if tokens.full_grid else None,
                                modality=self.encoder.modality, stage=VIT, params=params, span_key=block, layer=block,
                                sizes=size[first:], _encoder=None if signals is None else signals[i])
@@ -176,7 +218,7 @@ class EncoderRun:
         new = _Tokens(torch.zeros(hidden.shape[0], length, dtype=torch.long, device=hidden.device),
                       torch.zeros(hidden.shape[0], length, dtype=torch.bool, device=hidden.device),
                       torch.ones(hidden.shape[0], length, device=hidden.device), proportional,
-                      full_grid=tokens.full_grid and all(r.shape[0] == self.full_length for r in rows))
+                      full_grid=tokens.full_grid and all(r.shape[0] == first + p for r, p in zip(rows, self.patches)))
         for i, (row, size, where) in enumerate(zip(rows, sizes, index)):
             out[i, :row.shape[0]] = row
             new.sizes[i, :row.shape[0]] = size
@@ -228,6 +270,16 @@ class EncoderRun:
         return output
 
 
+    def reweight_pool(self, module, args, kwargs, output):
+        """The pooling module's output recomputed by ``Encoder.pool`` with the patches each kept token stands for."""
+        if not self.changed:
+            return output
+        tokens = self.tokens
+        weights = torch.zeros(tokens.index.shape[0], self.full_length + 1, device=tokens.sizes.device)
+        weights.scatter_(1, tokens.index.masked_fill(~tokens.valid, self.full_length), tokens.sizes * tokens.valid)
+        return self.encoder.pool[1](module, args, kwargs, output, weights[:, :-1])
+
+
 def _scatter(state: torch.Tensor, tokens: _Tokens, full_length: int) -> torch.Tensor:
     out = state.new_zeros(state.shape[0], full_length, state.shape[2])
     for i in range(state.shape[0]):
@@ -236,31 +288,25 @@ def _scatter(state: torch.Tensor, tokens: _Tokens, full_length: int) -> torch.Te
     return out
 
 
-def _replace_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor, mask):
-    """A block's call with ``hidden`` as its states and, unless None, ``mask`` as its attention mask (second
-    positional argument or keyword, as the encoder passes it)."""
-    if args:
-        args = (hidden, *args[1:])
-    else:
-        kwargs = {**kwargs, "hidden_states": hidden}
-    if mask is not None:
-        if len(args) > 1:
-            args = (args[0], mask, *args[2:])
-        else:
-            kwargs = {**kwargs, "attention_mask": mask}
-    return args, kwargs
+def _gather(value, index: torch.Tensor):
+    """A per-token block input (a tensor, or a tuple of them, one value per token along dim 1) for the current
+    tokens; padding rows take token 0's (their keys are masked)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather(v, index) for v in value)
+    expanded = index.to(value.device).view(*index.shape, *[1] * (value.dim() - 2)).expand(
+        *index.shape, *value.shape[2:])
+    return value.expand(index.shape[0], *value.shape[1:]).gather(1, expanded)
 
 
-def _block_signals(attn, hidden: torch.Tensor, tokens: _Tokens, has_cls: bool, bias) -> list[EncoderSignals]:
-    """Per item: the keys (items, T, H, d) of ``attn`` on its normed input ``hidden`` and, with a [CLS] token, the
-    [CLS] query's attention row (softmax over the valid keys with the block's own mask, mean over heads)."""
+def _block_signals(encoder: Encoder, attn, hidden: torch.Tensor, tokens: _Tokens, bias) -> list[EncoderSignals]:
+    """Per item: the keys (T, H, d) of ``attn`` on its normed input ``hidden`` and, with a [CLS] token, the [CLS]
+    query's attention row (softmax over the valid keys with the block's own mask, mean over heads)."""
     items, length = hidden.shape[:2]
-    shape = (items, length, attn.num_heads, attn.head_dim)
-    key = attn.k_proj(hidden).view(shape).float()
-    first = int(has_cls)
+    key = encoder.keys(attn, hidden).float()
+    first = int(encoder.has_cls)
     cls_rows = None
-    if has_cls:
-        query = attn.q_proj(hidden[:, :1]).view(items, 1, attn.num_heads, attn.head_dim).float()
+    if encoder.has_cls:
+        query = encoder.queries(attn, hidden[:, :1]).float()
         logits = torch.einsum("bqhd,bkhd->bhqk", query, key)[:, :, 0] * attn.scale  # (items, H, T)
         if bias is not None:
             logits = logits + bias[:, 0].float()
@@ -287,10 +333,14 @@ def run(encoder: Encoder, config: PruneConfig, call: Callable[[], Any]):
         for block in range(first, len(encoder.blocks)):
             handles.append(encoder.blocks[block].register_forward_pre_hook(state.before_block(block), with_kwargs=True))
             handles.append(encoder.blocks[block].register_forward_hook(state.after_block))
+            handles.append(encoder.attention(encoder.blocks[block]).register_forward_pre_hook(state.set_mask,
+                                                                                             with_kwargs=True))
         for block, _ in stages:
-            handles.append(encoder.blocks[block - 1].self_attn.register_forward_pre_hook(
+            handles.append(encoder.attention(encoder.blocks[block - 1]).register_forward_pre_hook(
                 state.capture_signals(block - 1), with_kwargs=True))
         handles.append(encoder.tower.register_forward_hook(state.restore_outputs))
+        if encoder.pool is not None:
+            handles.append(encoder.pool[0].register_forward_hook(state.reweight_pool, with_kwargs=True))
         output = call()
     finally:
         for handle in handles:
