@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+import encoder_stage
 import hooks
 from hooks import DecoderAdapter, Selection, rotate_half, text_positions_for
 from methods import VisionSignals
@@ -103,6 +104,52 @@ class QwenAdapter(DecoderAdapter):
         span_keys = token_keys.split(sizes) if token_keys is not None else [None] * len(sizes)
         return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()}, span_keys[i])
                         for i in range(len(sizes))]
+
+    # -- the ViT stage -------------------------------------------------------------------------------------
+    def check_vit(self, model) -> None:
+        visual = model.visual
+        if not hasattr(visual, "blocks") or not hasattr(visual, "merger"):
+            raise NotImplementedError(f"the ViT stage needs Qwen-VL's vision transformer (blocks, merger); "
+                                      f"{type(visual).__name__} has none")
+
+    def vit_encoder(self, model, modality, features_args):
+        """Qwen's vision transformer as a packed encoder (``encoder_stage.PackedEncoder``): items are the images and
+        video frames of the call (each frame is its own attention segment), tokens are 2x2 merge units.
+
+        Which blocks: any block from 1 to the last (the merger reads the last block's output; block 0 sees the patch
+        embeddings, whose keys no block has computed). Why it is well defined there: the merger concatenates the m x m
+        patches of a unit into one feature token, so units are kept, dropped or merged whole (a lone patch could not
+        be merged into a token); the full-attention blocks attend per item and Qwen2.5-VL's windowed blocks within
+        fixed spatial windows of units, so after a stage every block attends over the kept units of the same item
+        (window) as before, with their own rotary positions; a merged unit stays in its representative's window.
+        Qwen3-VL's deepstack mergers read earlier blocks; their outputs, like the merger's, are put back at full
+        length and the language-model entry drops the same tokens from both. Not available: proportional attention
+        (the packed attention takes no mask; ToMe with TOME_PROP_ATTN=0 runs)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = model.visual
+        grid_thw = features_args[f"{modality}_grid_thw"]
+        merge = visual.spatial_merge_size
+        items = [(h // merge, w // merge) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        units = sum(h * w for h, w in items)
+        windowed = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: only these attend per item
+        unit_token, unit_window = torch.arange(units), None
+        full_blocks = frozenset(range(len(visual.blocks)))
+        if windowed is not None:
+            unit_token, cu_window = get_vision_window_index(grid_thw.cpu(), merge, visual.window_size,
+                                                            visual.patch_size)
+            row_window = torch.bucketize(torch.arange(units * merge ** 2), cu_window[1:].long(), right=True)
+            unit_window, full_blocks = row_window[::merge ** 2], frozenset(windowed)
+        mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+
+        def keys(attn, rows):  # before the rotary embedding: the methods compare content
+            return attn.qkv(rows).view(rows.shape[0], 3, attn.num_heads, attn.head_dim)[:, 1]
+
+        encoder = encoder_stage.PackedEncoder(
+            visual, visual.blocks, lambda block: block.attn, keys, merge ** 2, unit_token.long(), items,
+            unit_window, full_blocks, mergers, len(visual.blocks) - 1, modality)
+        sizes = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]
+        return encoder, lambda kept: list(kept.split(sizes))
 
     # -- positions and per-token state ------------------------------------------------------------------
     def shorten_lm_inputs(self, selection: Selection, kwargs: dict, call) -> None:

@@ -116,6 +116,19 @@ class _Tokens:
     full_grid: bool = True  # every patch still present, in raster order
 
 
+def choose(spec, params: dict, state: torch.Tensor, size: torch.Tensor, budget: int, grid, block: int,
+           modality: str, signals: EncoderSignals | None):
+    """One item's ViT-stage method call on its current patch tokens ``state`` (n, D) of ``size`` patches each:
+    (kept local indices, their states (merged where the method merges), their sizes, proportional attention)."""
+    ctx = PruneContext(features=state, keep=budget, grid=grid, modality=modality, stage=VIT, params=params,
+                       span_key=block, layer=block, sizes=size, _encoder=signals)
+    local, merged, new_sizes, proportional = hooks.check_result(spec, spec.fn(ctx), state.shape[0], budget)
+    local = local.to(state.device)
+    kept = state[local] if merged is None else merged.to(state.device, state.dtype)
+    kept_sizes = size[local] if new_sizes is None else new_sizes.to(size.device, size.dtype)
+    return local, kept, kept_sizes, proportional
+
+
 @dataclass
 class EncoderRun:
     """One feature call's ViT stages: installed around ``run`` (the call), undone after it."""
@@ -199,16 +212,10 @@ class EncoderRun:
                 rows.append(state), sizes.append(size), index.append(where)
                 continue
             self.changed = True
-            h, w = self.encoder.item_grid(i)
-            ctx = PruneContext(features=state[first:], keep=budget, grid=(1, h, w) if tokens.full_grid else None,
-                               modality=self.encoder.modality, stage=VIT, params=params, span_key=block, layer=block,
-                               sizes=size[first:], _encoder=None if signals is None else signals[i])
-            local, merged, new_sizes, wants_proportional = hooks.check_result(spec, spec.fn(ctx), n, budget)
-            local = local.to(state.device)
-            kept = state[first:][local]
-            if merged is not None:
-                kept = merged.to(state.device, state.dtype)
-            kept_sizes = size[first:][local] if new_sizes is None else new_sizes.to(size.device, size.dtype)
+            grid = (1, *self.encoder.item_grid(i)) if tokens.full_grid else None
+            local, kept, kept_sizes, wants_proportional = choose(
+                spec, params, state[first:], size[first:], budget, grid, block, self.encoder.modality,
+                None if signals is None else signals[i])
             proportional = proportional or wants_proportional
             rows.append(torch.cat([state[:first], kept]))
             sizes.append(torch.cat([size[:first], kept_sizes]))
@@ -313,15 +320,194 @@ def _block_signals(encoder: Encoder, attn, hidden: torch.Tensor, tokens: _Tokens
         cls_rows = torch.softmax(logits, dim=-1).mean(dim=1)  # (items, T)
     out = []
     for i in range(items):
-        n = int(tokens.valid[i].sum()) if tokens is not None else length
+        n = int(tokens.valid[i].sum()) if tokens is not None else \
+            length if encoder.valid is None else int(encoder.valid[i].sum())  # the encoder's own padding left out
         out.append(EncoderSignals(key[i, first:n], None if cls_rows is None else cls_rows[i, first:n]))
     return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Encoders over one packed sequence (Qwen-VL)
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedEncoder:
+    """A vision encoder that runs every item of a call as one packed sequence (Qwen-VL), given by the adapter.
+
+    Its tokens are merge units: ``unit`` consecutive rows (the m x m patches the merger concatenates into one
+    feature token), so the stage keeps, drops and merges whole units; a method sees an item's units in raster order,
+    each as the concatenation of its patches' states (and keys), which is what the merger reads.
+
+    tower:  the module whose output's ``last_hidden_state`` (rows) is put back at full length.
+    blocks: called as ``block(hidden (S, D), cu_seqlens=..., max_seqlen=..., position_embeddings=(cos, sin), ...)``;
+            ``attention(block)`` gets the normed rows; ``keys(attn, rows)`` -> (S, heads, d).
+    unit_token: (U,) long, per unit in the encoder's order: the feature token it becomes (the order the features
+            come out of the feature call). An item's tokens are contiguous there, in raster order.
+    item_grids: per item (an image, a video frame), in token order: its (h, w) tokens.
+    unit_window: (U,) long, per unit in the encoder's order: its attention window (None: no windowed blocks); the
+            windows, like the items, are contiguous runs of units.
+    full_blocks: the blocks that attend over each item whole (the others attend within windows).
+    mergers: modules reading the block outputs unit by unit (the merger, Qwen3-VL's deepstack mergers): their
+            outputs are put back at one row per unit of the encoder's order, zeros where no unit is kept.
+    """
+
+    tower: torch.nn.Module
+    blocks: Sequence[torch.nn.Module]
+    attention: Callable[[torch.nn.Module], torch.nn.Module]
+    keys: Callable[[Any, torch.Tensor], torch.Tensor]
+    unit: int
+    unit_token: torch.Tensor
+    item_grids: Sequence[tuple[int, int]]
+    unit_window: torch.Tensor | None
+    full_blocks: frozenset[int]
+    mergers: Sequence[torch.nn.Module]
+    feature_block: int
+    modality: str = "image"
+
+
+@dataclass
+class PackedRun:
+    """One feature call's ViT stages on a packed encoder: the current units and what the later blocks need."""
+
+    encoder: PackedEncoder
+    stages: list[tuple[int, Stage]]
+    config: PruneConfig
+    units: torch.Tensor | None = None  # (K,) the current units' positions in the encoder's order, ascending
+    sizes: torch.Tensor | None = None  # (K,) original units each current unit stands for
+    signals: dict[int, torch.Tensor] = field(default_factory=dict)  # stage block -> keys (K, heads, unit * d)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # stage label -> (U,) kept, token order
+    changed: bool = False
+
+    def __post_init__(self):
+        enc = self.encoder
+        self.item_start = torch.tensor([0] + [h * w for h, w in enc.item_grids]).cumsum(0)
+        self.item_of_unit = torch.bucketize(enc.unit_token, self.item_start[1:], right=True)
+
+    def before_block(self, block: int):
+        stage = dict(self.stages).get(block)
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.units is None:
+                self.units = torch.arange(hidden.shape[0] // self.encoder.unit)
+                self.sizes = torch.ones(self.units.shape[0])
+            if stage is not None:
+                with profiling.stage(stage):
+                    hidden = self._apply(block, stage, hidden)
+            if not self.changed:
+                return args, kwargs  # the stock call
+            args = (hidden, *args[1:]) if args else args
+            kwargs = {**kwargs, **({} if args else {"hidden_states": hidden}), **self._segments(block, kwargs)}
+            return args, kwargs
+
+        return hook
+
+    def capture_signals(self, block: int):
+        """A pre-hook on the attention of the block before a stage: the current units' keys, patches concatenated."""
+
+        def hook(attn, args, kwargs):
+            rows = args[0] if args else kwargs["hidden_states"]
+            keys = self.encoder.keys(attn, rows).float()  # (S, H, d)
+            units = keys.view(-1, self.encoder.unit, *keys.shape[1:]).transpose(1, 2)  # (K, H, unit, d)
+            self.signals[block + 1] = units.flatten(2)
+        return hook
+
+    def _apply(self, block: int, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        spec = methods.registered_methods()[stage.method]
+        params = self.config.params.get(stage.method, {})
+        states = hidden.view(-1, enc.unit * hidden.shape[1])  # (K, unit * D)
+        tokens = enc.unit_token[self.units]
+        items = self.item_of_unit[self.units]
+        keys = self.signals.get(block)
+        chosen, new_states, new_sizes = [], [], []
+        for i, (h, w) in enumerate(enc.item_grids):
+            current = torch.nonzero(items == i).flatten()
+            current = current[tokens[current].argsort()]  # the item's units in raster order
+            n, budget = current.numel(), min(current.numel(), keep_count(h * w, stage.ratio))
+            if budget == n and spec.exact_count:
+                chosen.append(current), new_states.append(states[current]), new_sizes.append(self.sizes[current])
+                continue
+            self.changed = True
+            signals = None if keys is None else EncoderSignals(keys[current.to(keys.device)])
+            local, kept, kept_sizes, proportional = choose(
+                spec, params, states[current.to(states.device)], self.sizes[current], budget,
+                (1, h, w) if n == h * w else None, block, enc.modality, signals)
+            if proportional:
+                raise NotImplementedError(
+                    f"{stage.method} asks for proportional attention, which this vision encoder cannot add: its "
+                    "attention runs over packed per-item segments and takes no attention mask; allowed here: the "
+                    "method with proportional attention off (TOME_PROP_ATTN=0 for ToMe)")
+            chosen.append(current[local.cpu()]), new_states.append(kept), new_sizes.append(kept_sizes.cpu())
+        positions = torch.cat(chosen)
+        order = self.units[positions].argsort()  # back to the encoder's order: items and windows stay contiguous
+        kept_tokens = torch.zeros(enc.unit_token.shape[0], dtype=torch.bool)
+        kept_tokens[enc.unit_token[self.units[positions]]] = True
+        self.masks[stage.label] = kept_tokens
+        if not self.changed:
+            return hidden
+        self.units, self.sizes = self.units[positions][order], torch.cat(new_sizes)[order]
+        return torch.cat(new_states)[order.to(hidden.device)].reshape(-1, hidden.shape[1])
+
+    def _segments(self, block: int, kwargs: dict) -> dict:
+        """The block's per-row inputs for the current units: rotary tables, attention segments, their longest."""
+        enc = self.encoder
+        rows = (self.units[:, None] * enc.unit + torch.arange(enc.unit)).flatten()
+        out = {}
+        if "position_embeddings" in kwargs:
+            out["position_embeddings"] = tuple(t[rows.to(t.device)] for t in kwargs["position_embeddings"])
+        groups = self.item_of_unit[self.units] if block in enc.full_blocks else enc.unit_window[self.units]
+        lengths = torch.unique_consecutive(groups, return_counts=True)[1] * enc.unit
+        cu_seqlens = kwargs["cu_seqlens"]
+        out["cu_seqlens"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(cu_seqlens.device, cu_seqlens.dtype)
+        longest = kwargs.get("max_seqlen")
+        if longest is not None:
+            longest = int(lengths.max()) if isinstance(longest, int) else lengths.max().to(longest.device, longest.dtype)
+        out["max_seqlen"] = longest
+        return out
+
+    def restore_units(self, module, args, output):
+        """A merger's output (one row per current unit) put back at one row per unit, encoder's order."""
+        if not self.changed:
+            return output
+        full = output.new_zeros(self.encoder.unit_token.shape[0], *output.shape[1:])
+        full[self.units.to(output.device)] = output
+        return full
+
+    def restore_outputs(self, module, args, output):
+        last = getattr(output, "last_hidden_state", None)
+        if self.changed and last is not None:
+            rows = (self.units[:, None] * self.encoder.unit + torch.arange(self.encoder.unit)).flatten()
+            full = last.new_zeros(self.encoder.unit_token.shape[0] * self.encoder.unit, last.shape[1])
+            full[rows.to(last.device)] = last
+            output.last_hidden_state = full
+        return output
+
+    def run(self, call: Callable[[], Any]):
+        enc, first = self.encoder, self.stages[0][0]
+        handles = []
+        try:
+            for block in range(first, len(enc.blocks)):
+                handles.append(enc.blocks[block].register_forward_pre_hook(self.before_block(block),
+                                                                           with_kwargs=True))
+            for block, _ in self.stages:
+                handles.append(enc.attention(enc.blocks[block - 1]).register_forward_pre_hook(
+                    self.capture_signals(block - 1), with_kwargs=True))
+            for merger in enc.mergers:
+                handles.append(merger.register_forward_hook(self.restore_units))
+            handles.append(enc.tower.register_forward_hook(self.restore_outputs))
+            output = call()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return output, self.masks
 
 
 def run(encoder: Encoder, config: PruneConfig, call: Callable[[], Any]):
     """Run ``call()`` (a feature call that runs ``encoder``) with the configured ViT stages. Returns the call's
     output (shortened states put back at full length) and {stage label: (items, full_length) bool kept mask}."""
     stages = resolve_blocks(config.vit, len(encoder.blocks), encoder.feature_block)
+    if isinstance(encoder, PackedEncoder):  # no attention mask: any attention implementation
+        return PackedRun(encoder, stages, config).run(call)
     if encoder.tower.config._attn_implementation == "flash_attention_2":
         raise NotImplementedError("the ViT stage masks padding keys and adds proportional attention through an "
                                   "additive attention mask, which flash_attention_2 does not take; allowed: "

@@ -21,11 +21,10 @@ import pytest
 import torch
 
 import custom_llava
-import custom_qwenvl
 import methods
 from methods import PruneContext, PruneResult
 from tests.oracle import ATTN, capture_lm_inputs, forward_logits, greedy, patched
-from tests.support import tiny_llava, tiny_models
+from tests.support import tiny_llava
 from tests.test_decoder_families import inputs_for, model_for, reference_pre_llm, sample_alone
 from utils import PruneConfig, PruneConfigError, keep_count
 
@@ -308,14 +307,6 @@ def test_negative_blocks_count_from_the_encoders_end():
     with patched(custom_llava, VIT_LAYER_SPECS="-3:random_vit:0.5"):
         forward_logits(model, inputs)
         assert list(custom_llava.last_record(model).spans[0][0].counts) == ["input", "vit_1"]
-
-
-def test_a_family_without_the_stage_refuses_it():
-    model = tiny_models.build_model("qwen2_5_vl")
-    inputs = tiny_models.make_inputs(tiny_models.build_processor("qwen2_5_vl"), "image")
-    with patched(custom_qwenvl, VIT_LAYER_SPECS="1:random_vit:0.5"), \
-            pytest.raises(NotImplementedError, match="ViT stage .* not supported"):
-        forward_logits(model, inputs)
 
 
 def test_a_downscaled_tile_grid_is_refused():

@@ -181,7 +181,7 @@ _HIDDEN, _HEADS, _KV_HEADS, _HEAD_DIM = 64, 4, 2, 16
 _MROPE_SECTION = [2, 3, 3]
 
 
-def _config(family: str, num_layers: int):
+def _config(family: str, num_layers: int, vision_overrides: dict | None = None):
     ids = special_ids()
     text = dict(
         vocab_size=ids["vocab_size"],
@@ -210,7 +210,7 @@ def _config(family: str, num_layers: int):
             depth=2, embed_dim=32, hidden_size=_HIDDEN, num_heads=2, mlp_ratio=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         )
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+        return Qwen2VLConfig(text_config=text, vision_config={**vision, **(vision_overrides or {})}, **special)
     if family == "qwen2_5_vl":
         text.update(
             bos_token_id=ids["endoftext_id"],
@@ -224,7 +224,7 @@ def _config(family: str, num_layers: int):
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
             window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
         )
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+        return Qwen2_5_VLConfig(text_config=text, vision_config={**vision, **(vision_overrides or {})}, **special)
     if family == "qwen3_vl":
         text.update(
             head_dim=_HEAD_DIM,
@@ -240,7 +240,7 @@ def _config(family: str, num_layers: int):
             patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
             num_position_embeddings=144, deepstack_visual_indexes=[0, 1],
         )
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+        return Qwen3VLConfig(text_config=text, vision_config={**vision, **(vision_overrides or {})}, **special)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -259,9 +259,11 @@ def build_model(
     seed: int = 0,
     num_layers: int = 4,
     dtype=torch.float32,
+    vision_overrides: dict | None = None,
 ):
-    """Tiny ``*ForConditionalGeneration`` in eval mode; identical weights for a given seed."""
-    config = _config(family, num_layers)
+    """Tiny ``*ForConditionalGeneration`` in eval mode; identical weights for a given seed. ``vision_overrides``:
+    vision-config fields to change (e.g. a deeper encoder)."""
+    config = _config(family, num_layers, vision_overrides)
     ids = special_ids()
     torch.manual_seed(seed)
     model = _MODEL_CLASSES[family]._from_config(config, attn_implementation=attn_implementation)
