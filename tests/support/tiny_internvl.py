@@ -107,9 +107,9 @@ def special_ids() -> dict:
                 vocab_size=-(-len(tok) // 8) * 8)
 
 
-def _config(num_layers: int, qk_norm: bool) -> InternVLConfig:
+def _config(num_layers: int, qk_norm: bool, vision_layers: int = 2) -> InternVLConfig:
     ids = special_ids()
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    vision = dict(hidden_size=32, num_hidden_layers=vision_layers, num_attention_heads=2, intermediate_size=64,
                   image_size=TILE, patch_size=PATCH)
     if qk_norm:  # InternViT-6B (InternVL3-38B / 78B): RMS norms, q/k norms over the full width
         vision.update(use_qk_norm=True, norm_type="rms_norm")
@@ -126,13 +126,14 @@ _WEIGHT_STD = 0.15
 
 
 @functools.lru_cache(maxsize=None)
-def build_model(attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0, qk_norm: bool = False):
+def build_model(attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0, qk_norm: bool = False,
+                vision_layers: int = 2):
     """Tiny ``InternVLForConditionalGeneration`` in eval mode, float32; identical weights for a given seed. The vision
-    tower is InternViT-300M-like (InternVL3-1B..14B), or with ``qk_norm`` InternViT-6B-like. Cached and shared: do not
-    change it (attention implementation included)."""
+    tower is InternViT-300M-like (InternVL3-1B..14B), or with ``qk_norm`` InternViT-6B-like; ``vision_layers`` encoder
+    blocks. Cached and shared: do not change it (attention implementation included)."""
     ids = special_ids()
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration._from_config(_config(num_layers, qk_norm),
+    model = InternVLForConditionalGeneration._from_config(_config(num_layers, qk_norm, vision_layers),
                                                           attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     embeddings = model.model.vision_tower.embeddings
