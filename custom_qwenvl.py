@@ -49,6 +49,12 @@ class QwenAdapter(DecoderAdapter):
                 grids.append((t, h // merge, w // merge))
         return grids
 
+    def frames_per_video(self, model, features_args):
+        grid_thw = features_args.get("video_grid_thw")
+        if not self.frames_are_spans or grid_thw is None:
+            return None
+        return [int(t) for t in grid_thw[:, 0].tolist()]
+
     # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
     def capture_vision(self, model, modality, features_args, needs, run):
         """Score the encoder's own q/k at the chosen blocks while ``run()`` encodes the images or videos.

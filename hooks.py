@@ -10,14 +10,14 @@ about any particular model, and nothing about which method runs.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 import methods
 import profiling
-from methods import PRE_LLM, VIT, PruneContext, PruneResult, SignalSource, VisionNeeds, VisionSignals
+from methods import PRE_LLM, VIT, PruneContext, PruneResult, SignalSource, VideoFrames, VisionNeeds, VisionSignals
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
@@ -38,6 +38,10 @@ class Span:
     # Whether the span's shape came from the feature call's SpanShapes (find_layout); False for a run no shape fitted,
     # which therefore gets no vision signals. A shaped span may still have no grid (LLaVA-NeXT's image with tiles).
     shaped: bool = True
+    # The video this span belongs to (an id unique within the forward), None for an image: the spans of one video
+    # (Qwen3-VL's frames) are shown to a video method together.
+    video: int | None = None
+    times: tuple[float, ...] | None = None  # seconds of each frame of the span, where the model is given them
 
     @property
     def llm_input(self) -> int:
@@ -97,6 +101,8 @@ class SpanShape:
     length: int
     grid: tuple[int, int, int] | None = None
     fixed: tuple[int, ...] = ()
+    video: int | None = None  # see Span.video
+    times: tuple[float, ...] | None = None
 
     @classmethod
     def of(cls, grid) -> "SpanShape":
@@ -147,7 +153,8 @@ def find_layout(
                 span_id[b, begin:begin + shape.length] = len(sample)
                 for offset in shape.fixed:
                     span_id[b, begin + offset] = FIXED
-                sample.append(Span(modality, shape.grid, {"input": shape.length - len(shape.fixed)}, shaped))
+                sample.append(Span(modality, shape.grid, {"input": shape.length - len(shape.fixed)}, shaped,
+                                   shape.video, shape.times))
             i = j
         spans.append(sample)
     return Layout(span_id.to(input_ids.device), attention_mask, spans)
@@ -268,36 +275,90 @@ def select_tokens(
     for b in range(batch):
         keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text, padding and fixed tokens always stay
         text_positions = torch.nonzero(span_id[b] == TEXT).flatten()
-        for s, span in enumerate(layout.spans[b]):
-            positions = torch.nonzero(span_id[b] == s).flatten()
+        for group in (video_groups(layout.spans[b]) if spec.video else [[s] for s in range(len(layout.spans[b]))]):
+            parts = [torch.nonzero(span_id[b] == s).flatten() for s in group]
+            positions = torch.cat(parts)
             n = positions.numel()
             if n == 0:
-                span.counts[label] = 0
+                for s in group:
+                    layout.spans[b][s].counts[label] = 0
                 continue
-            base = span.counts["input"] if spec.stage == PRE_LLM else span.llm_input
+            spans = [layout.spans[b][s] for s in group]
+            base = sum(span.counts["input"] if spec.stage == PRE_LLM else span.llm_input for span in spans)
             budget = min(n, keep_count(base, stage.ratio))
             ctx = PruneContext(
                 features=tokens[b, positions.to(tokens.device)],
                 keep=budget,
-                grid=span.grid,
-                modality=span.modality,
+                grid=spans[0].grid if len(group) == 1 else _stacked_grid(spans),
+                modality=spans[0].modality,
                 stage=spec.stage,
                 params=params,
-                span_key=s * 1009 + (stage.layer or 0),
+                span_key=group[0] * 1009 + (stage.layer or 0),
                 layer=stage.layer,
                 hidden_states=tokens[b],
                 span_positions=positions,
                 text_positions=text_positions,
+                video=video_frames(spans, [p.numel() for p in parts]) if spec.video else None,
                 _signals=None if signals is None else signals(b),
-                _vision=None if vision is None else vision(b, s),
+                _vision=None if vision is None else _group_signals([vision(b, s) for s in group]),
             )
             local, features, _, _ = check_result(spec, spec.fn(ctx), n, budget)
             keep.append(positions[local])
             if features is not None:
                 merged.append((b, positions[local], features))
-            span.counts[label] = local.numel()
+            owner = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([p.numel() for p in parts]))
+            kept_per_span = torch.bincount(owner[local.cpu()], minlength=len(group))
+            for span, count in zip(spans, kept_per_span.tolist()):
+                span.counts[label] = count
         kept_rows.append(torch.cat(keep).sort().values)
     return _selection(layout, kept_rows, merged)
+
+
+def tag_videos(grids: list, frames_per_video: list[int] | None) -> list[SpanShape]:
+    """The span shapes of a video feature call (a forward's videos are encoded in one call), each naming its video:
+    one grid per video, or (``frames_per_video``) that many consecutive grids per video."""
+    shapes = [SpanShape.of(g) for g in grids]
+    owners = list(range(len(shapes))) if frames_per_video is None else [
+        v for v, n in enumerate(frames_per_video) for _ in range(n)]
+    if len(owners) != len(shapes):
+        raise RuntimeError(f"{len(shapes)} video grids for videos of {frames_per_video} frames")
+    return [replace(shape, video=owner) for shape, owner in zip(shapes, owners)]
+
+
+def video_groups(spans: list[Span]) -> list[list[int]]:
+    """The spans of one sample as a video method sees them: the consecutive spans of one video together (Qwen3-VL's
+    frames), every other span alone."""
+    groups: list[list[int]] = []
+    for s, span in enumerate(spans):
+        if groups and span.video is not None and spans[groups[-1][-1]].video == span.video:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _stacked_grid(spans: list[Span]) -> tuple[int, int, int] | None:
+    """The (t, h, w) grid of frames laid out as separate spans, stacked along t (None unless all share h, w)."""
+    sizes = {span.grid[1:] if span.grid else None for span in spans}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    return (sum(span.grid[0] for span in spans), *spans[0].grid[1:])
+
+
+def video_frames(spans: list[Span], counts: list[int]) -> VideoFrames:
+    """A video method's view of the frames of a group of spans holding ``counts`` tokens each (see VideoFrames)."""
+    frame, first, complete, sizes, times = [], 0, True, set(), []
+    for span, n in zip(spans, counts):
+        t, h, w = span.grid if span.grid else (1, None, None)
+        whole = span.grid is not None and n == t * h * w
+        complete = complete and whole
+        sizes.add((h, w))
+        frame.append(first + (torch.arange(t).repeat_interleave(h * w) if whole else torch.zeros(n, dtype=torch.long)))
+        first += t if whole else 1
+        times += list(span.times) if span.times is not None else []
+    size = sizes.pop() if complete and len(sizes) == 1 else None
+    return VideoFrames(torch.cat(frame), first, size, torch.tensor(times) if len(times) == first else None,
+                       separate_spans=len(spans) > 1)
 
 
 def _selection(layout: Layout, kept_rows: list[torch.Tensor], merged: list) -> Selection:
@@ -637,6 +698,13 @@ def entries_by_span(layout: Layout, pending: dict[str, list], length: Callable[[
     return lambda b, s: by_span.get((b, s))
 
 
+def _group_signals(parts: list[VisionSignals | None]) -> VisionSignals | None:
+    """The signals of a video method's group of spans (its frames), joined in span order; None if one has none."""
+    if any(p is None for p in parts):
+        return None
+    return parts[0] if len(parts) == 1 else _join_signals(parts)
+
+
 def _join_signals(parts: list[VisionSignals]) -> VisionSignals:
     """One span's signals from those of its grids (e.g. the tiles of one image), in span order."""
     attention = {layer: torch.cat([p.attention[layer] for p in parts]) for layer in parts[0].attention}
@@ -744,6 +812,11 @@ class FamilyAdapter:
         raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "
                                   "this model family; supported: LLaVA-1.5 (CLIP, SigLIP), LLaVA-NeXT and "
                                   "LLaVA-OneVision images")
+
+    def frames_per_video(self, model, features_args: dict) -> list[int] | None:
+        """Where ``span_grids`` gives one grid per frame of a video (Qwen3-VL), how many consecutive grids make up each
+        video of this video feature call; None: one grid per video."""
+        return None
 
     def check_vit(self, model) -> None:
         """Raise (NotImplementedError, saying why) if this model's encoder cannot take the ViT stage."""

@@ -185,6 +185,8 @@ class FamilyPatch:
             bound = signature.bind_partial(model, *args, **kwargs).arguments
             grids = adapter.span_grids(model, modality, bound)
             if grids is not None:
+                if modality == "video":
+                    grids = hooks.tag_videos(grids, adapter.frames_per_video(model, bound))
                 self.state_for(model, adapter).pending_grids[modality] = grids
             needs = self._vision_needs()
             token = _IN_FEATURES.set(True)

@@ -130,6 +130,36 @@ class SignalSource:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class VideoFrames:
+    """The frames of one video as a video method (``register_prune(..., video=True)``) sees them; an image is a
+    video of one frame.
+
+    frame:  [N] long, the frame of each token of ``PruneContext.features`` (tokens are frame-major: frame 0's, then
+            frame 1's, ...). A "frame" is what the model encodes as one temporal step: Qwen2-VL / Qwen2.5-VL's
+            temporal patch (two video frames), Qwen3-VL's frame block, LLaVA-OneVision's pooled frame.
+    count:  frames in the video.
+    size:   (h, w) tokens of one frame in raster order, or None when a frame's tokens form no grid (an image with
+            tiles) or are no longer complete (an intra-LLM stage after another stage).
+    times:  [count] float seconds of each frame as the model places it in time, or None where the model is given no
+            times (Qwen2.5-VL: the temporal patch times ``second_per_grid_ts``).
+    separate_spans: True where the model lays every frame out as its own block between text (Qwen3-VL's
+            timestamps); False where the video is one block of placeholders.
+    """
+
+    frame: torch.Tensor
+    count: int
+    size: tuple[int, int] | None
+    times: torch.Tensor | None = None
+    separate_spans: bool = False
+
+    def frame_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """[count, h * w, D] the tokens of each frame (only while every frame is complete: ``size`` not None)."""
+        if self.size is None:
+            raise RuntimeError("this video's frames are not complete token grids (see VideoFrames.size)")
+        return features.view(self.count, self.size[0] * self.size[1], *features.shape[1:])
+
+
 @dataclass
 class PruneContext:
     """Everything a method may use to choose the visual tokens of ONE span (one image, video or frame).
@@ -144,6 +174,9 @@ class PruneContext:
                an earlier ViT stage.
     sizes:     ViT: [N] float, how many patches each token stands for (1 until a merge); a merging method returns
                the merged tokens' sizes in ``PruneResult.sizes``.
+    video:     video methods only (registered with ``video=True``): the context holds a whole video (every frame,
+               also where the model lays frames out as separate spans) and ``video`` says which frame each token
+               belongs to (see ``VideoFrames``); an image is a video of one frame. None for other methods.
     """
 
     features: torch.Tensor
@@ -162,6 +195,7 @@ class PruneContext:
     text_positions: torch.Tensor | None = None  # indices of the sample's real text tokens (no padding)
     layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before; ViT: the encoder block
     sizes: torch.Tensor | None = None  # ViT: [N] patches per token
+    video: VideoFrames | None = None
     _signals: SignalSource | None = field(default=None, repr=False)
     _vision: VisionSignals | None = field(default=None, repr=False)
     _encoder: "EncoderSignals | None" = field(default=None, repr=False)
@@ -328,6 +362,7 @@ class MethodSpec:
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None
     # Pre-LLM: the vision-encoder signals it reads, or a function of its validated hyper-parameters giving them.
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None
+    video: bool = False  # sees a whole video per call (all its frames, ``ctx.video``); images as one-frame videos
 
     def vision_needs(self, params: Mapping[str, Any]) -> VisionNeeds | None:
         return self.vision(params) if callable(self.vision) else self.vision
@@ -365,11 +400,13 @@ def register_prune(
     exact_count: bool = True,
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None,
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
+    video: bool = False,
 ):
     """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm``) fixes its stage.
 
     ``vision``: the vision-encoder signals a pre-LLM method reads (``ctx.vision_attention_received()``,
     ``ctx.vision_keys()``), or a function of its hyper-parameters returning them (e.g. a layer range).
+    ``video``: a video method (pre-LLM or intra-LLM): each call gets one whole video, every frame (``ctx.video``).
     """
     stage = stage_of(name)
     if stage is None:
@@ -386,6 +423,9 @@ def register_prune(
     if stage == PRE_LLM and (default_layer is not None or default_schedule is not None):
         raise RegistrationError(f"pre-LLM method {name!r} takes no default_layer or default_schedule",
                                 "no default_layer / default_schedule for a method whose name ends in '_pre_llm'")
+    if stage == VIT and video:
+        raise RegistrationError(f"ViT-stage method {name!r} cannot be a video method (the encoder runs frame by frame)",
+                                "video=True on pre-LLM and intra-LLM methods")
     if stage != PRE_LLM and vision is not None:
         raise RegistrationError(f"{stage} method {name!r} cannot read vision-encoder signals (pre-LLM only)",
                                 "vision=... on pre-LLM methods only")
@@ -410,6 +450,7 @@ def register_prune(
             source=fn.__module__,
             default_schedule=default_schedule,
             vision=vision,
+            video=video,
         )
         return fn
 

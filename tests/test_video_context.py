@@ -1,0 +1,153 @@
+"""The video context: a method registered with ``video=True`` sees one whole video per call (every frame, also
+where the model lays frames out as separate spans), an image as a one-frame video; other methods see spans as before.
+
+* what a video method is shown (frames, their tokens, the per-frame grid, separate spans) on Qwen2.5-VL (a video is
+  one span of temporal patches) and Qwen3-VL (one span per frame, timestamps between), pre-LLM and intra-LLM;
+* the counts recorded per span (per frame on Qwen3-VL) follow what the method kept;
+* keep 1.0 is bit-identical, and a pruned video equals the unpatched language model on the hand-shortened sequence
+  with the original positions (an image and a video in one prompt, both Qwen families);
+* registration refuses a video ViT method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import custom_qwenvl
+import methods
+from methods import PruneContext
+from tests.oracle import capture_lm_inputs, forward_logits, greedy, patched
+from tests.support.tiny_models import build_model
+from tests.test_qwenvl import inputs_for, reference_pre_llm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEEN: list[PruneContext] = []
+
+
+@contextlib.contextmanager
+def registered(name, fn, **kwargs):
+    methods.register_prune(name, **kwargs)(fn)
+    try:
+        yield
+    finally:
+        methods._base._REGISTRY.pop(name)
+
+
+def first_frame(ctx: PruneContext) -> torch.Tensor:
+    """Keep every token of frame 0 (and record what was shown)."""
+    SEEN.append(ctx)
+    return torch.nonzero(ctx.video.frame == 0).flatten()
+
+
+def every_other_frame(ctx: PruneContext) -> torch.Tensor:
+    SEEN.append(ctx)
+    return torch.nonzero(ctx.video.frame % 2 == 0).flatten()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def video_methods():
+    with registered("firstframe_pre_llm", first_frame, video=True, exact_count=False), \
+            registered("otherframes_intra_llm", every_other_frame, video=True, exact_count=False, default_layer=2), \
+            registered("firstframe_intra_llm", first_frame, video=True, exact_count=False, default_layer=1):
+        yield
+
+
+def shown(family, env):
+    SEEN.clear()
+    model, inputs = build_model(family), inputs_for(family, "image_video")
+    with patched(custom_qwenvl, **env):
+        forward_logits(model, inputs)
+        record = custom_qwenvl.last_record(model)
+    return list(SEEN), record, inputs
+
+
+@pytest.mark.parametrize("family, separate", [("qwen2_5_vl", False), ("qwen3_vl", True)])
+def test_a_video_method_sees_the_whole_video_and_an_image_as_one_frame(family, separate):
+    seen, record, inputs = shown(family, dict(PRUNE_METHOD="firstframe_pre_llm", KEEP_RATIO="0.5"))
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    frames, size = t, (h // 2, w // 2)
+    assert [ctx.modality for ctx in seen] == ["image", "video"]  # one call per image, one per video
+    image, video = seen
+    assert image.video.count == 1 and not image.video.separate_spans
+    assert video.video.count == frames and video.video.size == size and video.video.separate_spans == separate
+    assert video.num_tokens == frames * size[0] * size[1] and video.grid == (frames, *size)
+    assert torch.equal(video.video.frame, torch.arange(frames).repeat_interleave(size[0] * size[1]))
+    assert torch.equal(video.video.frame_tokens(video.features)[1], video.features[size[0] * size[1]:2 * size[0] * size[1]])
+    video_spans = [s for s in record.spans[0] if s.modality == "video"]
+    per_frame = size[0] * size[1]
+    if separate:  # Qwen3-VL: one span per frame, each recorded on its own
+        assert [s.counts["pre_llm"] for s in video_spans] == [per_frame] + [0] * (frames - 1)
+    else:
+        assert [s.counts["pre_llm"] for s in video_spans] == [per_frame]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_an_intra_llm_video_method_sees_the_whole_video(family):
+    seen, record, inputs = shown(family, dict(INTRA_LLM_LAYER_SPECS="2:otherframes_intra_llm:0.5"))
+    t = inputs["video_grid_thw"][0, 0].item()
+    video = [ctx for ctx in seen if ctx.modality == "video"]
+    assert len(video) == 1 and video[0].video.count == t and video[0].layer == 2
+    kept = sum(s.counts["layer_2"] for s in record.spans[0] if s.modality == "video")
+    assert kept == ((t + 1) // 2) * video[0].num_tokens // t
+
+
+def test_an_ordinary_method_still_sees_one_span_each():
+    seen_before = []
+
+    def spy(ctx):
+        seen_before.append((ctx.modality, ctx.grid, ctx.video))
+        return torch.arange(ctx.keep)
+
+    with registered("spy_pre_llm", spy):
+        shown("qwen3_vl", dict(PRUNE_METHOD="spy_pre_llm", KEEP_RATIO="0.5"))
+    modalities = [m for m, _, _ in seen_before]
+    assert modalities[0] == "image" and modalities.count("video") > 1  # Qwen3-VL: one call per frame
+    assert all(video is None for *_, video in seen_before)
+
+
+def test_a_video_vit_method_is_refused_at_registration():
+    with pytest.raises(methods.RegistrationError, match="video=True on pre-LLM and intra-LLM"):
+        methods.register_prune("frames_vit", video=True, default_layer=1)(lambda ctx: None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Oracles
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_keep_ratio_one_is_bit_identical(family):
+    model, inputs = build_model(family), inputs_for(family, "image_video")
+    ref_logits, (ref_ids, ref_steps) = forward_logits(model, inputs), greedy(model, inputs)
+
+    def keep_all(ctx):
+        return torch.arange(ctx.num_tokens)
+
+    with registered("keepall_pre_llm", keep_all, video=True), \
+            patched(custom_qwenvl, PRUNE_METHOD="keepall_pre_llm", KEEP_RATIO="1.0"):
+        logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_pruned_video_equals_the_hand_shortened_sequence(family):
+    """Only the video's first frame stays (and the image whole, as a one-frame video): the unpatched language model
+    on exactly those rows at their original 3-D positions gives the same prefill and decode steps."""
+    model, inputs = build_model(family), inputs_for(family, "image_video")
+    with patched(custom_qwenvl, PRUNE_METHOD="firstframe_pre_llm", KEEP_RATIO="0.5"):
+        logits = forward_logits(model, inputs)
+        ids, steps = greedy(model, inputs)
+        keep = custom_qwenvl.pruning_state(model).pre_map.index
+    lm = capture_lm_inputs(model, inputs)
+    ids_row = inputs["input_ids"][0]
+    video_rows = torch.nonzero(ids_row == model.config.video_token_id).flatten()
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    per_frame = (h // 2) * (w // 2)
+    dropped = set(video_rows[per_frame:].tolist())  # frames 1.. (contiguous placeholders or per-frame blocks)
+    expected = torch.tensor([i for i in range(ids_row.numel()) if i not in dropped])
+    assert torch.equal(keep[0], expected)
+    with torch.no_grad():
+        ref_prefill, ref_steps = reference_pre_llm(model, lm, keep, ids)
+    assert torch.equal(logits, ref_prefill) and torch.equal(steps, ref_steps)
