@@ -299,6 +299,7 @@ def select_tokens(
                 span_positions=positions,
                 text_positions=text_positions,
                 video=video_frames(spans, [p.numel() for p in parts]) if spec.video else None,
+                ratio=stage.ratio,
                 _signals=None if signals is None else signals(b),
                 _vision=None if vision is None else _group_signals([vision(b, s) for s in group]),
             )

@@ -196,6 +196,7 @@ class PruneContext:
     layer: int | None = None  # intra-LLM: the decoder layer the pruning runs before; ViT: the encoder block
     sizes: torch.Tensor | None = None  # ViT: [N] patches per token
     video: VideoFrames | None = None
+    ratio: float | None = None  # the stage's configured keep ratio (``keep`` = keep_count(base tokens, ratio))
     _signals: SignalSource | None = field(default=None, repr=False)
     _vision: VisionSignals | None = field(default=None, repr=False)
     _encoder: "EncoderSignals | None" = field(default=None, repr=False)
