@@ -19,7 +19,12 @@ Same public contract as ``custom_qwenvl``: ``apply_patches()`` / ``remove_patche
 * attention signals use Gemma's scale 1.0, q/k norms, and keys from the shared KV states in shared layers;
 * vision-encoder signals (PruMerge, VisionZip, VisPruner, VTC-CLS): every encoder layer attends to the whole
   image or frame, so any layer can be scored; patches are reduced to soft tokens with the pooler's own
-  position bins, padding patches (position -1) left out (``Gemma4Adapter.capture_vision``).
+  position bins, padding patches (position -1) left out (``Gemma4Adapter.capture_vision``);
+* the ViT stage (methods named ``*_vit``, ``encoder_stage``): inside the vision encoder, before its pooler, on
+  images and video frames alike (one item = one image or frame, its padding patches left out). The later blocks
+  take the kept patches' rotary tables and (x, y) positions; the pooler's output is recomputed as the
+  size-weighted mean of the kept patches of each k x k bin (a bin with none gives zeros), and a soft token
+  reaches the language model when any patch of its bin was kept (``Gemma4Adapter.vit_encoder``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
+import encoder_stage
 import hooks
 from hooks import FamilyAdapter, batch_row, Layout, Selection, gather_positions
 from methods import VisionSignals
@@ -241,6 +247,90 @@ class Gemma4Adapter(FamilyAdapter):
             k = rope(k, cos, sin, unsqueeze_dim=1).transpose(0, 1)
         return q, k
 
+    # -- the ViT stage (inside the vision encoder) -----------------------------------------------------
+    def check_vit(self, model) -> None:
+        tower = getattr(model, "vision_tower", None)
+        encoder = getattr(tower, "encoder", None)
+        if not hasattr(encoder, "layers") or not hasattr(tower, "pooler"):
+            raise NotImplementedError(f"the ViT stage on {type(model).__name__} needs its vision tower "
+                                      "(Gemma4VisionModel: encoder.layers and a pooler); this model has "
+                                      f"{type(tower).__name__ if tower is not None else 'none'}")
+
+    def vit_encoder(self, model, modality, features_args):
+        """Gemma 4's vision encoder (``vision_tower.encoder``), before its pooler; items = the images or video frames
+        of the call (``get_image_features`` and ``get_video_features`` run the same tower, the positions given as
+        ``image_position_ids`` / ``video_position_ids``).
+
+        * tokens: every patch (no [CLS]); an item's padding patches (position (-1, -1), a suffix of the item, as the
+          encoder's own ``valid``) are left out; the item's grid is its patch grid (h, w) = (largest y + 1, largest
+          x + 1), patches in raster order (x fastest), as the processor lays them out (checked);
+        * per-token block inputs: the rotary (cos, sin) and the (x, y) ``position_ids`` the encoder passes every
+          block: the later blocks get the kept patches' own, so a kept patch keeps its 2-D position;
+        * keys / queries the methods read: ``k_norm(k_proj(x))`` (``q_norm(q_proj(x))``) per key (query) head, of
+          the block's normed input, BEFORE the 2-D rotary embedding: the methods compare what patches contain (ToMe's
+          similarity), and the rotation would make equal contents at different positions look different;
+        * features: every block (the encoder's last block's output feeds the pooler); the stage puts the output back
+          at full length, zeros where no kept token is; the pooler (``Gemma4VisionPooler``, which averages each
+          k x k bin of patches with weights 1 / k^2, so zeros would dilute it) is recomputed as the SIZE-WEIGHTED
+          mean of the kept tokens in each bin, each weighted by the patches it stands for (a merged token counts
+          at its representative's position), a bin without any giving zeros; then the same float32
+          sqrt(hidden_size) scaling, the same output (soft tokens, which soft tokens exist) and dtypes as the stock
+          pooler. Soft tokens are never added or moved, so the model's own feature code (padding soft tokens
+          stripped, standardisation, ``embed_vision``) runs unchanged;
+        * lay-out: a soft token is kept when ANY patch of its bin was kept (its feature is then the mean of the
+          kept ones); per item (one span per image and per video frame), in the order the soft tokens come out.
+
+        Refused: outputs of the tower's layers asked for (``output_hidden_states`` / ``output_attentions``: the
+        tower records them from its blocks, shortened); flash attention (the stage itself: padding and
+        proportional attention need an additive mask).
+        """
+        tower = model.vision_tower
+        positions = features_args.get(f"{modality}_position_ids")
+        pixels = features_args.get("pixel_values" if modality == "image" else "pixel_values_videos")
+        if positions is None or pixels is None or not isinstance(pixels, torch.Tensor):
+            raise NotImplementedError(f"the ViT stage on {type(model).__name__} needs {modality} patches as one "
+                                      f"tensor with their {modality}_position_ids")
+        extra = features_args.get("kwargs") or {}
+        for flag in ("output_hidden_states", "output_attentions"):
+            if extra.get(flag) or getattr(tower.config, flag, False):
+                raise NotImplementedError(f"the ViT stage on {type(model).__name__} shortens the vision encoder's "
+                                          f"blocks, whose outputs {flag} would record; allowed: {modality} features "
+                                          f"without {flag}")
+        k = tower.config.pooling_kernel_size
+        items = positions.shape[0]
+        output_length = pixels.shape[-2] // (k * k)  # as Gemma4VisionModel
+        valid = ~(positions == -1).all(dim=-1)  # as the encoder marks padding
+        grids = []
+        for i in range(items):
+            n = int(valid[i].sum())
+            xy = positions[i, :n]
+            if n == 0 or bool(valid[i, n:].any()):
+                raise NotImplementedError(f"the ViT stage on {type(model).__name__} takes {modality}s whose padding "
+                                          "patches (position -1) follow their real patches")
+            h, w = int(xy[:, 1].max()) + 1, int(xy[:, 0].max()) + 1
+            raster = torch.arange(n, device=xy.device)
+            if h * w != n or not torch.equal(xy.long(), torch.stack([raster % w, raster // w], dim=-1)):
+                raise NotImplementedError(f"the ViT stage on {type(model).__name__} takes patches in raster order "
+                                          f"(x fastest) filling their grid; {modality} {i} has {n} patches "
+                                          f"on a {h} x {w} grid in another order")
+            grids.append((h, w))
+        blocks = tower.encoder.layers[:tower.config.num_hidden_layers]
+        encoder = encoder_stage.Encoder(
+            tower.encoder, blocks, has_cls=False, grid=grids, feature_block=len(blocks) - 1, modality=modality,
+            keys=_vision_heads("k_proj", "k_norm"), queries=_vision_heads("q_proj", "q_norm"),
+            per_token=("position_embeddings", "position_ids"), valid=valid.cpu(), pool=(tower.pooler, pool_kept))
+        bins, exists = pooler_bins(positions, output_length)
+        sizes = exists.sum(dim=1).tolist()
+        spans = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]
+        if sizes != spans:
+            raise RuntimeError(f"the pooler's bins give {sizes} soft tokens per {modality}, the spans {spans}")
+
+        def lay_out(values):  # (items, P) kept patches -> per item (soft tokens,): 1 where any patch of the bin is
+            kept = to_soft_tokens(values.float(), bins, exists, mean=False) > 0
+            return list(kept.float().split(sizes))
+
+        return encoder, lay_out
+
     # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
     def capture_vision(self, model, modality, features_args, needs, run):
         """Score the encoder's own q/k at the chosen layers while ``run()`` encodes the images or video frames.
@@ -332,6 +422,39 @@ def to_soft_tokens(per_patch: torch.Tensor, bins: torch.Tensor, kept: torch.Tens
         counts = torch.bincount(flat, minlength=items * length).clamp(min=1)
         out = out / counts.view(-1, *[1] * (values.dim() - 1)).to(out.dtype)
     return out[kept.flatten()]
+
+
+def _vision_heads(projection: str, norm: str):
+    """Keys (``k_proj``, ``k_norm``) or queries (``q_proj``, ``q_norm``) of a Gemma 4 vision attention module on its
+    normed input (items, T, D): (items, T, heads, head_dim), per-head normed, before the rotary embedding."""
+
+    def heads(attn, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(attn, norm)(getattr(attn, projection)(hidden).view(*hidden.shape[:2], -1, attn.head_dim))
+
+    return heads
+
+
+def pool_kept(pooler, args, kwargs, output, weights: torch.Tensor):
+    """``Gemma4VisionPooler``'s output for the ViT stage's put-back encoder output: each soft token the mean of its
+    k x k bin's patches weighted by ``weights`` (items, P), the patches each kept token stands for at its position
+    (0 for dropped and padding patches) instead of 1 / k^2 each; zeros for a bin without weight. Then, as the
+    pooler: the average cast to the hidden states' dtype, scaled by sqrt(hidden_size) in float32, returned with the
+    pooler's own mask of the soft tokens that exist."""
+    names = ("hidden_states", "pixel_position_ids", "padding_positions", "output_length")
+    bound = {**dict(zip(names, args)), **kwargs}
+    hidden, positions, output_length = bound["hidden_states"], bound["pixel_position_ids"], bound["output_length"]
+    exists = output[1]
+    if output_length == hidden.shape[1]:  # no pooling: each soft token is its patch (zeros where none is kept)
+        return output
+    bins, _ = pooler_bins(positions, output_length)
+    weights = weights.to(hidden.device, torch.float32).masked_fill(bins.to(hidden.device) < 0, 0.0)
+    matrix = hidden.new_zeros(*bins.shape, output_length, dtype=torch.float32)
+    matrix.scatter_(2, bins.clamp(min=0).to(hidden.device).unsqueeze(-1), weights.unsqueeze(-1))  # (items, P, L)
+    total = matrix.sum(dim=1)  # (items, L)
+    summed = matrix.transpose(1, 2) @ hidden.float()  # (items, L, D)
+    mean = torch.where(total.unsqueeze(-1) > 0, summed / total.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1),
+                       torch.zeros((), dtype=torch.float32, device=hidden.device))
+    return mean.to(hidden.dtype).float() * pooler.root_hidden_size, exists
 
 
 _PATCH = FamilyPatch([Target(_MODULE, "Gemma4Model", "Gemma4TextModel", Gemma4Adapter())])

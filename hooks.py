@@ -811,8 +811,8 @@ class FamilyAdapter:
         ``(items, full_length) -> [per grid (N,)]``. Families where a shorter patch sequence is not well defined
         raise NotImplementedError saying why."""
         raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "
-                                  "this model family; supported: LLaVA-1.5 (CLIP, SigLIP), LLaVA-NeXT and "
-                                  "LLaVA-OneVision images")
+                                  "this model family; supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 4, "
+                                  "InternVL3, LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision images")
 
     def frames_per_video(self, model, features_args: dict) -> list[int] | None:
         """Where ``span_grids`` gives one grid per frame of a video (Qwen3-VL), how many consecutive grids make up each
@@ -822,8 +822,8 @@ class FamilyAdapter:
     def check_vit(self, model) -> None:
         """Raise (NotImplementedError, saying why) if this model's encoder cannot take the ViT stage."""
         raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "
-                                  "this model family; supported: LLaVA-1.5 (CLIP, SigLIP), LLaVA-NeXT and "
-                                  "LLaVA-OneVision images")
+                                  "this model family; supported: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 4, "
+                                  "InternVL3, LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision images")
 
     def capture_vision(self, model, modality: str, features_args: dict, needs: VisionNeeds,
                        run: Callable[[], Any]) -> tuple[Any, list[VisionSignals]]:

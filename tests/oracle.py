@@ -168,7 +168,10 @@ def check_registered_method(family_module, name, model, inputs, reference, env, 
         record = family_module.last_record(model)
         ids, steps = greedy(model, inputs)
     kept_all = all(len(set(s.counts.values())) == 1 for sample in record.spans for s in sample)
-    if kept_all:
+    # A ViT method that decides its own count may merge patches that pool into one token (MustDrop's 3 x 3 windows
+    # are Gemma 4's 3 x 3 pooling bins): every token count stays while features change.
+    merges_within_tokens = spec.stage == methods.VIT and not spec.exact_count
+    if kept_all and not merges_within_tokens:
         assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
     else:  # only a method that decides its own count may drop tokens at ratio 1 (VTW withdraws every span)
         assert not methods.registered_methods()[name].exact_count and ids.shape == ref_ids.shape

@@ -8,7 +8,8 @@
   refused, as tested once here for a default schedule that reaches it.
 
 The vision-encoder-signal methods (PruMerge, PruMerge+, VisionZip, VisPruner, VTC-CLS) read
-``Gemma4Adapter.capture_vision`` like any pre-LLM method reads its features.
+``Gemma4Adapter.capture_vision`` like any pre-LLM method reads its features; the ViT-stage methods run before
+block 1 of the tiny 2-block vision encoder (``Gemma4Adapter.vit_encoder``).
 """
 
 import functools
@@ -50,7 +51,7 @@ def pruning_env(variant, name):
 @pytest.mark.parametrize("variant, kind", [("e2b", "batch"), ("dense31b", "two_images")])
 def test_every_registered_method_through_the_gemma4_hooks(name, variant, kind):
     check_registered_method(custom_gemma4, name, tiny(variant), inputs_for(kind), reference_run(variant, kind),
-                            pruning_env(variant, name))
+                            pruning_env(variant, name), vit_block=1)  # ViT-stage methods before block 1 of 2
 
 
 def test_a_default_schedule_reaching_between_kv_store_and_shared_layers_is_refused():
