@@ -19,6 +19,12 @@ round-robin so that drifts of the machine hit all of them alike:
    before block 12 (with and without proportional attention) and ``random_vit`` at the same place (selection
    only), next to the encoder's FLOPs ratio; target: the measured speed-up reaches >= 0.8 of the FLOPs ideal.
    And each ViT method's own time (the method function on N = 576 patches) as a share of the stock encoder.
+6. video: a 16-frame clip (8 temporal patches of 16 x 16 tokens: 2,048 visual tokens) on the mid-size model, stock
+   vs every video method (registered with ``video=True``) at keep 0.25 and 0.1: time to first token's speed-up
+   next to its Amdahl limit (the language model's prefill falling by its FLOPs ratio, the encoder and the rest
+   measured and unchanged), and each method's own time as a share of the stock prefill; targets: pre-LLM video
+   pruning reaches >= 0.9 of the limit, and no video method whose official algorithm is linear in N costs more
+   than 2 % of the stock prefill.
 
 Prefill = the pre-LLM stage + the language model's prefill call (vision encoder, generate's own work and lm_head
 excluded); every run is ``generate(max_new_tokens=1)``. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU;
@@ -59,7 +65,7 @@ from methods import VIT, PruneContext, PruneResult  # noqa: E402
 from methods.divprune import cosine_distance, divprune_select, max_min_greedy  # noqa: E402
 from utils import PruneConfig, keep_count  # noqa: E402
 
-PARTS = ("speedup", "overhead", "memory", "divprune", "compare", "encoder")
+PARTS = ("speedup", "overhead", "memory", "divprune", "compare", "encoder", "video")
 
 KEEP = 0.25
 TEXT_BEFORE, TEXT_AFTER = 16, 32  # text tokens around the image: system prompt, then the instruction
@@ -132,6 +138,25 @@ def make_inputs(model, tokens: int, device) -> dict:
             "mm_token_type_ids": (input_ids == ids["image_token_id"]).int().to(device),
             "pixel_values": torch.randn(4 * h * w, patch, generator=generator).to(device, model.dtype),
             "image_grid_thw": torch.tensor([[1, 2 * h, 2 * w]], device=device)}
+
+
+def make_video_inputs(model, frames: int, side: int, device) -> dict:
+    """One video of ``frames`` frames (``frames // 2`` temporal patches of side x side tokens) between two stretches
+    of text, laid out as Qwen2.5-VL's processor does; random pixels."""
+    ids = SPECIAL_IDS
+    temporal = frames // 2
+    tokens = temporal * side * side
+    generator = torch.Generator().manual_seed(frames * side)
+    text = torch.randint(0, ids["first_special_id"], (TEXT_BEFORE + TEXT_AFTER,), generator=generator)
+    input_ids = torch.cat([text[:TEXT_BEFORE], torch.tensor([ids["vision_start_token_id"]]),
+                           torch.full((tokens,), ids["video_token_id"]), torch.tensor([ids["vision_end_token_id"]]),
+                           text[TEXT_BEFORE:]]).unsqueeze(0)
+    patch = 3 * 2 * 14 * 14
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device),
+            "mm_token_type_ids": (2 * (input_ids == ids["video_token_id"])).int().to(device),
+            "pixel_values_videos": torch.randn(4 * tokens, patch, generator=generator).to(device, model.dtype),
+            "video_grid_thw": torch.tensor([[temporal, 2 * side, 2 * side]], device=device),
+            "second_per_grid_ts": torch.tensor([1.0], device=device)}
 
 
 def method_env(method: str | None, ratio: float = KEEP) -> dict | None:
@@ -602,6 +627,35 @@ def vit_methods_part(model, names: list[str], stage_block: int, keep: float, rep
     return {"stock_encoder_ms": stock_encoder_ms, "keep": keep, "repeats": repeats, "methods": rows}
 
 
+def video_part(bench: Bench, names: list[str], frames: int, side: int, ratios: list[float], device) -> dict:
+    """Time to first token on one video, stock vs every video method at each ratio, next to the Amdahl limit."""
+    inputs = make_video_inputs(bench.model, frames, side, device)
+    configs = {"stock": {}, **{f"{name} {ratio:g}": method_env(name, ratio) for name in names for ratio in ratios}}
+    samples = bench.profile(configs, inputs, f"video, {frames} frames")
+    text_config = bench.model.config.get_text_config()
+    prompt = inputs["input_ids"].shape[1]
+    stock_ttft, stock_prefill = median(samples["stock"], "ttft_ms"), median(samples["stock"], "llm_prefill_ms")
+    stock_flops = prefill_flops(text_config, [prompt] * text_config.num_hidden_layers)
+    rows = []
+    for label in configs:
+        if label == "stock":
+            continue
+        name, ratio = label.rsplit(" ", 1)
+        ttft = median(samples[label], "ttft_ms")
+        ideal = stock_flops / prefill_flops(text_config, layer_lengths(samples[label][0], prompt,
+                                                                       text_config.num_hidden_layers))
+        limit = stock_ttft / (stock_ttft - stock_prefill + stock_prefill / ideal)  # only the LM prefill shrinks
+        pruning = median(samples[label], "pruning_ms")
+        rows.append({"method": name, "stage": methods.registered_methods()[name].stage, "keep": float(ratio),
+                     "kept": int(samples[label][0]["metrics"].get("equivalent_visual_tokens") or 0),
+                     "ttft_ms": ttft, "speedup": stock_ttft / ttft, "limit": limit,
+                     "of_limit": stock_ttft / ttft / limit, "pruning_ms": pruning,
+                     "pruning_percent": 100 * pruning / stock_prefill})
+    return {"frames": frames, "tokens": (frames // 2) * side * side, "prompt_tokens": prompt,
+            "stock_ttft_ms": stock_ttft, "stock_prefill_ms": stock_prefill,
+            "stock_encoder_ms": median(samples["stock"], "vision_encoder_ms"), "rows": rows}
+
+
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
@@ -673,6 +727,22 @@ def targets(results: dict, check_size: int) -> list[tuple[str, bool | None, str]
                     "; ".join(f"batch {batch}: {r['speedup']:.2f}x measured (time ratio {r['time_ratio']:.3f}) of "
                               f"{r['ideal']:.2f}x ideal (FLOPs ratio {r['flops_ratio']:.3f}) = {r['of_ideal']:.2f}"
                               for batch, r in rows.items())))
+    video = results.get("video")
+    if video and video["rows"]:
+        pre = [r for r in video["rows"] if r["stage"] == "pre_llm"]
+        worst = min(pre, key=lambda r: r["of_limit"], default=None)
+        out.append((f"pre-LLM video pruning reaches >= 0.9 of the Amdahl limit ({video['frames']}-frame clip)",
+                    None if worst is None else all(r["of_limit"] >= 0.9 for r in pre),
+                    "no pre-LLM video method" if worst is None else
+                    f"worst {worst['method']} at {worst['keep']:g}: {worst['speedup']:.2f}x of {worst['limit']:.2f}x "
+                    f"limit = {worst['of_limit']:.2f}"))
+        linear = [r for r in video["rows"] if r["method"] not in QUADRATIC]
+        over = [r for r in linear if r["pruning_percent"] > 2]
+        costly = max(linear, key=lambda r: r["pruning_percent"], default=None)
+        out.append(("no linear-cost video method costs more than 2 % of the stock prefill", not over,
+                    ", ".join(f"{r['method']} {r['keep']:g}: {r['pruning_percent']:.2f} %" for r in over) if over else
+                    "no linear-cost video method" if costly is None else
+                    f"worst {costly['method']} {costly['pruning_percent']:.2f} %"))
     return out
 
 
@@ -761,6 +831,20 @@ def report(results: dict, check_size: int) -> str:
                           f"{r['signals_percent']:.2f}"] for name, r in vit["methods"].items()]),
                   "", "method ms: the method function on the hidden states entering its block; signals ms: the keys "
                       "and [CLS] row of the block before, which the stage computes for every ViT method.", ""]
+    video = results.get("video")
+    if video:
+        lines += [f"## Video: {video['frames']} frames, {video['tokens']} visual tokens, prompt {video['prompt_tokens']} "
+                  f"(stock: TTFT {video['stock_ttft_ms']:.0f} ms, encoder {video['stock_encoder_ms']:.0f} ms, "
+                  f"language-model prefill {video['stock_prefill_ms']:.0f} ms)", "",
+                  table(["method", "stage", "keep", "equivalent tokens", "TTFT ms", "speed-up", "Amdahl limit",
+                         "of limit", "method ms", "% of stock prefill", "official cost"],
+                        [[r["method"], r["stage"], f"{r['keep']:g}", r["kept"], f"{r['ttft_ms']:.0f}",
+                          f"{r['speedup']:.2f}x", f"{r['limit']:.2f}x", f"{r['of_limit']:.2f}", f"{r['pruning_ms']:.1f}",
+                          f"{r['pruning_percent']:.2f}",
+                          f"quadratic: {QUADRATIC[r['method']]}" if r["method"] in QUADRATIC else "linear"]
+                         for r in video["rows"]]),
+                  "", "Amdahl limit: the TTFT speed-up if the language model's prefill fell by its FLOPs ratio and the "
+                      "encoder and the rest of generate stayed as measured in the stock run.", ""]
     lines += ["## Targets", ""]
     for name, passed, detail in targets(results, check_size):
         verdict = "NOT MEASURED" if passed is None else "PASS" if passed else "FAIL"
@@ -811,9 +895,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vit-batches", type=int, nargs="+", default=[1, 4], help="images per encoder call")
     parser.add_argument("--vit-warmup", type=int, default=1, help="warm-up encoder calls per configuration")
     parser.add_argument("--vit-repeats", type=int, default=3, help="measured encoder calls per configuration (best)")
+    parser.add_argument("--video-frames", type=int, default=16, help="frames of the video clip (2 per temporal patch)")
+    parser.add_argument("--video-side", type=int, default=16, help="tokens per side of one temporal patch")
+    parser.add_argument("--video-ratios", type=float, nargs="+", default=[0.25, 0.1])
     parser.add_argument("--only", nargs="+", choices=PARTS, default=None,
                         help="run only these parts (speedup, overhead, memory, divprune, compare = DivPrune vs "
-                             "UniPruneBench, encoder = the ViT stage and the ViT methods' own time)")
+                             "UniPruneBench, encoder = the ViT stage and the ViT methods' own time, video = the "
+                             "video methods on a clip)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="leave these parts out")
     parser.add_argument("--out", default="bench_outputs/bench_pruning.json")
     args = parser.parse_args(argv)
@@ -836,7 +924,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "kv_heads": args.kv_heads, "intermediate": args.intermediate, "dtype": args.dtype},
                "machine": machine(device, torch.get_num_threads()), "warmup": args.warmup, "repeats": args.repeats,
                "parts": parts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if {"speedup", "overhead", "memory"} & set(parts):
+    video_names = [name for name in names if registry[name].video]
+    if {"speedup", "overhead", "memory", "video"} & set(parts):
         model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, device,
                             getattr(torch, args.dtype))
         bench = Bench(model, args.warmup, args.repeats)
@@ -849,6 +938,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results["memory"] = memory_part(bench, args.memory_tokens,
                                                 [n for n in ATTENTION_SCORED if n in methods.registered_methods()],
                                                 device)
+            if "video" in parts:
+                results["video"] = video_part(bench, video_names, args.video_frames, args.video_side,
+                                              args.video_ratios, device)
         finally:
             custom_qwenvl.remove_patches()
         del model, bench
