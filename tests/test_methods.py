@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import methods
-from methods import PRE_LLM, INTRA_LLM, PruneContext, SignalSource
+from methods import PRE_LLM, INTRA_LLM, PruneContext, SignalSource, VideoFrames
 from methods.divprune import divprune_select
 from methods.fastv import fastv_intra_llm
 
@@ -183,9 +183,11 @@ def test_every_registered_method_keeps_the_asked_count_on_plain_features():
             continue
         params = {p.env: p.default for p in spec.params}
         for keep in (1, 7, 30):
+            # a video method sees an image as a video of one frame whose tokens form no grid
+            video = VideoFrames(torch.zeros(30, dtype=torch.long), 1, None) if spec.video else None
             ctx = PruneContext(features=features, keep=keep, grid=None, modality="image", stage=PRE_LLM,
                                params=params, span_key=0, hidden_states=hidden, span_positions=span,
-                               text_positions=text)
+                               text_positions=text, video=video, ratio=keep / 30)
             result = spec.fn(ctx)
             kept = result.indices if isinstance(result, methods.PruneResult) else result
             assert len(set(kept.tolist())) == len(kept) and 0 < len(kept) <= 30, name
