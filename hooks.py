@@ -351,7 +351,9 @@ def video_frames(spans: list[Span], counts: list[int]) -> VideoFrames:
     frame, first, complete, sizes, times = [], 0, True, set(), []
     for span, n in zip(spans, counts):
         t, h, w = span.grid if span.grid else (1, None, None)
-        whole = span.grid is not None and n == t * h * w
+        if span.modality != "video" and t > 1:  # an image's tiles stacked along t (InternVL): one frame, no grid
+            t, h, w = 1, None, None
+        whole = h is not None and n == t * h * w
         complete = complete and whole
         sizes.add((h, w))
         frame.append(first + (torch.arange(t).repeat_interleave(h * w) if whole else torch.zeros(n, dtype=torch.long)))
