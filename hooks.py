@@ -61,6 +61,9 @@ class Layout:
     span_id: torch.Tensor  # (B, L) long: TEXT, PAD, FIXED or a span index into spans[b]
     attention_mask: torch.Tensor | None  # (B, L) 2-D padding mask of this layout, None = no padding
     spans: list[list[Span]]
+    # (B, L) long: the group an earlier stage of this prefill gave each token (PruneResult.groups), -1 for none;
+    # None until a stage gives groups
+    groups: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -272,6 +275,7 @@ def select_tokens(
     span_id = layout.span_id.cpu()
     kept_rows: list[torch.Tensor] = []
     merged: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, original positions, features)
+    given: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, original positions, groups)
     for b in range(batch):
         keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text, padding and fixed tokens always stay
         text_positions = torch.nonzero(span_id[b] == TEXT).flatten()
@@ -300,19 +304,34 @@ def select_tokens(
                 text_positions=text_positions,
                 video=video_frames(spans, [p.numel() for p in parts]) if spec.video else None,
                 ratio=stage.ratio,
+                groups=None if layout.groups is None else layout.groups[b, positions.to(layout.groups.device)].cpu(),
                 _signals=None if signals is None else signals(b),
                 _vision=None if vision is None else _group_signals([vision(b, s) for s in group]),
             )
-            local, features, _, _ = check_result(spec, spec.fn(ctx), n, budget)
+            result = spec.fn(ctx)
+            local, features, _, _ = check_result(spec, result, n, budget)
             keep.append(positions[local])
             if features is not None:
                 merged.append((b, positions[local], features))
+            if isinstance(result, PruneResult) and result.groups is not None:
+                if result.groups.shape[0] != local.numel():
+                    raise ValueError(f"pruning method {spec.name} returned {result.groups.shape[0]} groups for "
+                                     f"{local.numel()} indices")
+                order = result.indices.cpu().argsort()
+                given.append((b, positions[local], result.groups.cpu()[order].long()))
             owner = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([p.numel() for p in parts]))
             kept_per_span = torch.bincount(owner[local.cpu()], minlength=len(group))
             for span, count in zip(spans, kept_per_span.tolist()):
                 span.counts[label] = count
         kept_rows.append(torch.cat(keep).sort().values)
-    return _selection(layout, kept_rows, merged)
+    selection = _selection(layout, kept_rows, merged)
+    if given:
+        groups = (torch.full(layout.span_id.shape, -1, dtype=torch.long) if layout.groups is None
+                  else layout.groups.cpu().clone())
+        for b, positions, values in given:
+            groups[b, positions] = values
+        selection.layout.groups = torch.gather(groups, 1, selection.index.cpu().clamp(min=0))
+    return selection
 
 
 def tag_videos(grids: list, frames_per_video: list[int] | None) -> list[SpanShape]:
@@ -380,7 +399,9 @@ def _selection(layout: Layout, kept_rows: list[torch.Tensor], merged: list) -> S
     index = index.to(device)
     new_span_id = torch.gather(layout.span_id, 1, index.clamp(min=0)).masked_fill(index < 0, PAD)
     mask = remap_mask(layout.attention_mask, index, length)
-    return Selection(index, replacements, Layout(new_span_id, mask, layout.spans), length)
+    groups = None if layout.groups is None else torch.gather(layout.groups, 1, index.clamp(min=0).to(
+        layout.groups.device))
+    return Selection(index, replacements, Layout(new_span_id, mask, layout.spans, groups), length)
 
 
 def select_by_masks(layout: Layout, masks: Callable[[int, int], dict[str, torch.Tensor] | None]) -> Selection:
@@ -531,9 +552,10 @@ class LayerSignals(SignalSource):
         return self.entry.embeddings[self.sample, self._entry_rows().clamp(min=0)]
 
     def span_input_embeddings(self, span_positions: torch.Tensor) -> torch.Tensor:
-        first = self._entry_rows()[span_positions[0].to(self.entry.embeddings.device)]
-        span_ids = self.entry.span_id[self.sample].to(first.device)
-        return self.entry.embeddings[self.sample, span_ids == span_ids[first]]
+        """Every entry token of the spans the current rows belong to (all the frames' spans of a video method)."""
+        entry = self._entry_rows()[span_positions.to(self.entry.embeddings.device)]
+        span_ids = self.entry.span_id[self.sample].to(entry.device)
+        return self.entry.embeddings[self.sample, torch.isin(span_ids, span_ids[entry].unique())]
 
 
 def batch_row(x: torch.Tensor, sample: int) -> torch.Tensor:

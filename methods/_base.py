@@ -197,6 +197,9 @@ class PruneContext:
     sizes: torch.Tensor | None = None  # ViT: [N] patches per token
     video: VideoFrames | None = None
     ratio: float | None = None  # the stage's configured keep ratio (``keep`` = keep_count(base tokens, ratio))
+    # [N] long: the group an earlier stage of this prefill gave each token (``PruneResult.groups``, e.g. PruneVid's
+    # static / per-frame groups), -1 where it gave none; None when no earlier stage gave groups
+    groups: torch.Tensor | None = None
     _signals: SignalSource | None = field(default=None, repr=False)
     _vision: VisionSignals | None = field(default=None, repr=False)
     _encoder: "EncoderSignals | None" = field(default=None, repr=False)
@@ -336,12 +339,15 @@ class PruneResult:
     sizes:    ViT only: [K] patches each returned token stands for (None: the kept tokens' own sizes).
     proportional_attention: ViT only: the later encoder blocks add log(size) to every attention logit of a key
               (ToMe's proportional attention), so a merged token weighs as the patches it stands for.
+    groups:   pre-LLM and intra-LLM: [K] long labels of the returned tokens (same order as ``indices``), which the
+              later stages of the same prefill read as ``ctx.groups`` (a multi-stage method passing its structure on).
     """
 
     indices: torch.Tensor
     features: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     proportional_attention: bool = False
+    groups: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,51 @@ def test_pruned_video_equals_the_hand_shortened_sequence(family):
     with torch.no_grad():
         ref_prefill, ref_steps = reference_pre_llm(model, lm, keep, ids)
     assert torch.equal(logits, ref_prefill) and torch.equal(steps, ref_steps)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Groups passed from one stage to a later one of the same prefill
+# ------------------------------------------------------------------------------------------------------
+def test_groups_given_by_a_stage_reach_the_later_stages():
+    """A pre-LLM method labels the tokens it keeps (PruneResult.groups); a later intra-LLM stage, after another stage
+    in between dropped some of them, reads each survivor's label as ctx.groups; spans the pre-LLM method did not
+    label read -1."""
+    seen = {}
+
+    def label_pre(ctx):  # keep every other token, labelled by its own span-local index + 100
+        kept = torch.arange(0, ctx.num_tokens, 2)
+        return methods.PruneResult(kept, groups=kept + 100 if ctx.modality == "video" else None)
+
+    def look(ctx):
+        seen.setdefault(ctx.layer, []).append((ctx.modality, ctx.groups.clone()))
+        return torch.arange(ctx.keep)
+
+    with registered("labels_pre_llm", label_pre, video=True, exact_count=False), \
+            registered("look_intra_llm", look, default_layer=1):
+        shown("qwen2_5_vl", dict(PRUNE_METHOD_PRE_LLM="labels_pre_llm", KEEP_RATIO="1.0",
+                                 INTRA_LLM_LAYER_SPECS="1:look_intra_llm:0.5;2:look_intra_llm:0.25"))
+    (image_1, labels_1), (video_1, groups_1) = seen[1]
+    assert image_1 == "image" and bool((labels_1 == -1).all())  # the image got no labels
+    assert video_1 == "video" and groups_1.tolist() == [100 + i for i in range(0, 2 * groups_1.numel(), 2)]
+    (_, _), (_, groups_2) = seen[2]
+    assert groups_2.tolist() == groups_1[:groups_2.numel()].tolist()  # look_intra_llm kept the first tokens
+
+
+def test_prunevid_stages_pass_their_groups_through_the_hooks():
+    model, inputs = build_model("qwen2_5_vl"), inputs_for("qwen2_5_vl", "image_video")
+    seen = []
+    original = methods.registered_methods()["prunevid_intra_llm"].fn
+
+    def spy(ctx):
+        seen.append(None if ctx.groups is None else ctx.groups.clone())
+        return original(ctx)
+
+    spec = methods._base._REGISTRY["prunevid_intra_llm"]
+    methods._base._REGISTRY["prunevid_intra_llm"] = spec.__class__(**{**spec.__dict__, "fn": spy})
+    try:
+        with patched(custom_qwenvl, KEEP_RATIO="0.5", PRUNE_METHOD_PRE_LLM="prunevid_pre_llm",
+                     INTRA_LLM_LAYER_SPECS="2:prunevid_intra_llm:0.5"):
+            forward_logits(model, inputs)
+    finally:
+        methods._base._REGISTRY["prunevid_intra_llm"] = spec
+    assert len(seen) == 2 and all(g is not None and bool((g >= 0).all()) for g in seen)
