@@ -29,7 +29,8 @@ def main(argv=None) -> None:
             stages = ", ".join(f"{k}:{r:.3g}" for k, r in spec.default_schedule(32, 0.5))
             layer = f"  default schedule (32 layers, KEEP_RATIO=0.5) {stages}"
         count = "" if spec.exact_count else "  [count decided by the method]"
-        print(f"{name:<28} {spec.stage:<10}{layer}{count}")
+        video = "  [video: sees every frame of a video at once]" if spec.video else ""
+        print(f"{name:<28} {spec.stage:<10}{layer}{count}{video}")
         print(f"    {spec.description}")
         for param in spec.params:
             print(f"    {param.env}={param.default!r}  {param.help}")
