@@ -406,12 +406,24 @@ class PrunedModel:
         self._pruning_run: ModelRun | None = None
         self._unprofiled_generate = self.model.generate
         self.generate_calls = 0  # the model.generate calls generate_batch has made
+        # A video wrapper's own frame sampling (e.g. Qwen2VLChat's nframe / fps), which VLMEvalKit overwrites with a
+        # video data set's: see restore_video_sampling.
+        self._video_sampling = {name: getattr(self, name) for name in ("nframe", "fps") if hasattr(self, name)}
         self.use_run(pruning_run)
+
+    def restore_video_sampling(self) -> None:
+        """The wrapper's frame sampling as constructed. VLMEvalKit's video inference sets a video wrapper's ``nframe``
+        / ``fps`` from the data set it runs, and decides from their current values, so a data set sampled by
+        ``nframe`` after one sampled by ``fps`` (or the reverse) in the same process would get neither and fall back
+        to the wrapper's library default: restored before every video data set and every reuse of this model."""
+        for name, value in self._video_sampling.items():
+            setattr(self, name, value)
 
     def use_run(self, pruning_run: ModelRun) -> None:
         """Record the visual tokens (and profile, with METHOD_TIME / PREFILL_TIME) into ``pruning_run``'s folder:
         at construction, and again for each configuration of an in-process sweep that reuses this loaded model
         (the family's patches carry the pruning configuration itself)."""
+        self.restore_video_sampling()
         if self._pruning_run is not None and self._pruning_run.profile:
             self.model.generate = self._unprofiled_generate  # the previous run's profiler goes
         self._pruning_run = pruning_run
@@ -722,6 +734,20 @@ def _one_sample_at_a_time(job: Callable, kind: str) -> Callable:
         return job(*args, **kwargs)
 
     return run
+
+
+def _video_sampling_per_data_set(vlmeval_run: ModuleType):
+    """While VLMEvalKit runs: a runner's model starts every video data set with its own frame sampling
+    (:meth:`PrunedModel.restore_video_sampling`), which VLMEvalKit then sets from the data set."""
+    job = vlmeval_run.infer_data_job_video
+
+    @functools.wraps(job)
+    def run(model, *args, **kwargs):
+        if isinstance(model, PrunedModel):
+            model.restore_video_sampling()
+        return job(model, *args, **kwargs)
+
+    return _temporarily(vlmeval_run, "infer_data_job_video", run)
 
 
 @contextlib.contextmanager
@@ -1127,20 +1153,27 @@ def _run(family: Family, options, rest: list[str], runs: list[tuple[tuple[str | 
         entry.base += name_suffix
         for _, config in runs:  # every configuration before VLMEvalKit starts
             check_depth(entry, config, load.trust_remote_code)
+    import video_data  # local video sets; after vlmeval.run: builds on VLMEvalKit's video data set class
+
+    try:
+        video_sets = video_data.data_set_entries(datasets if cfg is None else [])
+    except ValueError as err:
+        raise RunnerError(str(err)) from None
 
     session = _Session(family, prog, vlmeval_run, rest, args, cfg, entries, datasets, wrapper_overrides, load,
                        options.batch_size, Path(os.environ.get("MMEVAL_ROOT", args.work_dir)),  # VLMEvalKit's own
                        int(os.environ.get("RANK", 0)))
     codes = []
-    for (label, env), config in runs:
-        family.patches.apply_patches(config)  # only replaces the configuration: the hooks stay installed
-        try:
-            code = _evaluate(session, config, env)
-        except (RunnerError, PruneConfigError) as err:
-            code = _error(prog, str(err))
-        if label is not None:
-            print(f"{prog}: configuration {label}: exit {code}", flush=True)
-        codes.append(code)
+    with video_data.registered(video_sets):
+        for (label, env), config in runs:
+            family.patches.apply_patches(config)  # only replaces the configuration: the hooks stay installed
+            try:
+                code = _evaluate(session, config, env)
+            except (RunnerError, PruneConfigError) as err:
+                code = _error(prog, str(err))
+            if label is not None:
+                print(f"{prog}: configuration {label}: exit {code}", flush=True)
+            codes.append(code)
     return max(codes)
 
 
@@ -1188,6 +1221,7 @@ def _evaluate(session: _Session, config: PruneConfig, env: Mapping[str, str]) ->
         with contextlib.ExitStack() as stack:
             if not load.device.startswith("cuda"):
                 stack.enter_context(_gloo_for_nccl())
+            stack.enter_context(_video_sampling_per_data_set(session.vlmeval_run))
             if session.batch_size > 1:
                 stack.enter_context(_batched_inference(session.vlmeval_run, session.batch_size))
             session.vlmeval_run.main()
