@@ -129,8 +129,8 @@ def test_hyper_parameters_of_methods_not_configured_warn():
         "PRUNE_METHOD_PRE_LLM, PRUNE_METHOD_INTRA_LLM, VIT_LAYER_SPECS or INTRA_LLM_LAYER_SPECS): the run is stock",
         "DART_PIVOT_TEXT_TOKENS=2 is set but dart_intra_llm is not configured: it has no effect",
         "VTC_CLS_START_LAYER=-1 is set but vtc_cls_pre_llm is not configured: it has no effect"]
-    with pytest.warns(UserWarning, match="PRUNE_RANDOM_SEED=3 is set but none of random_intra_llm, "
-                      "random_pre_llm, random_vit is configured: it has no effect"):
+    with pytest.warns(UserWarning, match="PRUNE_RANDOM_SEED=3 is set but none of random_frames_pre_llm, "
+                      "random_intra_llm, random_pre_llm, random_vit is configured: it has no effect"):
         parse(KEEP_RATIO=0.5, PRUNE_METHOD="fastv_intra_llm", PRUNE_RANDOM_SEED=3)
 
 
