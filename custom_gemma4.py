@@ -103,6 +103,10 @@ class Gemma4Adapter(FamilyAdapter):
             grids.append((1, math.ceil((int(xy[:, 1].max()) + 1) / k), math.ceil((int(xy[:, 0].max()) + 1) / k)))
         return grids
 
+    def frames_per_video(self, model, features_args):
+        counts = features_args.get("num_frames_per_video")  # one grid per frame: this many make up each video
+        return None if counts is None else [int(n) for n in counts.tolist()]
+
     def check_model(self, config: PruneConfig, model) -> None:
         text_config = model.config.get_text_config()
         first_shared = shared_region_start(text_config)

@@ -199,3 +199,23 @@ def test_prunevid_stages_pass_their_groups_through_the_hooks():
     finally:
         methods._base._REGISTRY["prunevid_intra_llm"] = spec
     assert len(seen) == 2 and all(g is not None and bool((g >= 0).all()) for g in seen)
+
+
+def test_gemma4_frames_of_one_video_reach_a_video_method_together():
+    """Gemma 4 lays every frame out as its own span (timestamps between): a video method still sees the video whole,
+    with num_frames_per_video from the feature call."""
+    import custom_gemma4
+    from tests.support import tiny_gemma
+
+    SEEN.clear()
+    model = tiny_gemma.build_model("e2b")
+    inputs = dict(tiny_gemma.make_inputs(tiny_gemma.build_processor(), "video"))
+    with patched(custom_gemma4, PRUNE_METHOD="firstframe_pre_llm", KEEP_RATIO="0.5"):
+        forward_logits(model, inputs)
+        record = custom_gemma4.last_record(model)
+    frames = int(inputs["num_frames_per_video"].sum())
+    video = [ctx for ctx in SEEN if ctx.modality == "video"]
+    assert frames > 1 and len(video) == 1 and video[0].video.count == frames and video[0].video.separate_spans
+    spans = [s for s in record.spans[0] if s.modality == "video"]
+    assert len(spans) == frames and [s.counts["pre_llm"] for s in spans[1:]] == [0] * (frames - 1)
+    assert spans[0].counts["pre_llm"] == spans[0].counts["input"]
