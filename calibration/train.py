@@ -2,6 +2,7 @@
 
     python -m calibration.train                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
     python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
+    python -m calibration.train --task video       # video task -> calibration/qwen2.5-vl-motion (calibration/video.py)
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
 tokens. These models have the real architectures (``Qwen2_5_VLForConditionalGeneration``,
@@ -347,6 +348,8 @@ def write_training_record(folder: str | Path, family: CalibrationFamily, *, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("image", "video"), default="image",
+                        help="image: ShapesCalib (--family); video: ShapesMotionCalib, Qwen2.5-VL (calibration/video.py)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name, help="model family to train")
     parser.add_argument("--out", default=None, help="checkpoint folder to write (default: the shipped one's)")
     parser.add_argument("--steps", type=int, default=None, help="default: those of the shipped checkpoint")
@@ -355,6 +358,11 @@ def main() -> None:
     parser.add_argument("--eval-questions", type=int, default=data.DEFAULT_EVAL_SIZE,
                         help="held-out questions of EVAL_SEED to score at the end")
     args = parser.parse_args()
+    if args.task == "video":
+        from calibration import video
+
+        video.main(args)
+        return
     family = FAMILIES[args.family]
     seed = family.default_seed if args.seed is None else args.seed
     steps = family.default_steps if args.steps is None else args.steps

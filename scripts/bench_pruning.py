@@ -606,12 +606,13 @@ def vit_methods_part(model, names: list[str], stage_block: int, keep: float, rep
     def fastest(fn):
         return fastest_ms(fn, device, repeats)
 
+    reader = encoder_stage.Encoder(model.model.vision_tower, blocks, True, (1, 1), len(blocks) - 1)  # CLIP q/k
     rows = {}
     for name in names:
         block = where[name]
         attn = blocks[block - 1].self_attn
         with torch.no_grad():
-            signals_ms, signals = fastest(lambda: encoder_stage._block_signals(attn, normed[block], None, True, None))
+            signals_ms, signals = fastest(lambda: encoder_stage._block_signals(reader, attn, normed[block], None, None))
             spec = methods.registered_methods()[name]
             params = PruneConfig.from_env({"VIT_LAYER_SPECS": f"{block}:{name}:{keep:g}"}).params.get(name, {})
             patches = entering[block][0, 1:]
