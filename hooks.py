@@ -279,25 +279,31 @@ def select_tokens(
     for b in range(batch):
         keep = [torch.nonzero(span_id[b] < 0).flatten()]  # text, padding and fixed tokens always stay
         text_positions = torch.nonzero(span_id[b] == TEXT).flatten()
-        for group in (video_groups(layout.spans[b]) if spec.video else [[s] for s in range(len(layout.spans[b]))]):
-            parts = [torch.nonzero(span_id[b] == s).flatten() for s in group]
+        for call in method_calls(spec, config.image_methods_on_video, layout.spans[b], span_id[b]):
+            group, parts = call.spans, call.parts
             positions = torch.cat(parts)
             n = positions.numel()
-            if n == 0:
-                for s in group:
-                    layout.spans[b][s].counts[label] = 0
-                continue
             spans = [layout.spans[b][s] for s in group]
-            base = sum(span.counts["input"] if spec.stage == PRE_LLM else span.llm_input for span in spans)
+            if n == 0:
+                for span in spans:
+                    span.counts[label] = 0
+                continue
+            if call.frame is None:
+                base = sum(span.counts["input"] if spec.stage == PRE_LLM else span.llm_input for span in spans)
+                grid = spans[0].grid if len(group) == 1 else _stacked_grid(spans)
+                vision_signals = None if vision is None else _group_signals([vision(b, s) for s in group])
+            else:  # one frame of a whole one-span video: its own count, grid and rows of the span's signals
+                base, grid = n, (1, *spans[0].grid[1:])
+                vision_signals = None if vision is None else _frame_signals(vision(b, group[0]), call.frame, n)
             budget = min(n, keep_count(base, stage.ratio))
             ctx = PruneContext(
                 features=tokens[b, positions.to(tokens.device)],
                 keep=budget,
-                grid=spans[0].grid if len(group) == 1 else _stacked_grid(spans),
+                grid=grid,
                 modality=spans[0].modality,
                 stage=spec.stage,
                 params=params,
-                span_key=group[0] * 1009 + (stage.layer or 0),
+                span_key=group[0] * 1009 + (stage.layer or 0) + (0 if call.frame is None else 65_537 * (call.frame + 1)),
                 layer=stage.layer,
                 hidden_states=tokens[b],
                 span_positions=positions,
@@ -306,7 +312,7 @@ def select_tokens(
                 ratio=stage.ratio,
                 groups=None if layout.groups is None else layout.groups[b, positions.to(layout.groups.device)].cpu(),
                 _signals=None if signals is None else signals(b),
-                _vision=None if vision is None else _group_signals([vision(b, s) for s in group]),
+                _vision=vision_signals,
             )
             result = spec.fn(ctx)
             local, features, _, _ = check_result(spec, result, n, budget)
@@ -322,7 +328,8 @@ def select_tokens(
             owner = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([p.numel() for p in parts]))
             kept_per_span = torch.bincount(owner[local.cpu()], minlength=len(group))
             for span, count in zip(spans, kept_per_span.tolist()):
-                span.counts[label] = count
+                # The frames of one span add up (the first frame's call starts the count).
+                span.counts[label] = count + (span.counts[label] if call.frame else 0)
         kept_rows.append(torch.cat(keep).sort().values)
     selection = _selection(layout, kept_rows, merged)
     if given:
@@ -343,6 +350,47 @@ def tag_videos(grids: list, frames_per_video: list[int] | None) -> list[SpanShap
     if len(owners) != len(shapes):
         raise RuntimeError(f"{len(shapes)} video grids for videos of {frames_per_video} frames")
     return [replace(shape, video=owner) for shape, owner in zip(shapes, owners)]
+
+
+@dataclass
+class MethodCall:
+    """The tokens of one call of a method: ``parts[i]`` are positions of span ``spans[i]`` of the sample; ``frame``
+    names the frame when the call sees one frame of a one-span video."""
+
+    spans: list[int]
+    parts: list[torch.Tensor]
+    frame: int | None = None
+
+
+def method_calls(spec: methods.MethodSpec, image_methods_on_video: str, spans: list[Span],
+                 span_id: torch.Tensor) -> list[MethodCall]:
+    """How one sample's spans are shown to a method. A video method sees each video whole (:func:`video_groups`).
+    Another method sees each image alone and each video as ``image_methods_on_video`` says: ``"video"``, whole;
+    ``"frame"``, one frame per call -- a span per frame where the model lays frames out so, the temporal steps of a
+    one-span video (Qwen2-VL / Qwen2.5-VL) while the span is whole (after a stage removed some of its tokens their
+    frames are no longer known, and later stages see the span whole)."""
+    positions = [torch.nonzero(span_id == s).flatten() for s in range(len(spans))]
+    whole_video = spec.video or image_methods_on_video == "video"
+    groups = video_groups(spans) if whole_video else [[s] for s in range(len(spans))]
+    calls = []
+    for group in groups:
+        span = spans[group[0]]
+        t, h, w = span.grid if span.grid else (1, 0, 0)
+        if whole_video or len(group) > 1 or span.modality != "video" or t == 1 or positions[group[0]].numel() != t * h * w:
+            calls.append(MethodCall(group, [positions[s] for s in group]))
+            continue
+        for frame, part in enumerate(positions[group[0]].split(h * w)):
+            calls.append(MethodCall(group, [part], frame))
+    return calls
+
+
+def _frame_signals(signals: VisionSignals | None, frame: int, size: int) -> VisionSignals | None:
+    """Rows ``frame * size ..`` of one span's vision signals (one frame of a one-span video)."""
+    if signals is None:
+        return None
+    rows = slice(frame * size, (frame + 1) * size)
+    return VisionSignals({layer: a[rows] for layer, a in signals.attention.items()},
+                         None if signals.keys is None else signals.keys[rows], signals.cls)
 
 
 def video_groups(spans: list[Span]) -> list[list[int]]:

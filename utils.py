@@ -19,6 +19,7 @@ from methods import INTRA_LLM, PRE_LLM, VIT, MethodSpec
 
 TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
 
+VIDEO_SCOPES = ("frame", "video")
 _NONE_VALUES = {"", "none", "null", "off", "0", "false"}
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
                   "": False, "0": False, "false": False, "no": False, "off": False}
@@ -101,6 +102,10 @@ class PruneConfig:
     # An intra-LLM method named alone that has its own multi-stage schedule (e.g. PyramidDrop): its layers depend
     # on the model's depth, so it becomes concrete stages in ``resolved_for`` (layer None until then).
     scheduled: Stage | None = None
+    # How a method that is not a video method sees a video (IMAGE_METHODS_ON_VIDEO): "frame", each frame alone with
+    # its own keep count (also where the model lays a video out as one span, Qwen2-VL / Qwen2.5-VL), or "video",
+    # every frame of the video in one call (also where the model lays frames out as separate spans).
+    image_methods_on_video: str = "frame"
     profile: ProfileConfig = ProfileConfig()  # changes no prediction, so it is not part of describe()
     _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # depth -> config
 
@@ -314,11 +319,16 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     intra.sort(key=lambda s: s.layer)
     _check_intra(intra, "INTRA_LLM_LAYER_SPECS" if specs_text else "PRUNE_METHOD", specs_text or intra_name, registry)
 
+    scope_text = env.get("IMAGE_METHODS_ON_VIDEO", "").strip().lower() or "frame"
+    if scope_text not in VIDEO_SCOPES:
+        raise _fail("IMAGE_METHODS_ON_VIDEO", env["IMAGE_METHODS_ON_VIDEO"], "unknown scope",
+                    "frame (each frame alone, the default) or video (all frames of a video in one call)")
+
     used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
     _warn_ignored(env, keep_text, used, registry)
     return PruneConfig(vit=tuple(vit), pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled,
-                       profile=profile)
+                       image_methods_on_video=scope_text, profile=profile)
 
 
 def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], registry: Mapping[str, MethodSpec]) -> None:

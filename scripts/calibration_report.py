@@ -13,6 +13,12 @@ the machine and the time it took) and ``calibration_accuracy.png`` (one panel pe
     python scripts/calibration_report.py                        # every method, keep 0.5 / 0.25 / 0.111
     python scripts/calibration_report.py --methods fastv_intra_llm divprune_pre_llm --ratios 0.25
     python scripts/calibration_report.py --family gemma4 --work-dir calibration_outputs_gemma4
+    python scripts/calibration_report.py --task video --work-dir calibration_outputs_video
+
+``--task video`` evaluates the video calibration model (``calibration/qwen2.5-vl-motion``, ``calibration/video.py``)
+on ``ShapesMotionCalib`` clips sampled with ``nframe = 8`` (``ShapesMotionCalib_8frame``): the video methods see each
+clip whole, the image methods frame by frame (``IMAGE_METHODS_ON_VIDEO=frame``, the default), at keep ratios down to
+0.05; video sets are generated one question at a time.
 
 Settings fitted to the small model (stated in report.md): VTC-CLS sums the encoder attention of its last
 layer only (``VTC_CLS_START_LAYER=-1``: the encoder has 3 layers, the official start layer 16 assumes 24), and
@@ -39,6 +45,7 @@ from calibration import data as calibration_data  # noqa: E402
 from calibration.models import FAMILIES, QWEN  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.111)
+VIDEO_RATIOS = (0.5, 0.25, 0.1, 0.05)
 PLOT_FILE = "calibration_accuracy.png"
 REPORT_FILE = "report.md"
 # Hyper-parameters fitted to the calibration model's size (see the module docstring).
@@ -55,14 +62,15 @@ def registered_methods() -> list[str]:
 
 
 def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_dir: Path,
-         runner: str = QWEN.runner, intra_layer: int | None = None, batch_size: int = 1) -> list[sweep.Job]:
+         runner: str = QWEN.runner, intra_layer: int | None = None, batch_size: int = 1,
+         dataset: str = calibration_data.NAME) -> list[sweep.Job]:
     """Stock, then every method at every ratio (ratio-free ones once). With ``intra_layer``, intra-LLM methods
     that run at one layer run at that layer (``INTRA_LLM_LAYER_SPECS``) instead of their default one.
     ``batch_size``: the runners' ``--batch-size``."""
     flags = RUNNER_FLAGS + (["--batch-size", str(batch_size)] if batch_size > 1 else [])
 
     def jobs(names, ratios_, stock):
-        return sweep.plan(f"{runner}.py", [str(checkpoint)], [calibration_data.NAME], names, ratios_,
+        return sweep.plan(f"{runner}.py", [str(checkpoint)], [dataset], names, ratios_,
                           str(work_dir), stock=stock, extra=flags)
 
     with_ratio = [m for m in method_names if m not in RATIO_FREE]
@@ -86,10 +94,22 @@ def _at_layer(job: sweep.Job, layer: int) -> sweep.Job:
                                env={"INTRA_LLM_LAYER_SPECS": f"{layer}:{name}:{ratio}"})
 
 
-def plot(table, path: Path, title: str, category: str | None = None) -> Path:
+def panel(method: str, stage: str, video: bool) -> str | None:
+    """The plot panel of a table row: its stage kind (pre-LLM, intra-LLM; ViT methods are in the table only), and
+    for the video task the video methods apart from the image methods (which prune frame by frame)."""
+    import methods
+
+    kind = next((k for k in ("pre-LLM", "intra-LLM") if stage.startswith(k)), None)
+    if kind is None or not video:
+        return kind
+    spec = methods.load_methods([]).get(method.split(" + ")[0])
+    return "video" if spec is not None and spec.video else f"{kind} image (frame by frame)"
+
+
+def plot(table, path: Path, title: str, category: str | None = None, video: bool = False) -> Path:
     """Accuracy (overall, or of one question ``category``) vs keep ratio, one panel per stage kind that was run
-    (pre-LLM, intra-LLM), stock dashed, random thick. Methods that ignore the keep ratio (VTW) are in the table
-    only."""
+    (pre-LLM, intra-LLM; with ``video``: video methods, then image methods frame by frame), stock dashed, random
+    thick. Methods that ignore the keep ratio (VTW) are in the table only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,11 +118,13 @@ def plot(table, path: Path, title: str, category: str | None = None) -> Path:
 
     column = "score" if category is None else f"cat:{category}"
     curves = table[~table["method"].isin(("stock", *RATIO_FREE))]
-    kinds = [kind for kind in ("pre-LLM", "intra-LLM") if curves["stage"].str.startswith(kind).any()] or ["pre-LLM"]
+    panels = [panel(m, st, video) for m, st in zip(curves["method"], curves["stage"])]
+    order = ("video", "pre-LLM", "pre-LLM image (frame by frame)", "intra-LLM", "intra-LLM image (frame by frame)")
+    kinds = [kind for kind in order if kind in panels] or ["pre-LLM"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(max(9, 6.5 * len(kinds)), 5), sharey=True, squeeze=False)
     stock = table.loc[table["method"] == "stock", column]
     for ax, kind in zip(axes[0], kinds):
-        rows = curves[curves["stage"].str.startswith(kind)]
+        rows = curves[[p == kind for p in panels]]
         for method, line in rows.groupby("method"):
             line = line.sort_values("keep_ratio")
             is_random = method.startswith("random")
@@ -115,7 +137,7 @@ def plot(table, path: Path, title: str, category: str | None = None) -> Path:
         ax.set_xticks(sorted(set(rows["keep_ratio"])) or [1.0])
         ax.set_xticklabels([f"{r:g}" for r in sorted(set(rows["keep_ratio"]))] or ["1"])
         ax.set_xlabel("keep ratio (KEEP_RATIO)")
-        ax.set_title(f"{kind} methods")
+        ax.set_title(f"{kind} methods" if kind != "video" else "video methods (each clip whole)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     axes[0][0].set_ylabel("accuracy (%)" if category is None else f"accuracy on {category} questions (%)")
@@ -138,7 +160,7 @@ def machine() -> str:
 
 
 def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None,
-                 in_process: bool = False, batch_size: int = 1) -> Path:
+                 in_process: bool = False, batch_size: int = 1, video: bool = False) -> Path:
     from scripts import summarize
 
     mode = "configurations sharing runner processes" if in_process else "one runner process per configuration"
@@ -150,6 +172,8 @@ def write_report(table, work: Path, title: str, seconds: float, parallel: int, i
         f"Settings for the small model: {', '.join(f'{k}={v}' for k, v in SMALL_MODEL_PARAMS.items())}.",
         "Single-layer intra-LLM methods at " + ("their default layers." if intra_layer is None
                                                  else f"layer {intra_layer} (INTRA_LLM_LAYER_SPECS)."),
+        *(["Video methods see each clip whole; the image methods see it frame by frame (IMAGE_METHODS_ON_VIDEO="
+           "frame: each temporal step of two frames is an image with its own keep count)."] if video else []),
         "",
         summarize.format_table(table),
         "",
@@ -161,13 +185,17 @@ def write_report(table, work: Path, title: str, seconds: float, parallel: int, i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("image", "video"), default="image",
+                        help="image: ShapesCalib on --family's model; video: ShapesMotionCalib clips on the video "
+                             "calibration model (Qwen2.5-VL), keep ratios down to 0.05")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name,
                         help="model family: its shipped checkpoint and runner")
     parser.add_argument("--checkpoint", default=None, help="default: the family's shipped calibration model")
     parser.add_argument("--work-dir", default="calibration_outputs")
-    parser.add_argument("--samples", type=int, default=300, help="held-out questions")
+    parser.add_argument("--samples", type=int, default=None, help="held-out questions (default: 300; video: 150)")
     parser.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
-    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=None,
+                        help=f"default: {' '.join(map(str, RATIOS))}; video: {' '.join(map(str, VIDEO_RATIOS))}")
     parser.add_argument("--parallel", type=int, default=2, help="runner processes at a time (one thread each)")
     parser.add_argument("--separate-processes", action="store_true",
                         help="one runner process per configuration (default: configurations share processes that "
@@ -180,19 +208,37 @@ def main(argv: list[str] | None = None) -> int:
                         help="plot the accuracy on this question type instead of the overall accuracy (e.g. colour "
                              "for the Gemma 4 model, which has learned only those)")
     args = parser.parse_args(argv)
+    video = args.task == "video"
+    if video:
+        from calibration import video as video_task
+
+        if args.family != QWEN.name:
+            parser.error(f"--family {args.family}: the video calibration model is a Qwen2.5-VL; allowed with "
+                         f"--task video: {QWEN.name}")
+        args.plot_category = None
     family = FAMILIES[args.family]
-    checkpoint = Path(args.checkpoint or family.checkpoint).resolve()
+    default_checkpoint = video_task.CHECKPOINT if video else family.checkpoint
+    checkpoint = Path(args.checkpoint or default_checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {checkpoint}: no model there (config.json missing); train one with "
-                     f"python -m calibration.train --family {family.name} --out {checkpoint}")
+                     f"python -m calibration.train --{'task video' if video else f'family {family.name}'} "
+                     f"--out {checkpoint}")
+    samples = args.samples or (150 if video else 300)
+    ratios = args.ratios or list(VIDEO_RATIOS if video else RATIOS)
     started = time.time()
     work = Path(args.work_dir).resolve()
     lmudata = work / "LMUData"
-    calibration_data.write_dataset(lmudata, n=args.samples)
+    if video:
+        video_task.write_dataset(lmudata, n=samples)
+        dataset, data_name = f"{video_task.NAME}_{video_task.FRAMES}frame", video_task.NAME
+    else:
+        calibration_data.write_dataset(lmudata, n=samples)
+        dataset = data_name = calibration_data.NAME
     method_names = args.methods or registered_methods()
-    jobs = plan(checkpoint, method_names, args.ratios, work / "runs", runner=family.runner,
-                intra_layer=args.intra_layer, batch_size=args.batch_size)
-    print(f"{len(jobs)} runs of {args.samples} questions into {work}", flush=True)
+    batch_size = 1 if video else args.batch_size  # video sets are generated one question at a time
+    jobs = plan(checkpoint, method_names, ratios, work / "runs", runner=family.runner,
+                intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
+    print(f"{len(jobs)} runs of {samples} questions into {work}", flush=True)
     env = {**os.environ, "LMUData": str(lmudata), **SMALL_MODEL_PARAMS}
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel,
                        in_process=not args.separate_processes)
@@ -202,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     from scripts import summarize
 
     table = summarize.collect(work / "runs")
-    title = f"{checkpoint.name} ({family.name}) on {calibration_data.NAME}, {args.samples} held-out questions" + (
-        "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}")
+    title = f"{checkpoint.name} ({family.name}) on {data_name}, {samples} held-out questions" + (
+        "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}") + (
+        ", 8 frames per clip" if video else "")
     written = summarize.save_table(table, work) + [
-        plot(table, work / PLOT_FILE, title, args.plot_category),
+        plot(table, work / PLOT_FILE, title, args.plot_category, video),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,
-                     not args.separate_processes, args.batch_size)]
+                     not args.separate_processes, batch_size, video)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))
     if failed:

@@ -71,3 +71,32 @@ def test_a_missing_checkpoint_is_named_before_anything_runs(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "nothing: no model there" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_video_plot_keeps_video_methods_apart_from_image_methods_frame_by_frame():
+    assert calibration_report.panel("fastvid_pre_llm", "pre-LLM", video=True) == "video"
+    assert calibration_report.panel("divprune_pre_llm", "pre-LLM", video=True) == "pre-LLM image (frame by frame)"
+    assert calibration_report.panel("fastv_intra_llm", "intra-LLM L2", video=True) == "intra-LLM image (frame by frame)"
+    assert calibration_report.panel("holitom_intra_llm", "intra-LLM L2", video=True) == "video"
+    assert calibration_report.panel("divprune_pre_llm", "pre-LLM", video=False) == "pre-LLM"
+    assert calibration_report.panel("tome_vit", "ViT scheduled", video=True) is None  # in the table only
+
+
+def test_the_video_task_refuses_another_family_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        calibration_report.main(["--task", "video", "--family", "gemma4", "--work-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--family gemma4" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_video_report_runs_video_and_image_methods_on_the_shipped_video_model(tmp_path):
+    code = calibration_report.main(["--task", "video", "--work-dir", str(tmp_path), "--samples", "3",
+                                    "--methods", "uniform_frames_pre_llm", "random_pre_llm", "--ratios", "0.25",
+                                    "--parallel", "1"])
+    assert code == 0
+    table = summarize.collect(tmp_path / "runs").set_index("method")
+    assert set(table["dataset"]) == {"ShapesMotionCalib_8frame"} and set(table["samples"]) == {3}
+    assert table.loc["uniform_frames_pre_llm", "tokens_after"] == 16  # one of the 4 temporal steps, whole
+    assert table.loc["random_pre_llm", "tokens_after"] == 4 * 4  # frame by frame: 4 of each step's 16 tokens
+    assert "frame by frame" in (tmp_path / calibration_report.REPORT_FILE).read_text()

@@ -29,10 +29,8 @@ from tests.conftest import run_runner
 from tests.oracle import patched
 
 CHANCE = 100.0 / 4
-# The question types the shipped model has learned (>= 95 % held-out, TRAINING.md); the bounds are checked on
-# those. Motion questions are not learned yet (28 %: the direction is read out of the visual tokens but not
-# carried to the reply), see docs/calibration.md.
-LEARNED = ("frame", "order")
+# The question types the shipped model has learned (>= 95 % held-out, TRAINING.md): all of them.
+LEARNED = video.CATEGORIES
 KEEP = 0.25
 QUESTIONS = 36  # held-out questions evaluated in-process per configuration
 ASKED_TOKENS: contextvars.ContextVar[list[int]] = contextvars.ContextVar("asked_video_tokens")
@@ -139,7 +137,8 @@ ORACLES = {"video_oracle_pre_llm": dict(keep_asked=True), "video_anti_oracle_pre
 @pytest.fixture(scope="module")
 def oracle_methods():
     for name, spec in ORACLES.items():
-        methods.register_prune(name, default_layer=spec.get("default_layer"))(
+        # video=True: the oracle sees the clip's 64 tokens at once (an image method would see one step at a time).
+        methods.register_prune(name, default_layer=spec.get("default_layer"), video=True)(
             lambda ctx, keep_asked=spec["keep_asked"]: _keep(ctx, keep_asked))
     yield
     for name in ORACLES:

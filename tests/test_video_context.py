@@ -95,18 +95,51 @@ def test_an_intra_llm_video_method_sees_the_whole_video(family):
     assert kept == ((t + 1) // 2) * video[0].num_tokens // t
 
 
-def test_an_ordinary_method_still_sees_one_span_each():
-    seen_before = []
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("scope", ["frame", "video"])
+def test_an_image_method_sees_a_video_frame_by_frame_or_whole(family, scope):
+    """IMAGE_METHODS_ON_VIDEO: "frame" (default) shows every frame alone with its own keep count, whichever way the
+    model lays frames out (Qwen2.5-VL: temporal steps of one span; Qwen3-VL: a span per frame); "video" the whole
+    video in one call. The kept tokens are those the calls chose, at their own positions."""
+    calls = []
 
-    def spy(ctx):
-        seen_before.append((ctx.modality, ctx.grid, ctx.video))
-        return torch.arange(ctx.keep)
+    def spy(ctx):  # keeps the last tokens of what it is shown, so each call's choice is visible in the record
+        calls.append((ctx.modality, ctx.grid, ctx.video, ctx.span_positions.clone(), ctx.keep))
+        return torch.arange(ctx.num_tokens - ctx.keep, ctx.num_tokens)
 
     with registered("spy_pre_llm", spy):
-        shown("qwen3_vl", dict(PRUNE_METHOD="spy_pre_llm", KEEP_RATIO="0.5"))
-    modalities = [m for m, _, _ in seen_before]
-    assert modalities[0] == "image" and modalities.count("video") > 1  # Qwen3-VL: one call per frame
-    assert all(video is None for *_, video in seen_before)
+        env = dict(PRUNE_METHOD="spy_pre_llm", KEEP_RATIO="0.4")
+        if scope == "video":
+            env["IMAGE_METHODS_ON_VIDEO"] = "video"
+        model, inputs = build_model(family), inputs_for(family, "image_video")
+        with patched(custom_qwenvl, **env):
+            forward_logits(model, inputs)
+            record = custom_qwenvl.last_record(model)
+            kept = custom_qwenvl.pruning_state(model).pre_map.index[0]
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    size = (h // 2) * (w // 2)
+    assert [m for m, *_ in calls].count("image") == 1 and all(video is None for _, _, video, *_ in calls)
+    video_calls = [c for c in calls if c[0] == "video"]
+    all_video = torch.cat([c[3] for c in video_calls])
+    if scope == "frame":
+        assert len(video_calls) == t and all(grid == (1, h // 2, w // 2) for _, grid, *_ in video_calls)
+        assert [c[4] for c in video_calls] == [round(0.4 * size)] * t  # the keep rule per frame
+        assert all(c[3].numel() == size for c in video_calls)
+    else:
+        assert len(video_calls) == 1 and video_calls[0][1] == (t, h // 2, w // 2)
+        assert video_calls[0][4] == round(0.4 * t * size)
+    # The frames' positions tile the video's, in order; what each call chose is kept.
+    assert torch.equal(all_video, all_video.sort().values) and all_video.numel() == t * size
+    expected = torch.cat([c[3][-c[4]:] for c in video_calls])
+    assert set(expected.tolist()) <= set(kept.tolist())
+    assert sum(s.counts["pre_llm"] for s in record.spans[0] if s.modality == "video") == expected.numel()
+
+
+def test_a_wrong_video_scope_is_refused_before_loading():
+    from utils import PruneConfig, PruneConfigError
+
+    with pytest.raises(PruneConfigError, match=r"IMAGE_METHODS_ON_VIDEO='frames'.*allowed: frame .* or video"):
+        PruneConfig.from_env({"IMAGE_METHODS_ON_VIDEO": "frames"})
 
 
 def test_a_video_vit_method_is_refused_at_registration():
