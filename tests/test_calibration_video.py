@@ -12,11 +12,9 @@ frame, order and motion questions.
 from __future__ import annotations
 
 import contextvars
-import json
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
