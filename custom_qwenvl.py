@@ -55,6 +55,14 @@ class QwenAdapter(DecoderAdapter):
             return None
         return [int(t) for t in grid_thw[:, 0].tolist()]
 
+    def frame_times(self, model, forward_args, video, frames):
+        # Qwen2.5-VL spaces temporal patches by second_per_grid_ts (its temporal M-RoPE index is t * seconds *
+        # tokens_per_second); Qwen2-VL has no times and Qwen3-VL writes them into the text.
+        seconds = forward_args.get("second_per_grid_ts")
+        if seconds is None or self.frames_are_spans:
+            return None
+        return tuple(t * float(seconds[video]) for t in range(frames))
+
     # -- vision-encoder signals (pre-LLM) -------------------------------------------------------------
     def capture_vision(self, model, modality, features_args, needs, run):
         """Score the encoder's own q/k at the chosen blocks while ``run()`` encodes the images or videos.

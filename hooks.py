@@ -891,6 +891,11 @@ class FamilyAdapter:
         video of this video feature call; None: one grid per video."""
         return None
 
+    def frame_times(self, model, forward_args: dict, video: int, frames: int) -> tuple[float, ...] | None:
+        """Seconds of each of the ``frames`` frames of video ``video`` (its index among the forward's videos) as the
+        model places them in time, from the model call's arguments ``forward_args``; None where it is given none."""
+        return None
+
     def check_vit(self, model) -> None:
         """Raise (NotImplementedError, saying why) if this model's encoder cannot take the ViT stage."""
         raise NotImplementedError(f"{type(model).__name__}: the ViT stage (methods named '*_vit') is not supported for "

@@ -311,6 +311,8 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
     state.record = None  # a new prefill: the last one's record goes (its stage maps went above)
     mask = adapter.mask_2d(kwargs, call)
     layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids, adapter.join_runs)
+    for span in (span for sample in layout.spans for span in sample if span.video is not None and span.grid):
+        span.times = adapter.frame_times(call.model, call.args, span.video, span.grid[0]) or span.times
     if not any(layout.spans):
         state.finish_record(layout.spans)
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans):

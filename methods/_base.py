@@ -141,8 +141,9 @@ class VideoFrames:
     count:  frames in the video.
     size:   (h, w) tokens of one frame in raster order, or None when a frame's tokens form no grid (an image with
             tiles) or are no longer complete (an intra-LLM stage after another stage).
-    times:  [count] float seconds of each frame as the model places it in time, or None where the model is given no
-            times (Qwen2.5-VL: the temporal patch times ``second_per_grid_ts``).
+    times:  [count] float seconds of each frame as the model places it in time (Qwen2.5-VL: temporal patch t at
+            ``t * second_per_grid_ts``), or None where the model is given no times as numbers (Qwen2-VL; Qwen3-VL
+            and Gemma 4 write them into the text).
     separate_spans: True where the model lays every frame out as its own block between text (Qwen3-VL's
             timestamps); False where the video is one block of placeholders.
     """

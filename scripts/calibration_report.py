@@ -61,6 +61,25 @@ def registered_methods() -> list[str]:
     return sorted(methods.load_methods([]))
 
 
+def unfit_schedules(method_names: list[str], checkpoint: Path) -> dict[str, str]:
+    """The methods whose own multi-layer schedule does not fit the checkpoint's decoder depth, and why (the runner
+    would refuse them; e.g. MustDrop's four stages on a 4-layer calibration model)."""
+    import methods
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    depth = config.get("text_config", config)["num_hidden_layers"]
+    registry, unfit = methods.load_methods([]), {}
+    for name in method_names:
+        spec = registry.get(name)
+        if spec is None or spec.default_schedule is None:
+            continue
+        try:
+            spec.default_schedule(depth, RATIOS[-1])
+        except ValueError as err:
+            unfit[name] = str(err)
+    return unfit
+
+
 def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_dir: Path,
          runner: str = QWEN.runner, intra_layer: int | None = None, batch_size: int = 1,
          dataset: str = calibration_data.NAME) -> list[sweep.Job]:
@@ -160,7 +179,8 @@ def machine() -> str:
 
 
 def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None,
-                 in_process: bool = False, batch_size: int = 1, video: bool = False) -> Path:
+                 in_process: bool = False, batch_size: int = 1, video: bool = False,
+                 skipped: dict[str, str] | None = None) -> Path:
     from scripts import summarize
 
     mode = "configurations sharing runner processes" if in_process else "one runner process per configuration"
@@ -174,6 +194,8 @@ def write_report(table, work: Path, title: str, seconds: float, parallel: int, i
                                                  else f"layer {intra_layer} (INTRA_LLM_LAYER_SPECS)."),
         *(["Video methods see each clip whole; the image methods see it frame by frame (IMAGE_METHODS_ON_VIDEO="
            "frame: each temporal step of two frames is an image with its own keep count)."] if video else []),
+        *(["Not run (their own schedule does not fit the model's depth): "
+           + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."] if skipped else []),
         "",
         summarize.format_table(table),
         "",
@@ -235,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         calibration_data.write_dataset(lmudata, n=samples)
         dataset = data_name = calibration_data.NAME
     method_names = args.methods or registered_methods()
+    skipped = unfit_schedules(method_names, checkpoint)
+    for name, why in skipped.items():
+        print(f"not run: {name} ({why})", flush=True)
+    method_names = [name for name in method_names if name not in skipped]
     batch_size = 1 if video else args.batch_size  # video sets are generated one question at a time
     jobs = plan(checkpoint, method_names, ratios, work / "runs", runner=family.runner,
                 intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     written = summarize.save_table(table, work) + [
         plot(table, work / PLOT_FILE, title, args.plot_category, video),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,
-                     not args.separate_processes, batch_size, video)]
+                     not args.separate_processes, batch_size, video, skipped)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))
     if failed:

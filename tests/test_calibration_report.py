@@ -100,3 +100,12 @@ def test_video_report_runs_video_and_image_methods_on_the_shipped_video_model(tm
     assert table.loc["uniform_frames_pre_llm", "tokens_after"] == 16  # one of the 4 temporal steps, whole
     assert table.loc["random_pre_llm", "tokens_after"] == 4 * 4  # frame by frame: 4 of each step's 16 tokens
     assert "frame by frame" in (tmp_path / calibration_report.REPORT_FILE).read_text()
+
+
+def test_methods_whose_schedule_does_not_fit_the_model_are_left_out_with_the_reason():
+    from calibration import video
+
+    unfit = calibration_report.unfit_schedules(["mustdrop_intra_llm", "pdrop_intra_llm", "fastv_intra_llm"],
+                                               video.CHECKPOINT)
+    assert list(unfit) == ["mustdrop_intra_llm"]  # four stages on a 4-layer model; PyramidDrop's three fit
+    assert "4 decoder layers" in unfit["mustdrop_intra_llm"]

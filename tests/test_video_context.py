@@ -77,6 +77,12 @@ def test_a_video_method_sees_the_whole_video_and_an_image_as_one_frame(family, s
     assert video.num_tokens == frames * size[0] * size[1] and video.grid == (frames, *size)
     assert torch.equal(video.video.frame, torch.arange(frames).repeat_interleave(size[0] * size[1]))
     assert torch.equal(video.video.frame_tokens(video.features)[1], video.features[size[0] * size[1]:2 * size[0] * size[1]])
+    if separate:  # Qwen3-VL writes its timestamps into the text: no times as numbers
+        assert video.video.times is None
+    else:  # Qwen2.5-VL: temporal patch t at t * second_per_grid_ts seconds (2 frames at 2 fps: 1 s)
+        seconds = float(inputs["second_per_grid_ts"][0])
+        assert seconds == 1.0 and torch.equal(video.video.times, torch.arange(frames) * seconds)
+    assert image.video.times is None
     video_spans = [s for s in record.spans[0] if s.modality == "video"]
     per_frame = size[0] * size[1]
     if separate:  # Qwen3-VL: one span per frame, each recorded on its own
