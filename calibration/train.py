@@ -155,6 +155,11 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
         routes[row, :len(sample_routes)] = torch.tensor(sample_routes)
         route_mask[row, :len(sample_routes)] = True
         labels[row, question_mark] = labels[row, question_mark + 1] = labels[row, reply_start]
+    # The asked object's colour and shape, for the optional read-out loss (see _losses).
+    asked = [next(o for o in sample["objects"] if o["row"] * data.GRID + o["col"] == sample["target_tokens"][0])
+             for sample in samples]
+    asked_colour = torch.tensor([list(data.COLOURS).index(o["colour"]) for o in asked])
+    asked_shape = torch.tensor([data.SHAPES.index(o["shape"]) for o in asked])
     images = processor.image_processor([scene[0]["image"] for scene in scenes], return_tensors="pt")
     language_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")  # grid: Qwen's M-RoPE
     # Attribute of the object in each visual token (row-major), -100 where there is only background.
@@ -176,22 +181,27 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
         "route_mask": route_mask,
         "colour_targets": colour_targets.flatten(),
         "shape_targets": shape_targets.flatten(),
+        "asked_colour": asked_colour,
+        "asked_shape": asked_shape,
     }
 
 
 # ---------------------------------------------------------------- training
 
 
-def _losses(model, batch, family: CalibrationFamily) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
-    and attention-route losses. Needs eager attention (the route loss reads attention weights)."""
+    and attention-route losses, and with ``readout`` the read-out loss: the asked object's colour and shape
+    decoded (against the word embeddings) from the state of each route's query position after its layer 1 and 2
+    hops, so that each hop carries every attribute rather than the one most questions ask. Needs eager attention
+    (the route loss reads attention weights)."""
     image_outputs = family.image_features(model, batch["vision_inputs"])
     visual_tokens = torch.cat(image_outputs.pooler_output)  # (scenes * 64, hidden), scene by scene
     # Every question of a scene reuses that scene's features: one vision pass per image.
     image_outputs.pooler_output = tuple(
         features for features in image_outputs.pooler_output for _ in range(batch["questions_per_scene"]))
     output = model(**batch["model_inputs"], labels=batch["labels"], mm_encoder_outputs={"image": image_outputs},
-                   output_attentions=True)
+                   output_attentions=True, output_hidden_states=readout)
     tokenizer = family.build_tokenizer()
     embeddings = model.get_input_embeddings().weight
     visual_token_loss = 0.0
@@ -202,6 +212,14 @@ def _losses(model, batch, family: CalibrationFamily) -> tuple[torch.Tensor, torc
     prompt_loss = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1),
                                                     batch["prompt_labels"][:, 1:].flatten(), ignore_index=-100)
     routes, mask = batch["routes"], batch["route_mask"]
+    if readout:
+        for hop in (1, 2):  # hidden_states[hop + 1]: after decoder layer ``hop``
+            at_hop = (routes[..., 0] == hop) & mask
+            row, slot = at_hop.nonzero(as_tuple=True)
+            states = output.hidden_states[hop + 1][row, routes[row, slot, 1]]
+            for words, targets in ((list(data.COLOURS), batch["asked_colour"]), (data.SHAPES, batch["asked_shape"])):
+                scores = states @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
+                visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets[row])
     head = torch.stack([layer[:, ROUTE_HEAD] for layer in output.attentions])  # (layers, sequences, query, key)
     rows = torch.arange(len(routes)).unsqueeze(1).expand_as(mask)
     followed = head[routes[..., 0], rows, routes[..., 1], routes[..., 2]]
@@ -224,9 +242,9 @@ def _set_worker_threads(_worker_id: int) -> None:
 
 @torch.enable_grad()  # importing vlmeval switches gradients off process-wide
 def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DEFAULT_BATCH_SIZE,
-          log_every: int = 50, workers: int = 1, log=print):
-    """Train from scratch; deterministic for (family, steps, seed, batch_size) on one thread. Returns the model in
-    eval mode."""
+          log_every: int = 50, workers: int = 1, log=print, readout: bool = False):
+    """Train from scratch; deterministic for (family, steps, seed, batch_size, readout) on one thread. Returns the
+    model in eval mode. ``readout``: add the read-out loss (see ``_losses``)."""
     if seed == data.EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
     torch.set_num_threads(1)  # bit-reproducibility needs a fixed thread count; one is as fast as two here
@@ -242,7 +260,7 @@ def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DE
     for step, batch in enumerate(batches):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        lm_loss, side_loss = _losses(model, batch, family)
+        lm_loss, side_loss = _losses(model, batch, family, readout)
         optimiser.zero_grad()
         (lm_loss + side_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -316,7 +334,7 @@ RECORD_FILE = "TRAINING.md"
 
 
 def write_training_record(folder: str | Path, family: CalibrationFamily, *, steps: int, seed: int, batch_size: int,
-                          seconds: float, checksum: str, accuracy: dict) -> Path:
+                          seconds: float, checksum: str, accuracy: dict, readout: bool = False) -> Path:
     """``TRAINING.md`` in the checkpoint folder: how to reproduce it, on what, how long, and what it scores."""
     import transformers
 
@@ -330,10 +348,11 @@ def write_training_record(folder: str | Path, family: CalibrationFamily, *, step
         "",
         "```bash",
         f"python -m calibration.train --family {family.name} --steps {steps} --seed {seed} "
-        f"--batch-size {batch_size} --out {Path(folder).as_posix()}",
+        f"--batch-size {batch_size}{' --readout-loss' if readout else ''} --out {Path(folder).as_posix()}",
         "```",
         "",
-        f"- steps {steps}, seed {seed}, batch {batch_size} images (3 questions each), 1 training thread + 1 data worker",
+        f"- steps {steps}, seed {seed}, batch {batch_size} images (3 questions each), 1 training thread + 1 data worker"
+        + (", read-out loss" if readout else ""),
         f"- training wall time: {seconds / 60:.1f} min",
         f"- machine: {machine()}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"- weights checksum: `{checksum}`",
@@ -355,6 +374,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: those of the shipped checkpoint")
     parser.add_argument("--seed", type=int, default=None, help="default: the seed of the shipped checkpoint")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--readout-loss", action="store_true",
+                        help="image task: also decode the asked object's colour and shape from the route hops' states "
+                             "after layers 1 and 2 (the video task always does)")
     parser.add_argument("--eval-questions", type=int, default=data.DEFAULT_EVAL_SIZE,
                         help="held-out questions of EVAL_SEED to score at the end")
     args = parser.parse_args()
@@ -368,7 +390,7 @@ def main() -> None:
     steps = family.default_steps if args.steps is None else args.steps
     out = Path(args.out or family.checkpoint.relative_to(ROOT))  # relative: TRAINING.md records the command
     start = time.perf_counter()
-    model = train(family, steps, seed, args.batch_size)
+    model = train(family, steps, seed, args.batch_size, readout=args.readout_loss)
     train_seconds = time.perf_counter() - start
     save(model, out, family)
     samples = [data.make_sample(i, data.EVAL_SEED) for i in range(args.eval_questions)]
@@ -379,7 +401,7 @@ def main() -> None:
     checksum = weights_checksum(model)
     print(f"weights checksum {checksum}")
     write_training_record(out, family, steps=steps, seed=seed, batch_size=args.batch_size,
-                          seconds=train_seconds, checksum=checksum, accuracy=accuracy)
+                          seconds=train_seconds, checksum=checksum, accuracy=accuracy, readout=args.readout_loss)
     print(f"saved to {out} (with {RECORD_FILE})")
 
 
