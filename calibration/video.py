@@ -43,7 +43,9 @@ visual token, head 0 of layer 2 at the question mark to that word, head 0 of lay
 the question mark; none at layer 0, none from the reply to a visual token), that word and the question mark
 predicting the answer, each visual token scored against the embeddings of the colour, shape and direction words
 (attribute losses), the prompt's attribute words predicted, and every attribute of the asked object read out of
-the key word's state after layer 1 and the question mark's after layer 2 (so that both hops carry all of them).
+the key word's state after layer 1 and the question mark's after layer 2 (so that both hops carry all of them),
+and token hiding: half the sequences see only some of the visual tokens, the asked one always among them
+(``hidden_visual_tokens``, ``lm_inputs``), so that the model answers from the asked token whatever else is kept.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ EVAL_SEED = 20_240_918
 DEFAULT_EVAL_SIZE = 300
 RADIUS = (6, 8)  # pixels, inclusive
 SHIFT = 8  # pixels an object moves between the two frames of its step
+HIDE_SHARE = 0.5  # training sequences that see only some of the visual tokens (hidden_visual_tokens)
 _MARGIN = 1
 TOKENS_PER_SECOND = 13  # see the module docstring: temporal positions 0, 1, 2, 3
 DEFAULT_SEED = 1
@@ -299,10 +302,23 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict:
         scenes = [make_training_scene(step * self.batch_size + i, self.seed) for i in range(self.batch_size)]
-        return collate(scenes)
+        return collate(scenes, hide_rng=np.random.default_rng([self.seed, step, 3]))
 
 
-def collate(scenes: list[list[dict]], workdir: str | None = None) -> dict:
+def hidden_visual_tokens(rng: np.random.Generator, asked: int, tokens: int = STEPS * TOKENS_PER_STEP) -> np.ndarray:
+    """Token dropping for training: [tokens] bool, True for the visual tokens one sequence must not see. Half the
+    sequences see all of them; the others a random 1..tokens of them, the asked token always among them. So the
+    model learns to answer from the asked token whatever else a pruning method leaves (without it, an order question
+    failed as soon as any token was removed, the asked one kept)."""
+    hidden = np.zeros(tokens, dtype=bool)
+    if rng.random() < HIDE_SHARE:
+        others = np.delete(np.arange(tokens), asked)
+        kept = rng.integers(1, tokens + 1) - 1  # visible tokens besides the asked one
+        hidden[rng.permutation(others)[kept:]] = True
+    return hidden
+
+
+def collate(scenes: list[list[dict]], workdir: str | None = None, hide_rng: np.random.Generator | None = None) -> dict:
     processor = build_processor()
     tokenizer = processor.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,6 +357,13 @@ def collate(scenes: list[list[dict]], workdir: str | None = None) -> dict:
         # The word and the question mark predict the answer too (labels are shifted: position i + 1 holds
         # what position i predicts).
         labels[row, key + 1] = labels[row, question_mark + 1] = labels[row, reply_start]
+    # Visual tokens hidden from every query of a sequence (the same computation as pruning them, positions kept).
+    hidden = torch.zeros_like(labels, dtype=torch.bool)
+    if hide_rng is not None:
+        for row, sample in enumerate(samples):
+            first_visual = int(video_token[row].nonzero()[0])
+            drop = torch.from_numpy(hidden_visual_tokens(hide_rng, sample["target_tokens"][0]))
+            hidden[row, first_visual:first_visual + drop.numel()] = drop
     video_inputs = processor.video_processor(videos=videos, return_tensors="pt")
     tokens = STEPS * TOKENS_PER_STEP
     targets = {name: torch.full((len(scenes), tokens), -100) for name in pools}
@@ -357,16 +380,35 @@ def collate(scenes: list[list[dict]], workdir: str | None = None) -> dict:
         "prompt_labels": prompt_labels,
         "questions_per_scene": len(scenes[0]),
         "routes": routes,
+        "hidden": hidden,
         **{f"{name}_targets": value.flatten() for name, value in targets.items()},
         **{f"key_{name}_targets": value for name, value in key_targets.items()},
     }
+
+
+def lm_inputs(model, batch) -> dict:
+    """The batch's language-model inputs; where visual tokens are hidden (``batch["hidden"]``), a 4-D additive mask
+    that hides them from every query (eager attention) and the M-RoPE positions the 2-D mask gives."""
+    inputs = dict(batch["model_inputs"])
+    if not batch["hidden"].any():
+        return inputs
+    pad = inputs["attention_mask"].bool()
+    inputs["position_ids"], _ = model.model.get_rope_index(
+        inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), mm_token_type_ids=inputs["mm_token_type_ids"])
+    length = pad.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None] & (pad & ~batch["hidden"])[:, None, :]
+    inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)[:, None]
+    return inputs
 
 
 def _losses(model, batch):
     outputs = model.model.get_video_features(**batch["vision_inputs"], return_dict=True)
     visual_tokens = torch.cat(outputs.pooler_output)
     outputs.pooler_output = tuple(f for f in outputs.pooler_output for _ in range(batch["questions_per_scene"]))
-    output = model(**batch["model_inputs"], labels=batch["labels"], mm_encoder_outputs={"video": outputs},
+    output = model(**lm_inputs(model, batch), labels=batch["labels"], mm_encoder_outputs={"video": outputs},
                    output_attentions=True, output_hidden_states=True)
     tokenizer = build_processor().tokenizer
     embeddings = model.get_input_embeddings().weight

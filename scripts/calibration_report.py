@@ -23,7 +23,9 @@ clip whole, the image methods frame by frame (``IMAGE_METHODS_ON_VIDEO=frame``, 
 Settings fitted to the small model (stated in report.md): VTC-CLS sums the encoder attention of its last
 layer only (``VTC_CLS_START_LAYER=-1``: the encoder has 3 layers, the official start layer 16 assumes 24), and
 PruMerge/PruMerge+ keep the toolkit's keep count (``PRUMERGE_ADAPTIVE=0``) so that every method is compared at
-the same ratio. Methods whose count ignores the keep ratio (VTW) run once.
+the same ratio; on Qwen, ToMe inside the encoder runs without proportional attention (``TOME_PROP_ATTN=0``: Qwen's
+packed vision attention takes no mask). Methods whose count ignores the keep ratio (VTW) run once; methods whose own
+schedule does not fit the model's depth are left out, with the reason in report.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ PLOT_FILE = "calibration_accuracy.png"
 REPORT_FILE = "report.md"
 # Hyper-parameters fitted to the calibration model's size (see the module docstring).
 SMALL_MODEL_PARAMS = {"VTC_CLS_START_LAYER": "-1", "PRUMERGE_ADAPTIVE": "0"}
+# Per family: Qwen's packed vision attention takes no mask, so ToMe in its encoder runs without proportional attention.
+FAMILY_PARAMS = {QWEN.name: {"TOME_PROP_ATTN": "0"}}
 RATIO_FREE = ("vtw_intra_llm",)  # the method withdraws every visual token: KEEP_RATIO is ignored
 RUNNER_FLAGS = ["--device", "cpu", "--judge", "exact_matching",
                 "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
@@ -180,16 +184,17 @@ def machine() -> str:
 
 def write_report(table, work: Path, title: str, seconds: float, parallel: int, intra_layer: int | None,
                  in_process: bool = False, batch_size: int = 1, video: bool = False,
-                 skipped: dict[str, str] | None = None) -> Path:
+                 skipped: dict[str, str] | None = None, params: dict[str, str] | None = None) -> Path:
     from scripts import summarize
 
+    params = SMALL_MODEL_PARAMS if params is None else params
     mode = "configurations sharing runner processes" if in_process else "one runner process per configuration"
     text = "\n".join([
         f"# Calibration report: {title}",
         "",
         f"Machine: {machine()}; {parallel} runner process(es) at a time, {mode}, batch size {batch_size}; "
         f"total time {seconds / 60:.1f} min.",
-        f"Settings for the small model: {', '.join(f'{k}={v}' for k, v in SMALL_MODEL_PARAMS.items())}.",
+        f"Settings for the small model: {', '.join(f'{k}={v}' for k, v in params.items())}.",
         "Single-layer intra-LLM methods at " + ("their default layers." if intra_layer is None
                                                  else f"layer {intra_layer} (INTRA_LLM_LAYER_SPECS)."),
         *(["Video methods see each clip whole; the image methods see it frame by frame (IMAGE_METHODS_ON_VIDEO="
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(checkpoint, method_names, ratios, work / "runs", runner=family.runner,
                 intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
     print(f"{len(jobs)} runs of {samples} questions into {work}", flush=True)
-    env = {**os.environ, "LMUData": str(lmudata), **SMALL_MODEL_PARAMS}
+    params = {**SMALL_MODEL_PARAMS, **FAMILY_PARAMS.get(family.name, {})}
+    env = {**os.environ, "LMUData": str(lmudata), **params}
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel,
                        in_process=not args.separate_processes)
 
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     written = summarize.save_table(table, work) + [
         plot(table, work / PLOT_FILE, title, args.plot_category, video),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,
-                     not args.separate_processes, batch_size, video, skipped)]
+                     not args.separate_processes, batch_size, video, skipped, params)]
     print(summarize.format_table(table), flush=True)
     print("\n".join(f"wrote {path}" for path in written))
     if failed:

@@ -179,6 +179,9 @@ def accuracy(model, processor, held_out, shuffled=False) -> dict[str, float]:
 @pytest.mark.parametrize("stage", ["pre_llm", "intra_llm"])
 def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(model_and_processor, held_out, oracle_methods, stage):
     model, processor = model_and_processor
+    # Down to 4 of 64 tokens (the asked one and 3 others), the model answers from the asked token alone.
+    with patched(custom_qwenvl, PRUNE_METHOD=f"video_oracle_{stage}", KEEP_RATIO=0.05):
+        assert min(accuracy(model, processor, held_out).values()) >= 90.0
     with patched(custom_qwenvl, PRUNE_METHOD=f"video_oracle_{stage}", KEEP_RATIO=KEEP):
         oracle = accuracy(model, processor, held_out)
     with patched(custom_qwenvl, PRUNE_METHOD=f"video_anti_oracle_{stage}", KEEP_RATIO=KEEP):
@@ -206,3 +209,42 @@ def test_shipped_checkpoint_scores_at_least_95_percent_through_vlmevalkit(tmp_pa
     row = table.iloc[0]
     assert (row["method"], row["samples"]) == ("stock", 60)
     assert min(row[f"cat:{category}"] for category in LEARNED) >= 95.0, table.to_string()
+
+
+def test_training_hides_tokens_as_pruning_removes_them(model_and_processor):
+    """Token hiding in training (``video.lm_inputs``: a 4-D mask, positions kept) is the computation the pre-LLM hook
+    does when it removes those tokens; the asked token is never hidden; half the sequences hide nothing."""
+    hides = [video.hidden_visual_tokens(np.random.default_rng([7, i]), asked=i % 64) for i in range(200)]
+    assert not any(h[i % 64] for i, h in enumerate(hides))
+    assert 0.35 < np.mean([h.any() for h in hides]) < 0.65
+    assert np.array_equal(video.hidden_visual_tokens(np.random.default_rng([7, 3]), 3), hides[3])
+
+    model, _ = model_and_processor
+    model.set_attn_implementation("eager")
+    try:
+        scene = video.make_training_scene(0, 5)
+        batch = video.collate([scene], hide_rng=np.random.default_rng(11))
+        row = next(r for r in range(len(scene)) if batch["hidden"][r].any())
+        one = {key: (value[row:row + 1] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value)
+               for key, value in batch["model_inputs"].items()}
+        hidden = batch["hidden"][row:row + 1]
+        with torch.no_grad():
+            features = model.model.get_video_features(**batch["vision_inputs"], return_dict=True)
+            masked = model(**video.lm_inputs(model, {"model_inputs": one, "hidden": hidden}),
+                           mm_encoder_outputs={"video": features}).logits[0]
+        visual = torch.nonzero(one["input_ids"][0] == model.config.video_token_id).flatten()
+        keep = torch.nonzero(~hidden[0, visual]).flatten()
+
+        def kept_tokens(ctx):
+            return keep
+
+        methods.register_prune("hidden_as_pruned_pre_llm", video=True, exact_count=False)(kept_tokens)
+        try:
+            with patched(custom_qwenvl, PRUNE_METHOD="hidden_as_pruned_pre_llm", KEEP_RATIO="0.5"), torch.no_grad():
+                pruned = model(**{**one, **batch["vision_inputs"]}).logits[0]
+        finally:
+            methods._base._REGISTRY.pop("hidden_as_pruned_pre_llm")
+        after = one["input_ids"].shape[1] - int(visual[-1]) - 1  # the text after the video, reply included
+        torch.testing.assert_close(pruned[-after:], masked[-after:], rtol=1e-4, atol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
