@@ -177,7 +177,9 @@ def test_vision_signals_equal_the_encoders_own_eager_attention(family, kind, mod
     inputs = inputs_for(family, kind)
     attentions, keys = encoder_reference(model_for(family, "eager"), inputs, modality)
     model = model_for(family)
-    with patched(KEEP_RATIO=1.0, PRUNE_METHOD="llava_vision_probe_pre_llm"):
+    # A video's signals in one call (IMAGE_METHODS_ON_VIDEO=video), laid out as the span; frame by frame (the
+    # default), each call gets its frame's rows (tests/test_vision_signals.py).
+    with patched(KEEP_RATIO=1.0, PRUNE_METHOD="llava_vision_probe_pre_llm", IMAGE_METHODS_ON_VIDEO="video"):
         forward_logits(model, inputs)
     check_signals(model, inputs, modality, PROBED, attentions, keys, cls=(family == "llava_next"))
 
