@@ -117,6 +117,24 @@ def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[i
     return routes
 
 
+def reply_and_prompt_labels(inputs, replies: list[str], tokenizer, words: list[str]):
+    """(labels, prompt_labels) of right-padded sequences that end with ``replies``: the reply tokens, -100 elsewhere;
+    and the prompt's tokens of ``words`` (the attribute words of the question and the options name objects of the
+    image too: predicting them is an extra training signal for reading the visual tokens; their order is random,
+    the set is not)."""
+    labels = torch.full_like(inputs["input_ids"], -100)
+    lengths = inputs["attention_mask"].sum(1)
+    for row, reply in enumerate(replies):
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+        end = int(lengths[row])
+        assert inputs["input_ids"][row, end - len(reply_ids):end].tolist() == reply_ids
+        labels[row, end - len(reply_ids):end] = torch.tensor(reply_ids)
+    attribute_ids = torch.tensor(word_token_ids(tokenizer, words, prefix=" "))
+    prompt_labels = torch.where(torch.isin(inputs["input_ids"], attribute_ids) & (labels == -100),
+                                inputs["input_ids"], -100)
+    return labels, prompt_labels
+
+
 def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
     """Processor inputs of all questions (right-padded), labels, attention routes, per-token attributes.
 
@@ -129,18 +147,7 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
     replies = [sample["answer_text"] + family.end_of_reply for sample in samples]
     inputs = processor(text=[p + r for p, r in zip(prompts, replies)], images=[[s["image"]] for s in samples],
                        padding=True, padding_side="right", return_tensors="pt")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(1)
-    for row, reply in enumerate(replies):
-        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
-        end = int(lengths[row])
-        assert inputs["input_ids"][row, end - len(reply_ids):end].tolist() == reply_ids
-        labels[row, end - len(reply_ids):end] = torch.tensor(reply_ids)
-    # The attribute words of the question and the options name objects of the image too: predicting them is
-    # an extra training signal for reading the visual tokens (their order is random, the set is not).
-    attribute_ids = torch.tensor(word_token_ids(tokenizer, list(data.COLOURS) + list(data.SHAPES), prefix=" "))
-    prompt_labels = torch.where(torch.isin(inputs["input_ids"], attribute_ids) & (labels == -100),
-                                inputs["input_ids"], -100)
+    labels, prompt_labels = reply_and_prompt_labels(inputs, replies, tokenizer, list(data.COLOURS) + list(data.SHAPES))
     # Attention routes (see ``_routes``), padded to MAX_ROUTES per sequence; the question's last word and its
     # question mark predict the reply word too, so what a route carries is read out on the way.
     routes = torch.zeros(len(samples), MAX_ROUTES, 3, dtype=torch.long)
@@ -247,20 +254,31 @@ def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DE
     model in eval mode. ``readout``: add the read-out loss (see ``_losses``)."""
     if seed == data.EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
-    torch.set_num_threads(1)  # bit-reproducibility needs a fixed thread count; one is as fast as two here
-    model = family.build_model(seed).train()
-    model.set_attn_implementation("eager")  # the route loss reads attention weights
+    model = family.build_model(seed)
+    return optimise(model, _TrainingBatches(family, seed, steps, batch_size), steps,
+                    lambda batch: _losses(model, batch, family, readout), workers, log_every, log)
+
+
+@torch.enable_grad()
+def optimise(model, batches: torch.utils.data.Dataset, steps: int, losses, workers: int = 1, log_every: int = 50,
+             log=print):
+    """The training loop of every calibration task: ``batches[step]`` is the whole batch of a step, ``losses(batch)``
+    its (reply loss, side losses). AdamW, warm-up and cosine decay, gradient clipping, eager attention (the route
+    losses read attention weights), one thread (bit-reproducibility needs a fixed thread count; one is as fast as
+    two here). Returns the model in eval mode, with sdpa attention."""
+    torch.set_num_threads(1)
+    model.train()
+    model.set_attn_implementation("eager")
     optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     # One worker builds the next batches on the other core while this process trains.
-    batches = torch.utils.data.DataLoader(_TrainingBatches(family, seed, steps, batch_size), batch_size=None,
-                                          num_workers=workers, worker_init_fn=_set_worker_threads,
-                                          prefetch_factor=4 if workers else None)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         worker_init_fn=_set_worker_threads, prefetch_factor=4 if workers else None)
     start = time.perf_counter()
     running = []
-    for step, batch in enumerate(batches):
+    for step, batch in enumerate(loader):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        lm_loss, side_loss = _losses(model, batch, family, readout)
+        lm_loss, side_loss = losses(batch)
         optimiser.zero_grad()
         (lm_loss + side_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -270,7 +288,7 @@ def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DE
             lm, side = (sum(values) / len(running) for values in zip(*running))
             elapsed = time.perf_counter() - start
             log(f"step {step + 1}/{steps}  reply loss {lm:.4f}  side losses {side:.4f}  "
-                f"{elapsed / (step + 1):.2f} s/step  {elapsed:.0f} s")
+                f"{elapsed / (step + 1):.2f} s/step  {elapsed:.0f} s", flush=True)
             running = []
     model.set_attn_implementation("sdpa")
     return model.eval()

@@ -329,17 +329,8 @@ def collate(scenes: list[list[dict]], workdir: str | None = None, hide_rng: np.r
     replies = [s["answer_text"] + "<|im_end|>" for s in samples]
     inputs = processor(text=[p + r for p, r in zip(prompts, replies)], videos=sample_videos, padding=True,
                        padding_side="right", return_tensors="pt")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(1)
-    for row, reply in enumerate(replies):
-        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
-        end = int(lengths[row])
-        assert inputs["input_ids"][row, end - len(reply_ids):end].tolist() == reply_ids
-        labels[row, end - len(reply_ids):end] = torch.tensor(reply_ids)
-    words = list(data.COLOURS) + list(data.SHAPES) + list(DIRECTIONS)
-    attribute_ids = torch.tensor(word_token_ids(tokenizer, words, prefix=" "))
-    prompt_labels = torch.where(torch.isin(inputs["input_ids"], attribute_ids) & (labels == -100),
-                                inputs["input_ids"], -100)
+    labels, prompt_labels = image_train.reply_and_prompt_labels(
+        inputs, replies, tokenizer, list(data.COLOURS) + list(data.SHAPES) + list(DIRECTIONS))
     routes = torch.zeros(len(samples), 3, 3, dtype=torch.long)
     pools = {"colour": list(data.COLOURS), "shape": list(data.SHAPES), "direction": list(DIRECTIONS)}
     # Every attribute of the asked object, to be read at the key word after the route's layer (see _losses).
@@ -438,38 +429,14 @@ def _losses(model, batch):
                          + image_train.ROUTE_LOSS_WEIGHT * route_loss)
 
 
-@torch.enable_grad()
 def train(steps: int, seed: int, batch_size: int = image_train.DEFAULT_BATCH_SIZE, log_every: int = 50,
           workers: int = 1, log=print):
-    """Train from scratch; deterministic for (steps, seed, batch_size) on one thread."""
+    """Train from scratch; deterministic for (steps, seed, batch_size) on one thread (``train.optimise``)."""
     if seed == EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
-    torch.set_num_threads(1)
-    model = FAMILY.build_model(seed).train()
-    model.set_attn_implementation("eager")
-    optimiser = torch.optim.AdamW(model.parameters(), lr=image_train.LEARNING_RATE, weight_decay=0.01)
-    batches = torch.utils.data.DataLoader(_Batches(seed, steps, batch_size), batch_size=None, num_workers=workers,
-                                          worker_init_fn=image_train._set_worker_threads,
-                                          prefetch_factor=4 if workers else None)
-    start = time.perf_counter()
-    running = []
-    for step, batch in enumerate(batches):
-        for group in optimiser.param_groups:
-            group["lr"] = image_train._learning_rate(step, steps)
-        lm_loss, side_loss = _losses(model, batch)
-        optimiser.zero_grad()
-        (lm_loss + side_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        running.append((lm_loss.item(), side_loss.item()))
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            lm, side = (sum(values) / len(running) for values in zip(*running))
-            elapsed = time.perf_counter() - start
-            log(f"step {step + 1}/{steps}  reply loss {lm:.4f}  side losses {side:.4f}  "
-                f"{elapsed / (step + 1):.2f} s/step  {elapsed:.0f} s", flush=True)
-            running = []
-    model.set_attn_implementation("sdpa")
-    return model.eval()
+    model = FAMILY.build_model(seed)
+    return image_train.optimise(model, _Batches(seed, steps, batch_size), steps, lambda batch: _losses(model, batch),
+                                workers, log_every, log)
 
 
 # ---------------------------------------------------------------- evaluation
