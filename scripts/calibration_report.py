@@ -65,21 +65,18 @@ def registered_methods() -> list[str]:
     return sorted(methods.load_methods([]))
 
 
-def unfit_schedules(method_names: list[str], checkpoint: Path) -> dict[str, str]:
-    """The methods whose own multi-layer schedule does not fit the checkpoint's decoder depth, and why (the runner
-    would refuse them; e.g. MustDrop's four stages on a 4-layer calibration model)."""
-    import methods
+def unfit_schedules(method_names: list[str], checkpoint: Path, ratio: float) -> dict[str, str]:
+    """The methods whose own multi-layer schedule does not fit the checkpoint's decoder depth at ``ratio``, with the
+    runner's own refusal (``PruneConfig.resolved_for``; e.g. MustDrop's four stages on a 4-layer calibration model)."""
+    from utils import PruneConfig, PruneConfigError
 
     config = json.loads((checkpoint / "config.json").read_text())
     depth = config.get("text_config", config)["num_hidden_layers"]
-    registry, unfit = methods.load_methods([]), {}
+    unfit = {}
     for name in method_names:
-        spec = registry.get(name)
-        if spec is None or spec.default_schedule is None:
-            continue
         try:
-            spec.default_schedule(depth, RATIOS[-1])
-        except ValueError as err:
+            PruneConfig.from_env({"PRUNE_METHOD": name, "KEEP_RATIO": f"{ratio:g}"}).resolved_for(depth)
+        except PruneConfigError as err:
             unfit[name] = str(err)
     return unfit
 
@@ -262,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_data.write_dataset(lmudata, n=samples)
         dataset = data_name = calibration_data.NAME
     method_names = args.methods or registered_methods()
-    skipped = unfit_schedules(method_names, checkpoint)
+    skipped = unfit_schedules(method_names, checkpoint, min(ratios))
     for name, why in skipped.items():
         print(f"not run: {name} ({why})", flush=True)
     method_names = [name for name in method_names if name not in skipped]
@@ -282,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize.collect(work / "runs")
     title = f"{checkpoint.name} ({family.name}) on {data_name}, {samples} held-out questions" + (
         "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}") + (
-        ", 8 frames per clip" if video else "")
+        f", {video_task.FRAMES} frames per clip" if video else "")
     written = summarize.save_table(table, work) + [
         plot(table, work / PLOT_FILE, title, args.plot_category, video),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,

@@ -106,6 +106,6 @@ def test_methods_whose_schedule_does_not_fit_the_model_are_left_out_with_the_rea
     from calibration import video
 
     unfit = calibration_report.unfit_schedules(["mustdrop_intra_llm", "pdrop_intra_llm", "fastv_intra_llm"],
-                                               video.CHECKPOINT)
+                                               video.CHECKPOINT, 0.05)
     assert list(unfit) == ["mustdrop_intra_llm"]  # four stages on a 4-layer model; PyramidDrop's three fit
     assert "4 decoder layers" in unfit["mustdrop_intra_llm"]
