@@ -71,7 +71,8 @@ class QwenAdapter(DecoderAdapter):
         hidden states, the 2-D rotary (cos, sin) and ``cu_seqlens`` (one attention segment per image / video
         frame in full-attention blocks). Patches are in the encoder's order: groups of ``merge**2`` contiguous
         patches form one LLM token, and in Qwen2.5-VL the groups are window-permuted, so token scores are
-        gathered with ``argsort(window_index)``, the merger's own reverse permutation.
+        gathered with ``argsort(window_index)``, the merger's own reverse permutation. ``needs.mean_query``
+        scores each segment's mean query against the tokens' mean keys instead (linear in the patches).
         """
         visual = model.visual
         grid_thw = features_args[f"{modality}_grid_thw"]
@@ -79,7 +80,8 @@ class QwenAdapter(DecoderAdapter):
         windowed = getattr(visual, "fullatt_block_indexes", None)  # Qwen2.5-VL: only these attend globally
         layers = hooks.vision_layers(needs, list(windowed) if windowed else list(range(depth)), depth)
         key_layer = layers[-1] if needs.keys else None
-        received, keys = {}, {}
+        received, per_token, keys = {}, {}, {}
+        unit = visual.spatial_merge_size ** 2
 
         def capture(layer):
             def hook(attn, args, kwargs):
@@ -91,6 +93,9 @@ class QwenAdapter(DecoderAdapter):
                 cos, sin = (p.float().unsqueeze(1) for p in kwargs["position_embeddings"])
                 query, key = (x * cos + rotate_half(x) * sin for x in (query, key))
                 bounds = kwargs["cu_seqlens"].tolist()
+                if needs.mean_query:  # already one score per LLM token
+                    per_token[layer] = hooks.mean_query_attention(query, key, attn.scaling, bounds, unit)
+                    return
                 segments = [torch.arange(start, end) for start, end in zip(bounds, bounds[1:])]
                 received[layer] = hooks.attention_received(query.transpose(0, 1), key.transpose(0, 1),
                                                            attn.scaling, segments)
@@ -98,7 +103,6 @@ class QwenAdapter(DecoderAdapter):
 
         output = hooks.run_with_pre_hooks({visual.blocks[layer].attn: capture(layer) for layer in layers}, run)
 
-        unit = visual.spatial_merge_size ** 2
         order = None
         if windowed:
             from transformers.vision_utils import get_vision_window_index
@@ -112,6 +116,8 @@ class QwenAdapter(DecoderAdapter):
             return per_token if order is None else per_token[order.to(per_token.device)]
 
         attention = {layer: to_tokens(scores, torch.sum) for layer, scores in received.items()}
+        attention.update({layer: scores if order is None else scores[order.to(scores.device)]
+                          for layer, scores in per_token.items()})
         token_keys = to_tokens(keys[key_layer], torch.mean) if key_layer is not None else None
         sizes = [t * h * w for t, h, w in self.span_grids(model, modality, features_args)]
         per_layer = {layer: scores.split(sizes) for layer, scores in attention.items()}

@@ -728,6 +728,21 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
     return received
 
 
+def mean_query_attention(query: torch.Tensor, key: torch.Tensor, scale: float, bounds: list[int],
+                         unit: int) -> torch.Tensor:
+    """[P / unit] attention of each segment's mean query to its tokens (``VisionNeeds.mean_query``): the keys of every
+    ``unit`` consecutive patches (one LLM token) are averaged, then per segment softmax(q_mean . k_token * scale)
+    over the segment's tokens, averaged over heads. ``query``/``key`` are (P, H, d), rotated; ``bounds`` are the
+    segments' patch boundaries (multiples of ``unit``). fp32; linear in P."""
+    token_keys = key.float().view(-1, unit, *key.shape[1:]).mean(dim=1)  # (T, H, d)
+    scores = torch.zeros(token_keys.shape[0], dtype=torch.float32, device=key.device)
+    for start, end in zip(bounds, bounds[1:]):
+        mean_query = query[start:end].float().mean(dim=0)  # (H, d)
+        logits = torch.einsum("hd,thd->ht", mean_query, token_keys[start // unit:end // unit]) * scale
+        scores[start // unit:end // unit] = torch.softmax(logits, dim=-1).mean(dim=0)
+    return scores
+
+
 def vision_by_span(layout: Layout, pending: dict[str, list[VisionSignals]]) -> Callable[[int, int], VisionSignals | None]:
     """Hand every span the vision signals noted for it (see :func:`entries_by_span`)."""
     def length(signals: VisionSignals) -> int:

@@ -66,12 +66,19 @@ class VisionNeeds:
                  (softmax(q k^T / sqrt(C)) of the whole q_proj / k_proj outputs, as PruMerge computes it);
                  "received": instead of the [CLS] row, the attention each patch receives averaged over every query
                  ([CLS] included) and head (``attentions[l].mean(1).mean(1)[:, 1:]``, as HiPrune reads CLIP).
+
+    mean_query:  on the Qwen-VL encoders, score each LLM token by the attention of its segment's MEAN query instead
+                 of the attention it receives: softmax over the segment's tokens of q_mean . k_token * scale, q_mean
+                 the mean of the segment's rotated queries and k_token the mean of the token's rotated patch keys,
+                 then averaged over heads (FastVID's official Qwen2.5-VL salient score; linear in the patches where
+                 the attention received is quadratic). Other encoders give their usual signal.
     """
 
     first_layer: int | None = None
     keys: bool = False
     cls_layers: tuple[int, int] = (-1, -1)
     cls_heads: str = "mean"
+    mean_query: bool = False
     # The environment variable that set first_layer (e.g. "VTC_CLS_START_LAYER"), named in the error raised
     # when it leaves no layer of the encoder to score; not part of equality.
     first_layer_var: str | None = field(default=None, compare=False)
@@ -85,7 +92,8 @@ class VisionSignals:
                the model has no [CLS] token): for every key patch, its attention probability averaged over the
                queries of its attention segment (one image or video frame, padding excluded), then over heads;
                summed over the patches that form LLM token i (Qwen: the 2x2 merge group, Gemma 4: the 3x3
-               pooling bin). Each attention segment's scores therefore sum to 1.
+               pooling bin). Each attention segment's scores therefore sum to 1. With ``VisionNeeds.mean_query``
+               on a Qwen-VL encoder: the segment's mean query's attention instead (also summing to 1 per segment).
     keys:      [N, H, d] fp32 key vectors of the last globally attending layer (H: its key heads), post
                key-norm (if the model has one) and before the rotary embedding, averaged over the patches that
                form each LLM token; None unless the method asked for keys.

@@ -45,12 +45,12 @@ nothing (the official code fails on a zero budget: no salient token to concatena
 its tokens, as the official one-frame segment). KEEP_RATIO 1.0 keeps every token unchanged.
 
 Adaptations:
-  * Salient score: the official Qwen2.5-VL code scores a frame's tokens by softmax(mean query . 2x2-mean key) of the
-    last vision block (post-RoPE, heads averaged); here the toolkit's attention received at the encoder's last
-    globally attending layer (Qwen2.5-VL: the last block, full attention, the same layer; mean of the attention
-    probabilities over the frame's queries, summed over the 2x2 group), the [CLS] row of CLIP layer -2 (LLaVA's
-    feature layer) on LLaVA-1.5 / NeXT, the attention received elsewhere (Qwen2-VL / Qwen3-VL, Gemma 4, SigLIP,
-    InternViT): the toolkit's per-token signals (the frame's mean query is not captured).
+  * Salient score: on the Qwen-VL encoders the official Qwen2.5-VL score itself (``VisionNeeds(mean_query=True)``:
+    softmax over the frame's tokens of the frame's mean query . each token's 2x2-mean key, both rotated, at the
+    last globally attending block -- Qwen2.5-VL's last block, as officially -- heads averaged; Qwen2-VL and
+    Qwen3-VL read it the same way); the [CLS] row of CLIP layer -2 (LLaVA's feature layer) on LLaVA-1.5 / NeXT;
+    the attention received elsewhere (Gemma 4, SigLIP, InternViT: the toolkit's per-token signal, the frame's
+    mean query is not captured there).
   * Exact count (above): the official caps make the kept count fall below the budget (and ratio 1.0 would merge).
   * Fewer than c frames: every transition is cut (the official ``topk(c - 1)`` would fail). Ties (lowest transitions,
     attention, density score) go to the lower index (stable sorts; ``topk`` order is unspecified). Frames may have
@@ -233,9 +233,9 @@ def fastvid_select(features: torch.Tensor, frame: torch.Tensor, attention: torch
     return torch.cat(kept_idx), torch.cat(kept_val)
 
 
-# The official signal is the last vision block's (Qwen2.5-VL's feature layer); LLaVA's CLIP: its feature layer -2.
+# The official signal is the last vision block's mean query (Qwen2.5-VL); LLaVA's CLIP: its feature layer -2.
 @register_prune("fastvid_pre_llm", params=[DYSEG_C, DYSEG_TAU, DYSEG_IGNORE, STPRUNE_D, DTM_P, DTM_BETA, SEED],
-                vision=VisionNeeds(cls_layers=(-2, -2)), video=True)
+                vision=VisionNeeds(cls_layers=(-2, -2), mean_query=True), video=True)
 def fastvid_pre_llm(ctx: PruneContext) -> torch.Tensor | PruneResult:
     """FastVID: DySeg temporal segments, then salient (encoder attention) + density anchors with merging per segment."""
     n = ctx.num_tokens

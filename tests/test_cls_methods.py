@@ -49,7 +49,7 @@ def run(name, ctx):
 def test_every_cls_method_declares_the_official_layers_and_head_reduction():
     assert sorted(name for name, spec in REGISTRY.items() if spec.vision is not None and not spec.video) == CLS_METHODS
     # the video methods that read the encoder: FastVID's salient tokens, HoliTom's dominant ones
-    assert needs("fastvid_pre_llm") == VisionNeeds(cls_layers=(-2, -2), cls_heads="mean")
+    assert needs("fastvid_pre_llm") == VisionNeeds(cls_layers=(-2, -2), cls_heads="mean", mean_query=True)
     assert needs("holitom_pre_llm") == VisionNeeds(cls_layers=(-2, -2), cls_heads="received")
     single = VisionNeeds(keys=True, cls_layers=(-1, -1), cls_heads="single")
     assert needs("prumerge_pre_llm") == needs("prumerge_plus_pre_llm") == single

@@ -58,7 +58,7 @@ def unit_frames(cosines):
 # ---------------------------------------------------------------- registration
 def test_registration_and_official_defaults():
     assert SPEC.stage == PRE_LLM and SPEC.video and SPEC.exact_count
-    assert SPEC.vision_needs({}) == VisionNeeds(cls_layers=(-2, -2))
+    assert SPEC.vision_needs({}) == VisionNeeds(cls_layers=(-2, -2), mean_query=True)
     assert params() == {"FASTVID_DYSEG_C": 8, "FASTVID_DYSEG_TAU": 0.84, "FASTVID_DYSEG_IGNORE": 0.95,
                         "FASTVID_STPRUNE_D": 0.4, "FASTVID_DTM_P": 4, "FASTVID_DTM_BETA": 0.6, "FASTVID_SEED": 0}
 

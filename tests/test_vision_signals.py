@@ -7,6 +7,7 @@
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -138,6 +139,76 @@ def test_attention_received_is_chunked_exactly(monkeypatch):
     assert float(full[:6].sum()) == pytest.approx(1.0) and float(full[[6, 8, 9]].sum()) == pytest.approx(1.0)
     probs = torch.softmax(query[:, :6] @ key[:, :6].transpose(1, 2) * 0.5, dim=-1)
     torch.testing.assert_close(full[:6], probs.mean(dim=1).mean(dim=0))
+
+
+def official_mean_query_scores(model, family, pixels, grid):
+    """FastVID's official Qwen2.5-VL salient score, recomputed from the model's last vision block: the frame's mean
+    rotated query (the model's own ``apply_rotary_pos_emb_vision``) against the 2x2-mean rotated keys, softmax per
+    frame, heads averaged, then un-permuted by the model's own merger."""
+    module = importlib.import_module(MODULES[family])
+    visual = model.model.visual
+    attn, seen = visual.blocks[-1].attn, {}
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"],
+                                                                       **kw), with_kwargs=True)
+    with torch.no_grad():
+        visual(pixels, grid_thw=grid)
+    handle.remove()
+    hidden = seen["hidden"]
+    q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = module.apply_rotary_pos_emb_vision(q, k, *seen["position_embeddings"])
+    unit = visual.spatial_merge_size ** 2
+    scores = []
+    bounds = seen["cu_seqlens"].tolist()
+    for start, end in zip(bounds, bounds[1:]):  # one frame (or image) each
+        mean_query = q[start:end].transpose(0, 1).mean(dim=1, keepdim=True)  # (H, 1, d)
+        keys = k[start:end].transpose(0, 1).reshape(attn.num_heads, -1, unit, k.shape[-1]).mean(dim=2)
+        weights = torch.softmax(mean_query @ keys.transpose(1, 2) / math.sqrt(k.shape[-1]), dim=-1)
+        scores.append(weights.mean(dim=1).mean(dim=0))
+    per_token = torch.cat(scores)
+
+    handle = visual.merger.register_forward_hook(lambda m, a, out: per_token[:, None].to(out.dtype))
+    with torch.no_grad():
+        out = visual(pixels, grid_thw=grid).pooler_output
+    handle.remove()
+    return out[:, 0], per_token
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind, modality", [("two_images", "image"), ("video", "video")])
+def test_mean_query_signal_equals_fastvids_official_score(family, kind, modality, monkeypatch):
+    seen = []
+
+    @methods.register_prune("mean_query_probe_pre_llm", vision=VisionNeeds(mean_query=True))
+    def mean_query_probe_pre_llm(ctx):
+        """Test probe."""
+        seen.append(ctx.vision_attention_received())
+        return torch.arange(ctx.num_tokens)
+
+    try:
+        inputs = inputs_for(family, kind)
+        pixels, grid = (inputs[key] for key in PIXELS[modality])
+        model = build_model(family)
+        expected, in_encoder_order = official_mean_query_scores(model, family, pixels, grid)
+        with patched(KEEP_RATIO=1.0, PRUNE_METHOD="mean_query_probe_pre_llm"):
+            forward_logits(model, inputs)
+    finally:
+        methods._base._REGISTRY.pop("mean_query_probe_pre_llm")
+    for scores in seen:  # one call per image or frame; each sums to 1
+        assert float(scores.sum()) == pytest.approx(1, abs=1e-5)
+    torch.testing.assert_close(torch.cat(seen), expected, rtol=1e-5, atol=1e-6)
+    if family == "qwen2_5_vl" and kind == "two_images":  # windows permuted: no un-permutation would fail
+        assert not torch.allclose(in_encoder_order, expected)
+
+
+def test_mean_query_attention_on_hand_made_keys():
+    """Two heads, 4 patches = 2 tokens of 2 patches, one segment: the mean query points at token 1's mean key."""
+    query = torch.tensor([[[1.0, 0.0]] * 2, [[3.0, 0.0]] * 2, [[0.0, 0.0]] * 2, [[0.0, 0.0]] * 2])  # mean (1, 0)
+    key = torch.tensor([[[0.0, 1.0]] * 2, [[0.0, -1.0]] * 2, [[2.0, 0.0]] * 2, [[0.0, 0.0]] * 2])  # means 0, (1, 0)
+    scores = hooks.mean_query_attention(query, key, 1.0, [0, 4], 2)
+    e = math.exp(1.0)
+    torch.testing.assert_close(scores, torch.tensor([1 / (1 + e), e / (1 + e)]))
+    two = hooks.mean_query_attention(query, key, 1.0, [0, 2, 4], 2)  # a segment per token: each gets 1
+    torch.testing.assert_close(two, torch.ones(2))
 
 
 def test_vision_layers_follow_the_request():
