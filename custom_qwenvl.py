@@ -188,7 +188,10 @@ class QwenAdapter(DecoderAdapter):
         kwargs["position_ids"] = torch.cat([text.unsqueeze(0).to(rope.dtype), selection.gather(rope, dim=2)])
         if self.deepstack and kwargs.get("visual_pos_masks") is not None:
             self._shorten_deepstack(selection, kwargs)
-        dropped = selection.prefill_length - length
+        self.on_cache_shortened(call, selection.prefill_length - length)
+
+    def on_cache_shortened(self, call, dropped):
+        # Decode steps are numbered from layer 0's cache length plus rope_deltas: grow the deltas by what was dropped.
         if dropped and getattr(call.model, "rope_deltas", None) is not None:
             model, stock = call.model, call.model.rope_deltas
             model.rope_deltas = pruned = stock + dropped

@@ -74,12 +74,12 @@ FAILED_SKIPS = {"invalid_dataset", "No infer result found", "Incomplete infer re
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # The hook machinery and the runner plumbing: their code decides predictions as much as a method's does.
-MACHINERY_MODULES = ("hooks", "encoder_stage", "patching", "utils", "evalkit")
-_PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_", "VIT_")
+MACHINERY_MODULES = ("hooks", "encoder_stage", "kv_stage", "patching", "utils", "evalkit")
+_PRUNING_ENV_PREFIXES = ("PRUNE_", "KEEP_RATIO", "INTRA_LLM_", "VIT_", "KV_")
 # The variables that select the pruning stages: each entry of --configurations (and each run of scripts/sweep.py) sets
 # its own and clears the rest; method hyper-parameters pass through.
 SELECTION_VARS = ("KEEP_RATIO", "PRUNE_METHOD", "PRUNE_METHOD_VIT", "PRUNE_METHOD_PRE_LLM", "PRUNE_METHOD_INTRA_LLM",
-                  "VIT_LAYER_SPECS", "INTRA_LLM_LAYER_SPECS")
+                  "VIT_LAYER_SPECS", "INTRA_LLM_LAYER_SPECS", "KV_METHOD", "KV_BUDGET")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,9 @@ def run_tag(config: PruneConfig) -> str:
     parts += [f"L{s.layer}-{s.method}-{_ratio(s.ratio)}" for s in config.intra_llm]
     if config.scheduled:
         parts.append(f"{config.scheduled.method}-{_ratio(config.scheduled.ratio)}")
+    if config.kv:
+        budget = _ratio(config.kv.fraction) if config.kv.fraction is not None else str(config.kv.count)
+        parts.append(f"{config.kv.method}-{budget}")
     return "+".join(parts)
 
 
@@ -160,6 +163,7 @@ def method_code(config: PruneConfig) -> dict[str, str]:
     """``file -> digest`` of every method module a run uses: the file of each configured method (built-in or from
     PRUNE_METHODS_PATH) and, transitively, the method modules it imports (e.g. PruMerge+ uses PruMerge's code)."""
     names = {stage.method for stage in config.stages} | ({config.scheduled.method} if config.scheduled else set())
+    names |= {config.kv.method} if config.kv else set()
     registry = methods.registered_methods()
     pending = [sys.modules[registry[name].fn.__module__] for name in sorted(names)]
     seen: dict[str, ModuleType] = {}
@@ -365,9 +369,10 @@ class TokenLog:
     def write(self, dataset: str | None, message, record, row: int = 0) -> None:
         """``record``: the last prefill's; ``row``: the sample's row in it (a batched generate call's record holds
         every sample of the batch)."""
+        kv = {str(layer): {"before": n["before"][row], "after": n["after"][row]} for layer, n in record.kv_layers.items()}
         record = replace(record, spans=[record.spans[row]])
         line = {"dataset": dataset, "key": sample_key(message), "tokens": record.totals(),
-                "spans": record.as_dict()[0]}
+                "spans": record.as_dict()[0], **({"kv_cache": kv} if kv else {})}
         with open(self.path(dataset or "unknown"), "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 

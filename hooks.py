@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 import methods
+import kv_stage
 import profiling
 from methods import PRE_LLM, VIT, PruneContext, PruneResult, SignalSource, VideoFrames, VisionNeeds, VisionSignals
 from utils import PruneConfig, PruneConfigError, Stage, keep_count
@@ -75,6 +76,8 @@ class ForwardRecord:
     """Visual tokens per span before and after each stage, for one prefill; read by runners and profilers."""
 
     spans: list[list[Span]]  # per sample
+    # The KV stage's per-layer outcome: layer -> {"before": [entries per sample], "after": [kept per head per sample]}
+    kv_layers: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
     def as_dict(self) -> list[list[dict]]:
         return [[{"modality": s.modality, "grid": s.grid, "tokens": dict(s.counts)} for s in sample]
@@ -835,6 +838,10 @@ class FamilyAdapter:
         """Pre-LLM: shorten every per-token input of the language model (the embeddings are done)."""
         raise NotImplementedError
 
+    def on_cache_shortened(self, call, dropped: int) -> None:
+        """The prefill left ``dropped`` fewer entries in layer 0's cache than the language model's input had (the KV
+        stage): a model that numbers decode steps from that cache's length must number them as stock."""
+
     def decode_lm_inputs(self, kwargs: dict, mask_2d: torch.Tensor | None, call) -> None:
         """A decode step after pre-LLM pruning: give the language model the kept-layout 2-D mask."""
         kwargs["attention_mask"] = mask_2d
@@ -986,7 +993,7 @@ class DecoderAdapter(FamilyAdapter):
     def decode_lm_inputs(self, kwargs, mask_2d, call):
         kwargs["attention_mask"] = mask_2d
         if kwargs.get("position_ids") is None:  # the text model would count the pruned cache: number as stock
-            step = call.state.pre_map.prefill_length + call.state.decoded - 1
+            step = call.state.lm_input_length + call.state.decoded - 1
             embeds = kwargs["inputs_embeds"]
             kwargs["position_ids"] = torch.full((embeds.shape[0], 1), step, dtype=torch.long, device=embeds.device)
 
@@ -1049,6 +1056,8 @@ class PruningState:
     record: ForwardRecord | None = None
     pre_map: StageMap | None = None
     intra_maps: list[StageMap] = field(default_factory=list)
+    kv_maps: dict = field(default_factory=dict)  # decoder layer -> kv_stage.KVMap of its compressed cache
+    lm_input_length: int = 0  # the language model's input length in the last prefill, before any stage
     decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
     # The cache the last prefill wrote (a weak reference): a later call is a decode step of that prefill only when it
     # continues this very cache; any other call starts fresh.
@@ -1069,11 +1078,18 @@ class PruningState:
 
     def forget_prefill(self) -> None:
         """Drop what decode steps of the last prefill would need (its stage maps and cache)."""
-        self.pre_map, self.intra_maps, self.decoded, self.prefill_cache = None, [], 0, None
+        self.pre_map, self.intra_maps, self.kv_maps, self.decoded, self.prefill_cache = None, [], {}, 0, None
 
     @property
     def pruned(self) -> bool:
-        return self.pre_map is not None or bool(self.intra_maps)
+        return self.pre_map is not None or bool(self.intra_maps) or bool(self.kv_maps)
+
+    def maps_until(self, layer: int) -> list:
+        """The maps that shaped decoder layer ``layer``'s cache, in order: pre-LLM, the intra-LLM stages at layers
+        <= ``layer`` that dropped keys, and the layer's own KV-stage map."""
+        kept_keys = [m for m in self.intra_maps if m.layer <= layer and not m.queries_only]
+        kv = [self.kv_maps[layer]] if layer in self.kv_maps else []
+        return ([self.pre_map] if self.pre_map else []) + kept_keys + kv
 
     def undo_model_changes(self) -> None:
         while self.undo:
@@ -1084,7 +1100,8 @@ class PruningState:
         return cache is not None and self.prefill_cache is not None and self.prefill_cache() is cache
 
     def finish_record(self, spans: list[list[Span]]) -> None:
-        self.record = ForwardRecord(spans)
+        self.record = ForwardRecord(spans, {layer: {"before": m.before, "after": m.after}
+                                            for layer, m in sorted(self.kv_maps.items())})
         for listener in self.listeners:
             listener(self.record)
 
@@ -1120,6 +1137,7 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
     stages = {s.layer: s for s in config.intra_llm}
     layers = text_model.layers
     handles = []
+    kv = config.kv
     # Prefill: the current layout, the index of the kept tokens into the language model's input sequence
     # (the loop's per-token tensors stay full length), and the masks rebuilt at the last stage.
     current: dict[str, Any] = {"layout": layout, "index": None, "masks": None}
@@ -1164,17 +1182,38 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                     rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
             else:
                 rest = loop_args
-                if layer in stages and not adapter.queries_only(text_model, layer):
-                    mask = state.decode_mask(attention_mask_2d, state_maps_until(layer))
+                if layer in state.kv_maps or (layer in stages and not adapter.queries_only(text_model, layer)):
+                    mask = state.decode_mask(attention_mask_2d, state.maps_until(layer))
                     current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
                 if current["masks"] is not None:
                     kwargs["attention_mask"] = current["masks"][adapter.layer_type(text_model, layer)]
             return (hidden,) + rest, kwargs
         return hook
 
-    def state_maps_until(layer):
-        kept_keys = [m for m in state.intra_maps if m.layer <= layer and not m.queries_only]
-        return ([state.pre_map] if state.pre_map else []) + kept_keys
+    kv_inputs: dict[int, AttentionInput] = {}
+
+    def capture_kv_input(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kv_inputs[layer] = _attention_input(hidden, kwargs)
+        return hook
+
+    def compress_cache(layer):
+        """After decoder layer ``layer``'s prefill: the KV stage on its cache (kv_stage.py)."""
+        def hook(module, args, kwargs, output):
+            inp = kv_inputs.pop(layer)
+            holder = kwargs.get("past_key_values", cache)
+            if holder is None:
+                raise RuntimeError("KV_METHOD needs the prefill to write a cache (use_cache=True)")
+            layer_cache = holder.layers[layer]
+            before = profiling.cache_bytes(layer_cache)
+            with profiling.stage(kv):
+                state.kv_maps[layer] = kv_stage.compress_layer(
+                    kv, config.params.get(kv.method, {}), layer, layer_cache,
+                    lambda b: LayerSignals(adapter, text_model, b, {layer: lambda: inp}, None),
+                    current["layout"], len(layers), text_model.config.num_attention_heads)
+            profiling.kv_stage_freed(before, profiling.cache_bytes(layer_cache))
+        return hook
 
     def prune_here(layer, stage, hidden, kwargs):
         layout = current["layout"]
@@ -1206,12 +1245,15 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         adapter.on_intra_selection(text_model, selection, layer)
         return new_hidden
 
-    first = min(stages)
+    first = 0 if kv is not None else min(stages)
     try:
         if prefill:  # registered first: a stage at layer 0 must see it captured
             handles.append(layers[0].register_forward_pre_hook(capture_entry, with_kwargs=True))
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
+            if prefill and kv is not None:
+                handles.append(layers[i].self_attn.register_forward_pre_hook(capture_kv_input(i), with_kwargs=True))
+                handles.append(layers[i].register_forward_hook(compress_cache(i), with_kwargs=True))
         if prefill:
             for k in stages:
                 if k >= 1:

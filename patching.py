@@ -29,6 +29,7 @@ import torch
 
 import encoder_stage
 import hooks
+import kv_stage
 import methods
 import profiling
 from hooks import FamilyAdapter, PruningState
@@ -168,6 +169,8 @@ class FamilyPatch:
             _check_dispatch(model)
             self._wrap_text(type(model.language_model))  # a language model of a class not listed in the Target
             adapter.check_model(config, model)
+            if config.kv is not None:
+                kv_stage.check_model(config.kv, model.language_model)
             if config.vit:
                 adapter.check_vit(model)
             state = PruningState(config)
@@ -309,17 +312,18 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         return original(text_model, **kwargs)
 
     state.record = None  # a new prefill: the last one's record goes (its stage maps went above)
+    state.lm_input_length = embeds.shape[1]
     mask = adapter.mask_2d(kwargs, call)
     layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids, adapter.join_runs)
     for span in (span for sample in layout.spans for span in sample if span.video is not None and span.grid):
         span.times = adapter.frame_times(call.model, call.args, span.video, span.grid[0]) or span.times
-    if not any(layout.spans):
+    if not any(layout.spans) and config.kv is None:
         state.finish_record(layout.spans)
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
             output = original(text_model, **kwargs)  # text-only prompt: untouched
         _note_prefill_cache(state, output, cache)
         return output
-    if vit or config.pre_llm is not None:
+    if any(layout.spans) and (vit or config.pre_llm is not None):
         selection = _before_lm(config, layout, embeds, vit, vision)
         kwargs["inputs_embeds"] = selection.gather_tokens(embeds)
         adapter.shorten_lm_inputs(selection, kwargs, call)
@@ -330,6 +334,9 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
                 _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
             output = original(text_model, **kwargs)
         _note_prefill_cache(state, output, cache)
+        if 0 in state.kv_maps:  # the model numbers decode steps from layer 0's cache length
+            kv_map = state.kv_maps[0]
+            adapter.on_cache_shortened(call, kv_map.prefill_length - kv_map.index.shape[1])
         return adapter.finish_lm_output(output, kwargs, pruned=True)
     finally:
         state.finish_record(layout.spans)
@@ -363,8 +370,9 @@ def _decode_step(original, text_model, call: Call, kwargs: dict):
                                   "(no chunked prefill, no reuse of a pruned cache across generate calls)")
     state.decoded += 1
     mask = adapter.mask_2d(kwargs, call)
-    if state.pre_map is not None:
-        adapter.decode_lm_inputs(kwargs, state.decode_mask(mask, [state.pre_map]), call)
+    entry_maps = state.maps_until(0) if state.kv_maps else [state.pre_map] if state.pre_map else []
+    if entry_maps:  # the language model's own mask and positions follow layer 0's cache
+        adapter.decode_lm_inputs(kwargs, state.decode_mask(mask, entry_maps), call)
     with adapter.positions_context(text_model, call), \
             _intra_llm(adapter, text_model, call, kwargs, None, mask, kwargs.get("past_key_values")):
         return original(text_model, **kwargs)
@@ -385,7 +393,7 @@ def _warn_once(state: PruningState, key: str, message: str) -> None:
 
 @contextlib.contextmanager
 def _intra_llm(adapter: FamilyAdapter, text_model, call: Call, kwargs: dict, layout, mask_2d, cache):
-    if not call.state.config.intra_llm:
+    if not call.state.config.intra_llm and call.state.config.kv is None:
         yield
         return
     with hooks.intra_llm_hooks(adapter, text_model, call.state, layout, mask_2d, cache), \

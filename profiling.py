@@ -164,6 +164,8 @@ class Sample:
     spans: list | None = None  # the prefill's spans (hooks.Span), whose counts the stages fill in
     cache: Any = None  # the prefill's KV cache, read again at the end
     kv_cache_bytes: int | None = None
+    cached_tokens: float | None = None  # the prefill's cache: entries per layer, mean over the layers that own one
+    kv_stage_freed_bytes: int | None = None  # what the KV stage (KV_METHOD) removed from the prefill's cache
 
 
 _ACTIVE: contextvars.ContextVar[Sample | None] = contextvars.ContextVar("profiled_sample", default=None)
@@ -175,6 +177,13 @@ def region(name: str, cache=None, spans=None):
     ``LM_PREFILL`` takes the prefill's cache (its size is read right after the region) and spans."""
     sample = _ACTIVE.get()
     return _NOTHING if sample is None else _region(sample, name, cache, spans)
+
+
+def kv_stage_freed(bytes_before: int, bytes_after: int) -> None:
+    """Note what the KV stage removed from one layer's cache, for the active sample; a no-op when none is active."""
+    sample = _ACTIVE.get()
+    if sample is not None:
+        sample.kv_stage_freed_bytes = (sample.kv_stage_freed_bytes or 0) + bytes_before - bytes_after
 
 
 def stage(stage_: Stage):
@@ -194,6 +203,7 @@ def _region(sample: Sample, name: str, cache, spans):
     else:
         sample.lm_prefill, sample.spans, sample.cache = (start, end), spans, cache
         sample.kv_cache_bytes = cache_bytes(cache)  # tensor metadata only: no synchronisation
+        sample.cached_tokens = cached_tokens(cache)
 
 
 @contextlib.contextmanager
@@ -221,10 +231,12 @@ class _TokenClock(StoppingCriteria):
 # --------------------------------------------------------------------------------------------------
 def cache_bytes(cache) -> int | None:
     """Bytes of the storages that a cache's key and value tensors hold, summed over its layers (layers that hold
-    nothing, e.g. KV-shared ones, count 0; a sliding layer counts what it really keeps)."""
+    nothing, e.g. KV-shared ones, count 0; a sliding layer counts what it really keeps); also of one cache layer."""
     layers = getattr(cache, "layers", None)
     if layers is None:
-        return None
+        if not hasattr(cache, "keys"):
+            return None
+        layers = [cache]
     storages = {}
     for layer in layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -232,6 +244,14 @@ def cache_bytes(cache) -> int | None:
                 storage = tensor.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def cached_tokens(cache) -> float | None:
+    """Entries per sequence a cache holds, averaged over its layers that hold any (KV-shared layers hold none):
+    the size at which token pruning and KV-cache compression are compared ("equivalent cached tokens")."""
+    lengths = [layer.keys.shape[-2] for layer in getattr(cache, "layers", None) or ()
+               if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel()]
+    return sum(lengths) / len(lengths) if lengths else None
 
 
 def tokens_per_layer(counts: dict[str, int], num_layers: int) -> list[int]:
@@ -329,7 +349,10 @@ class Profiler:
                                           if sample.steps > 1 else None)
         metrics.update(generate_ms=ms(sample.start, sample.end), new_tokens=sample.steps,
                        peak_memory_bytes=peak, peak_memory_increase_bytes=increase,
-                       kv_cache_bytes=sample.kv_cache_bytes, kv_cache_final_bytes=cache_bytes(sample.cache))
+                       kv_cache_bytes=sample.kv_cache_bytes, kv_cache_final_bytes=cache_bytes(sample.cache),
+                       cached_tokens_per_layer=sample.cached_tokens)
+        if sample.kv_stage_freed_bytes is not None and sample.kv_cache_bytes is not None:
+            metrics["kv_cache_bytes_before_kv_stage"] = sample.kv_cache_bytes + sample.kv_stage_freed_bytes
         if sample.spans is not None:
             tokens = visual_tokens(sample.spans)
             for label, n in tokens.items():

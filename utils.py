@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 import methods
-from methods import INTRA_LLM, PRE_LLM, VIT, MethodSpec
+from methods import INTRA_LLM, KV, PRE_LLM, VIT, MethodSpec
 
 TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
 
@@ -76,6 +76,26 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class KVStage:
+    """The KV-cache stage (KV_METHOD, KV_BUDGET): after the prefill, every decoder layer's cache keeps ``budget``
+    entries per KV head, a fraction of the layer's cached prompt entries (``fraction``) or a count (``count``)."""
+
+    method: str
+    fraction: float | None = None
+    count: int | None = None
+
+    def budget(self, entries: int) -> int:
+        """Entries to keep per head of a layer that cached ``entries`` prompt tokens (at least 1, at most all)."""
+        if self.count is not None:
+            return max(1, min(self.count, entries))
+        return keep_count(entries, self.fraction)
+
+    @property
+    def label(self) -> str:
+        return "kv"
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """Latency and memory profiling (``profiling.py``): METHOD_TIME, PREFILL_TIME and PROFILE_WARMUP.
 
@@ -106,12 +126,14 @@ class PruneConfig:
     # its own keep count (also where the model lays a video out as one span, Qwen2-VL / Qwen2.5-VL), or "video",
     # every frame of the video in one call (also where the model lays frames out as separate spans).
     image_methods_on_video: str = "frame"
+    kv: KVStage | None = None  # the KV-cache stage after the prefill (KV_METHOD, KV_BUDGET)
     profile: ProfileConfig = ProfileConfig()  # changes no prediction, so it is not part of describe()
     _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # depth -> config
 
     @property
     def active(self) -> bool:
-        return bool(self.vit) or self.pre_llm is not None or bool(self.intra_llm) or self.scheduled is not None
+        return (bool(self.vit) or self.pre_llm is not None or bool(self.intra_llm) or self.scheduled is not None
+                or self.kv is not None)
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -152,7 +174,7 @@ class PruneConfig:
         """JSON-friendly form, e.g. to namespace and record a run."""
         public = {f.name: getattr(self, f.name) for f in fields(self)
                   if not f.name.startswith("_") and f.name != "profile"}
-        return json.loads(json.dumps(public, default=lambda v: asdict(v) if isinstance(v, Stage) else str(v)))
+        return json.loads(json.dumps(public, default=lambda v: asdict(v) if isinstance(v, (Stage, KVStage)) else str(v)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PruneConfig":
@@ -186,7 +208,7 @@ def _lookup_method(var: str, name: str, registry: Mapping[str, MethodSpec], stag
     return spec
 
 
-_STAGE_LABELS = {VIT: "ViT", PRE_LLM: "pre-LLM", INTRA_LLM: "intra-LLM"}
+_STAGE_LABELS = {VIT: "ViT", PRE_LLM: "pre-LLM", INTRA_LLM: "intra-LLM", KV: "KV-cache"}
 
 
 def _article(word: str) -> str:
@@ -280,6 +302,9 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     generic = named("PRUNE_METHOD")
     if generic:
         spec = _lookup_method("PRUNE_METHOD", generic, registry)
+        if spec.stage == KV:
+            raise _fail("PRUNE_METHOD", generic, "is a KV-cache method, configured by KV_METHOD and KV_BUDGET",
+                        f"KV_METHOD={generic} with KV_BUDGET (a fraction in (0, 1] or a count of entries)")
         var, other = f"PRUNE_METHOD_{spec.stage.upper()}", by_stage[spec.stage]
         if other and other != generic:
             raise _fail("PRUNE_METHOD", generic, f"conflicts with {var}={other!r}", f"set only one of PRUNE_METHOD and {var}")
@@ -324,11 +349,37 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
         raise _fail("IMAGE_METHODS_ON_VIDEO", env["IMAGE_METHODS_ON_VIDEO"], "unknown scope",
                     "frame (each frame alone, the default) or video (all frames of a video in one call)")
 
+    kv = _parse_kv(env, registry)
     used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
+    used |= {kv.method} if kv else set()
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
     _warn_ignored(env, keep_text, used, registry)
     return PruneConfig(vit=tuple(vit), pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled,
-                       image_methods_on_video=scope_text, profile=profile)
+                       image_methods_on_video=scope_text, kv=kv, profile=profile)
+
+
+def _parse_kv(env: Mapping[str, str], registry: Mapping[str, MethodSpec]) -> KVStage | None:
+    """KV_METHOD and KV_BUDGET: a budget is required with a method and refused without one."""
+    name = env.get("KV_METHOD", "").strip()
+    budget_text = env.get("KV_BUDGET", "").strip()
+    allowed_budget = "a fraction in (0, 1] of each layer's cached prompt entries (e.g. 0.25) or a count of entries >= 1 " \
+                     "(e.g. 512)"
+    if name.lower() in _NONE_VALUES:
+        if budget_text:
+            raise _fail("KV_BUDGET", budget_text, "is set but KV_METHOD is not", "KV_METHOD=<a *_kv method> with it")
+        return None
+    spec = _lookup_method("KV_METHOD", name, registry, KV)
+    if not budget_text:
+        raise _fail("KV_BUDGET", budget_text, f"required with KV_METHOD={name}", allowed_budget)
+    if re.fullmatch(r"\d+", budget_text) and int(budget_text) > 1:
+        return KVStage(spec.name, count=int(budget_text))
+    try:
+        fraction = float(budget_text)
+    except ValueError:
+        raise _fail("KV_BUDGET", budget_text, "not a number", allowed_budget) from None
+    if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
+        raise _fail("KV_BUDGET", budget_text, "out of range", allowed_budget)
+    return KVStage(spec.name, fraction=fraction)
 
 
 def _warn_ignored(env: Mapping[str, str], keep_text: str, used: set[str], registry: Mapping[str, MethodSpec]) -> None:

@@ -17,11 +17,14 @@ from typing import Iterable
 from methods import _base
 from methods._base import (
     INTRA_LLM,
+    KV,
     PRE_LLM,
     STAGES,
     VIT,
     EncoderSignals,
     HyperParam,
+    KVContext,
+    KVSignalSource,
     MethodSpec,
     PruneContext,
     PruneResult,
@@ -38,6 +41,9 @@ from methods._base import (
 
 __all__ = [
     "INTRA_LLM",
+    "KV",
+    "KVContext",
+    "KVSignalSource",
     "PRE_LLM",
     "STAGES",
     "VIT",

@@ -5,6 +5,9 @@ A pruning method is a function ``fn(ctx: PruneContext) -> indices | PruneResult`
 ``@register_prune('<name>_pre_llm')`` or ``@register_prune('<name>_intra_llm')``. It sees tensors only:
 no model classes, no environment variables (its hyper-parameters arrive validated in ``ctx.params``).
 See ``methods/_template.py`` for a commented example.
+
+A KV-cache method (``@register_prune('<name>_kv')``) is a function ``fn(ctx: KVContext) -> indices``: after the
+prefill it chooses, per decoder layer and KV head, which cached entries the decode steps keep.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 VIT = "vit"
 PRE_LLM = "pre_llm"
 INTRA_LLM = "intra_llm"
-STAGES = (VIT, PRE_LLM, INTRA_LLM)
+KV = "kv"
+STAGES = (VIT, PRE_LLM, INTRA_LLM, KV)
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,74 @@ class PruneContext:
         return torch.Generator().manual_seed(seed * 1_000_003 + self.span_key)
 
 
+class KVSignalSource:
+    """What the KV stage provides for lazily computed signals of one sample and layer (implemented by the hooks)."""
+
+    def window_attention(self, window: int) -> torch.Tensor:  # [H_q, w, L]
+        raise NotImplementedError
+
+    def attention_column_sums(self, block_rows: int | None = None) -> torch.Tensor:  # [H_q, L]
+        raise NotImplementedError
+
+
+@dataclass
+class KVContext:
+    """ONE decoder layer's cache of ONE sample after the prefill, as a KV-cache method (``*_kv``) sees it.
+
+    keys:        [H_kv, L, d] the cached keys of the sample's L prompt entries (padding left out), exactly as the
+                 layer caches them: after the key norm and the rotary embedding.
+    values:      [H_kv, L, d] the cached values.
+    budget:      entries per KV head the configured KV_BUDGET gives this layer (a fraction of L, or a count capped at
+                 L); a method with its own per-layer budgets (PyramidKV) derives them from it.
+    layer:       the decoder layer; ``num_layers`` the model's depth.
+    visual:      [L] bool, True for the entries of image and video tokens.
+    query_heads: H_q, the layer's query heads; query head h reads KV head h // (H_q // H_kv).
+
+    A method returns LongTensor indices into the L entries: [K] (the same entries for every KV head) or [H_kv, K]
+    (per head, the same count K for every head). Entries are kept in their original order whatever the order of
+    the indices; the kept keys keep their rotary positions, and the tokens generated next are numbered as without
+    compression.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    budget: int
+    layer: int
+    num_layers: int
+    visual: torch.Tensor
+    query_heads: int
+    params: Mapping[str, Any]
+    _signals: KVSignalSource | None = field(default=None, repr=False)
+
+    @property
+    def num_entries(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    def _need_signals(self) -> KVSignalSource:
+        if self._signals is None:
+            raise RuntimeError("attention signals are only available inside the KV stage")
+        return self._signals
+
+    def window_attention(self, window: int) -> torch.Tensor:
+        """[H_q, w, L] fp32 attention probabilities of the last ``w`` prompt tokens (the observation window, clipped
+        to L) to every entry, as the layer computed them in the prefill (causal; softmax over the entries each row
+        may see). Computed from the layer's own queries and the cached keys, never an L x L matrix."""
+        return self._need_signals().window_attention(window)
+
+    def attention_column_sums(self) -> torch.Tensor:
+        """[H_q, L] fp32 attention each entry received in the prefill, summed over every prompt row (H2O's
+        accumulated attention score); computed in blocks of rows, never an L x L matrix."""
+        return self._need_signals().attention_column_sums()
+
+    def per_kv_head(self, scores: torch.Tensor) -> torch.Tensor:
+        """[H_q, ...] query-head scores to [H_kv, ...]: the mean over each KV head's group of query heads."""
+        return scores.view(self.kv_heads, self.query_heads // self.kv_heads, *scores.shape[1:]).mean(dim=1)
+
+
 @dataclass
 class EncoderSignals:
     """What a ViT-stage method may read of the encoder block just run (one encoded image), see ``PruneContext``."""
@@ -418,7 +490,8 @@ def register_prune(
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
     video: bool = False,
 ):
-    """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm``) fixes its stage.
+    """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm`` / ``_kv``) fixes its
+    stage (a ``_kv`` method receives a :class:`KVContext` instead of a :class:`PruneContext`).
 
     ``vision``: the vision-encoder signals a pre-LLM method reads (``ctx.vision_attention_received()``,
     ``ctx.vision_keys()``), or a function of its hyper-parameters returning them (e.g. a layer range).
@@ -426,9 +499,13 @@ def register_prune(
     """
     stage = stage_of(name)
     if stage is None:
-        raise RegistrationError(f"method name {name!r} must end with '_vit', '_pre_llm' or '_intra_llm'",
-                                "a method name ending in '_vit', '_pre_llm' or '_intra_llm' (the suffix fixes "
-                                "the stage)")
+        raise RegistrationError(f"method name {name!r} must end with '_vit', '_pre_llm', '_intra_llm' or '_kv'",
+                                "a method name ending in '_vit', '_pre_llm', '_intra_llm' or '_kv' (the suffix "
+                                "fixes the stage)")
+    if stage == KV and (default_layer is not None or default_schedule is not None or video or not exact_count):
+        raise RegistrationError(f"KV-cache method {name!r} takes no default_layer, default_schedule, video or "
+                                "exact_count", "register_prune(name, params=[...]) for a method whose name ends in "
+                                "'_kv' (it runs on every decoder layer's cache)")
     if stage == INTRA_LLM and default_layer is None and default_schedule is None:
         raise RegistrationError(f"intra-LLM method {name!r} needs a default_layer or a default_schedule",
                                 "register_prune(name, default_layer=K) or default_schedule=...")

@@ -25,6 +25,10 @@ The contract
   prompt token at layer K-1), ``ctx.attention_to_span_blocks(rows, layer)`` (many rows, block by block),
   ``ctx.key_states(layer)``, ``ctx.final_normed_hidden_states()``, ``ctx.span_input_embeddings()``.
   Signals are computed lazily, only when asked for, without an L x L attention matrix.
+* A KV-cache method (``@register_prune("<name>_kv")``, configured by KV_METHOD / KV_BUDGET) receives a
+  :class:`methods.KVContext` (one decoder layer of one sample's cache after the prefill: ``ctx.keys``,
+  ``ctx.values``, ``ctx.budget``, ``ctx.window_attention(w)``, ``ctx.attention_column_sums()``) and returns the
+  entries to keep, [K] or [H_kv, K]; see ``methods/snapkv.py`` and docs/kv_cache.md.
 * A multi-stage intra-LLM method may register ``default_schedule=fn(num_layers, keep_ratio)`` returning
   ``[(layer, cumulative_ratio), ...]``: its own stages when it is named alone (see ``methods/pdrop.py``).
 * Hyper-parameters are environment variables declared with ``HyperParam``; they are read once when the

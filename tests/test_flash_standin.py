@@ -200,6 +200,36 @@ def test_pruned_flash_matches_sdpa(name, env):
         assert torch.equal(f_ids, s_ids) and (f_steps - s_steps).abs().max() < TOL, kind
 
 
+KV_FAMILIES = [name for name in FAMILIES if FAMILIES[name][0] is not custom_gemma4]  # Gemma 4: KV stage refused
+
+
+@pytest.mark.parametrize("name", KV_FAMILIES)
+def test_kv_stage_under_flash_matches_sdpa(name):
+    """The KV stage under flash: a keep-all budget is bit-identical to the unpatched flash model; a compressed
+    cache (its left-padded empty slots masked through the 2-D mask flash reads) keeps what sdpa keeps and gives
+    the same decode steps."""
+    family = FAMILIES[name][0]
+    flash, sdpa, _ = models(name)
+    env = dict(KV_METHOD="snapkv_kv", KV_BUDGET=0.5, SNAPKV_WINDOW=3)
+    for kind in ("image", "batch"):
+        inputs = inputs_for(name, kind)
+        with fs.active():
+            ref_ids, ref_steps = greedy(flash, inputs)
+            with oracle.patched(family, **dict(env, KV_BUDGET=1.0)):
+                ids, steps = greedy(flash, inputs)
+            assert torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps), kind
+        runs = []
+        for model, flash_on in ((flash, True), (sdpa, False)):
+            with fs.active() if flash_on else contextlib.nullcontext(), oracle.patched(family, **env):
+                ids, steps = greedy(model, inputs)
+                maps = family.pruning_state(model).kv_maps
+                runs.append((ids, steps, {layer: m.index.clone() for layer, m in maps.items()}))
+        (f_ids, f_steps, f_maps), (s_ids, s_steps, s_maps) = runs
+        assert f_maps.keys() == s_maps.keys() and all(torch.equal(f_maps[k], s_maps[k]) for k in f_maps), kind
+        assert any(bool((m < 0).any()) for m in f_maps.values()) == (kind == "batch")  # empty slots in the batch
+        assert torch.equal(f_ids, s_ids) and (f_steps - s_steps).abs().max() < TOL, kind
+
+
 # ------------------------------------------------------------------------------------------------------
 # 4. Flash-only traps on Gemma 4
 # ------------------------------------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def test_a_name_without_a_stage_suffix_is_explained(tmp_path):
     ''')
     message = config_error(PRUNE_METHODS_PATH=path)
     assert message.startswith(f"PRUNE_METHODS_PATH={str(path)!r}: method file {path}, line 4: ")
-    assert "method name 'mymethod' must end with '_vit', '_pre_llm' or '_intra_llm'" in message
-    assert "allowed: a method name ending in '_vit', '_pre_llm' or '_intra_llm'" in message
+    assert "method name 'mymethod' must end with '_vit', '_pre_llm', '_intra_llm' or '_kv'" in message
+    assert "allowed: a method name ending in '_vit', '_pre_llm', '_intra_llm' or '_kv'" in message
 
 
 def test_any_other_import_error_names_the_file_and_the_error(tmp_path):

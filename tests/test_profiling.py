@@ -114,7 +114,22 @@ def test_a_sample_records_every_region_tokens_and_kv_cache_bytes(tiny):
     prefill = (2 * (length - n + pre) + 2 * (length - n + intra)) * per_token
     assert metrics["kv_cache_bytes"] == prefill
     assert metrics["kv_cache_final_bytes"] == prefill + 4 * 3 * per_token
+    assert metrics["cached_tokens_per_layer"] == prefill / per_token / 4
+    assert "kv_cache_bytes_before_kv_stage" not in metrics  # no KV stage configured
     assert metrics["peak_memory_bytes"] > 0 and record["memory"] == "process peak RSS (VmHWM)"
+
+
+def test_the_kv_stage_reports_cached_tokens_and_bytes_before_and_after(tiny):
+    model, inputs = tiny
+    _, (record,) = profiled_generate(model, inputs, {"KV_METHOD": "streamingllm_kv", "KV_BUDGET": "0.25"}, steps=2)
+    metrics, stages = record["metrics"], record["stages"]
+    length = inputs["input_ids"].shape[1]
+    kept = keep_count(length, 0.25)
+    per_token = 2 * 2 * 16 * 4  # key + value, 2 KV heads, 16 dims, fp32
+    assert [(s["stage"], s["method"]) for s in stages] == [("kv", "streamingllm_kv")] * 4  # one per layer
+    assert metrics["cached_tokens_per_layer"] == kept
+    assert metrics["kv_cache_bytes"] == 4 * kept * per_token
+    assert metrics["kv_cache_bytes_before_kv_stage"] == 4 * length * per_token
 
 
 def test_stock_and_text_only_samples_have_no_pruning_stage(tiny):

@@ -59,6 +59,12 @@ def test_run_names_carry_every_setting_that_changes_predictions():
     scheduled = config(PRUNE_METHOD="pdrop_intra_llm", KEEP_RATIO=0.25)
     assert evalkit.run_tag(scheduled) == "pdrop_intra_llm-0.25"
     assert name_of(scheduled).startswith("M__pdrop_intra_llm-0.25__")
+    # The KV stage: its method and budget (a fraction or a count), alone or after token pruning.
+    assert evalkit.run_tag(config(KV_METHOD="snapkv_kv", KV_BUDGET=0.25)) == "snapkv_kv-0.25"
+    assert evalkit.run_tag(config(KV_METHOD="h2o_kv", KV_BUDGET=512, PRUNE_METHOD="divprune_pre_llm",
+                                  KEEP_RATIO=0.5)) == "divprune_pre_llm-0.5+h2o_kv-512"
+    assert len({name_of(config(KV_METHOD="snapkv_kv", KV_BUDGET=b)) for b in ("0.25", "0.5", "64")} | {
+        name_of(config(KV_METHOD="h2o_kv", KV_BUDGET=0.25)), name_of(stock)}) == 5
 
 
 def test_runner_flags_are_split_off_and_never_clash_with_vlmeval():
@@ -215,6 +221,22 @@ def test_other_qwen_families_load_from_a_folder_and_prune(evaluated, tmp_path, f
     assert wrapper == {"qwen2_vl": "Qwen2VLChat", "qwen3_vl": "Qwen3VLChat"}[family]
     expected = {"input": tokens, "layer_2": keep_count(tokens, 0.25)}
     assert [r["tokens"] for r in token_records(run_dir)] == [expected, expected]
+    assert set(predictions(run_dir)[1]["prediction"]) <= set("ABCD")
+
+
+def test_a_kv_cache_run_evaluates_and_records_the_cache(evaluated, tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "abcd", family="qwen2_5_vl", answers="ABCD")
+    argv = ["--model", str(checkpoint), "--data", shapes_data.NAME, "--work-dir", str(tmp_path / "out"),
+            "--limit", "2", *RUNNER_FLAGS]
+    assert run_runner(argv, {"KV_METHOD": "snapkv_kv", "KV_BUDGET": "0.5", "SNAPKV_WINDOW": "4"}) == 0
+    (run_dir,) = [p.parent for p in (tmp_path / "out").glob("*/pruning_config.json")]
+    assert "__snapkv_kv-0.5__" in run_dir.name
+    records = token_records(run_dir)
+    assert len(records) == 2
+    for record in records:
+        layers = record["kv_cache"]
+        assert sorted(layers, key=int) == [str(i) for i in range(len(layers))] and len(layers) >= 2
+        assert all(n["after"] == keep_count(n["before"], 0.5) < n["before"] for n in layers.values())
     assert set(predictions(run_dir)[1]["prediction"]) <= set("ABCD")
 
 
