@@ -25,6 +25,11 @@ round-robin so that drifts of the machine hit all of them alike:
    measured and unchanged), and each method's own time as a share of the stock prefill; targets: pre-LLM video
    pruning reaches >= 0.9 of the limit, and no video method whose official algorithm is linear in N costs more
    than 2 % of the stock prefill.
+7. KV cache: an 8k-token prompt and 256 new tokens on the mid-size model, stock vs every KV-cache method (``*_kv``)
+   at budgets 0.5 / 0.25 / 0.1 vs token pruning (pre-LLM ``uniform_pre_llm``, intra-LLM FastV at layer 2) at the
+   keep ratio giving the same mean cached tokens per layer: decode time per token, the cache's size, the methods'
+   selection time and peak memory; targets: a KV method's decode step at budget 0.25 costs <= 0.6x the stock step,
+   and its selection adds <= 5 % to a step (once-per-prompt work spread over the generated tokens).
 
 Prefill = the pre-LLM stage + the language model's prefill call (vision encoder, generate's own work and lm_head
 excluded); every run is ``generate(max_new_tokens=1)``. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU;
@@ -61,11 +66,11 @@ import custom_qwenvl  # noqa: E402
 import encoder_stage  # noqa: E402
 import methods  # noqa: E402
 import profiling  # noqa: E402
-from methods import VIT, PruneContext, PruneResult  # noqa: E402
+from methods import INTRA_LLM, KV, PRE_LLM, VIT, PruneContext, PruneResult  # noqa: E402
 from methods.divprune import cosine_distance, divprune_select, max_min_greedy  # noqa: E402
 from utils import PruneConfig, keep_count  # noqa: E402
 
-PARTS = ("speedup", "overhead", "memory", "divprune", "compare", "encoder", "video")
+PARTS = ("speedup", "overhead", "memory", "divprune", "compare", "encoder", "video", "kv")
 
 KEEP = 0.25
 TEXT_BEFORE, TEXT_AFTER = 16, 32  # text tokens around the image: system prompt, then the instruction
@@ -657,6 +662,61 @@ def video_part(bench: Bench, names: list[str], frames: int, side: int, ratios: l
             "stock_encoder_ms": median(samples["stock"], "vision_encoder_ms"), "rows": rows}
 
 
+def kv_env(method: str, budget: float) -> dict:
+    """A KV-cache configuration; observation windows at their official defaults."""
+    return {"KV_METHOD": method, "KV_BUDGET": f"{budget:g}"}
+
+
+def matched_keep(budget: float, prompt: int, visual: int, num_layers: int, first_layer: int) -> float | None:
+    """The keep ratio at which token pruning from ``first_layer`` on (0: pre-LLM) leaves ``budget x prompt`` cached
+    tokens per layer on average (the text stays), or None when no ratio in (0, 1] reaches it."""
+    text = prompt - visual
+    later = num_layers - first_layer
+    per_later_layer = (budget * prompt * num_layers - first_layer * prompt) / later
+    ratio = (per_later_layer - text) / visual
+    return ratio if 0 < ratio <= 1 else None
+
+
+def kv_part(bench: Bench, tokens: int, new_tokens: int, budgets: list[float], names: list[str],
+            memory_budget: float, device) -> dict:
+    """Decode time per token and peak memory at a long prompt and generation: stock, every KV method at every
+    budget, and token pruning (pre-LLM and intra-LLM at layer 2) at the same mean cached tokens per layer."""
+    inputs = make_inputs(bench.model, tokens, device)
+    prompt = inputs["input_ids"].shape[1]
+    layers = bench.model.config.get_text_config().num_hidden_layers
+    configs = {"stock": {}}
+    for budget in budgets:
+        configs.update({f"{name} {budget:g}": kv_env(name, budget) for name in names})
+        for method, first in (("uniform_pre_llm", 0), ("fastv_intra_llm", 2)):
+            keep = matched_keep(budget, prompt, tokens, layers, first)
+            if keep is not None:
+                configs[f"{method} @{budget:g}"] = method_env(method, round(keep, 4))
+    saved, bench.new_tokens = bench.new_tokens, new_tokens
+    try:
+        samples = bench.profile(configs, inputs, f"KV cache, prompt {prompt}, {new_tokens} new tokens")
+        memory_labels = ["stock"] + [label for label in configs if label.endswith(f"{memory_budget:g}")]
+        peaks = {}
+        for label in memory_labels:
+            print(f"\r  peak memory, {label:<28}", end="", file=sys.stderr, flush=True)
+            peaks[label] = bench.peak_memory(configs[label], inputs)
+        print(file=sys.stderr)
+    finally:
+        bench.new_tokens = saved
+    stock_step = median(samples["stock"], "decode_ms_per_token")
+    rows = []
+    for label in configs:
+        step = median(samples[label], "decode_ms_per_token")
+        selection = median(samples[label], "pruning_ms")
+        rows.append({"config": label, "cached_tokens": median(samples[label], "cached_tokens_per_layer"),
+                     "kv_cache_mib": median(samples[label], "kv_cache_bytes") / 2 ** 20,
+                     "ttft_ms": median(samples[label], "ttft_ms"), "decode_ms_per_token": step,
+                     "step_vs_stock": step / stock_step, "selection_ms": selection,
+                     "selection_per_step_percent": 100 * selection / (new_tokens - 1) / step,
+                     "peak_increase_mib": peaks[label] / 2 ** 20 if label in peaks else None})
+    return {"tokens": tokens, "prompt_tokens": prompt, "new_tokens": new_tokens, "budgets": budgets,
+            "memory_budget": memory_budget, "rows": rows}
+
+
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
@@ -744,6 +804,21 @@ def targets(results: dict, check_size: int) -> list[tuple[str, bool | None, str]
                     ", ".join(f"{r['method']} {r['keep']:g}: {r['pruning_percent']:.2f} %" for r in over) if over else
                     "no linear-cost video method" if costly is None else
                     f"worst {costly['method']} {costly['pruning_percent']:.2f} %"))
+    kv = results.get("kv")
+    if kv:
+        at = [r for r in kv["rows"] if r["config"].endswith("_kv 0.25")]
+        worst = max(at, key=lambda r: r["step_vs_stock"], default=None)
+        out.append((f"a KV method's decode step at budget 0.25 costs <= 0.6x the stock step ({kv['prompt_tokens']}-token "
+                    f"prompt, {kv['new_tokens']} new tokens)", None if worst is None else worst["step_vs_stock"] <= 0.6,
+                    "budget 0.25 not measured" if worst is None else
+                    f"worst {worst['config']}: {worst['step_vs_stock']:.2f}x"))
+        methods_rows = [r for r in kv["rows"] if "_kv " in r["config"]]
+        costly = max(methods_rows, key=lambda r: r["selection_per_step_percent"], default=None)
+        out.append(("a KV method's selection adds <= 5 % to a decode step (its once-per-prompt work over the "
+                    "generated tokens)", None if costly is None else costly["selection_per_step_percent"] <= 5,
+                    "no KV method measured" if costly is None else
+                    f"worst {costly['config']}: {costly['selection_per_step_percent']:.1f} % "
+                    f"({costly['selection_ms']:.0f} ms)"))
     return out
 
 
@@ -846,6 +921,18 @@ def report(results: dict, check_size: int) -> str:
                          for r in video["rows"]]),
                   "", "Amdahl limit: the TTFT speed-up if the language model's prefill fell by its FLOPs ratio and the "
                       "encoder and the rest of generate stayed as measured in the stock run.", ""]
+    kv = results.get("kv")
+    if kv:
+        lines += [f"## KV cache vs token pruning at equal cache size (prompt {kv['prompt_tokens']} tokens, "
+                  f"{kv['new_tokens']} new tokens; peak memory at budget {kv['memory_budget']:g})", "",
+                  table(["configuration", "cached tokens / layer", "KV MiB", "TTFT ms", "decode ms / token",
+                         "vs stock", "selection ms", "selection / step %", "peak increase MiB"],
+                        [[r["config"], f"{r['cached_tokens']:.0f}", f"{r['kv_cache_mib']:.1f}", f"{r['ttft_ms']:.0f}",
+                          f"{r['decode_ms_per_token']:.2f}", f"{r['step_vs_stock']:.2f}x", f"{r['selection_ms']:.0f}",
+                          f"{r['selection_per_step_percent']:.1f}",
+                          "" if r["peak_increase_mib"] is None else f"{r['peak_increase_mib']:.0f}"]
+                         for r in kv["rows"]]),
+                  "", "`@b`: token pruning at the keep ratio whose mean cached tokens per layer equal KV budget b's.", ""]
     lines += ["## Targets", ""]
     for name, passed, detail in targets(results, check_size):
         verdict = "NOT MEASURED" if passed is None else "PASS" if passed else "FAIL"
@@ -899,6 +986,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--video-frames", type=int, default=16, help="frames of the video clip (2 per temporal patch)")
     parser.add_argument("--video-side", type=int, default=16, help="tokens per side of one temporal patch")
     parser.add_argument("--video-ratios", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--kv-tokens", type=int, default=8192, help="visual tokens of the KV-cache part's prompt")
+    parser.add_argument("--kv-new-tokens", type=int, default=256, help="tokens generated in the KV-cache part")
+    parser.add_argument("--kv-budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--kv-memory-budget", type=float, default=0.25, help="budget of the peak-memory pass")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=None,
                         help="run only these parts (speedup, overhead, memory, divprune, compare = DivPrune vs "
                              "UniPruneBench, encoder = the ViT stage and the ViT methods' own time, video = the "
@@ -919,14 +1010,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [name for name in names if name not in registry]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; registered: {', '.join(registry)}")
-    llm_names = [name for name in names if registry[name].stage != VIT]  # the prefill table (Qwen2.5-VL model)
+    llm_names = [name for name in names if registry[name].stage in (PRE_LLM, INTRA_LLM)]  # the prefill table
     vit_names = [name for name in names if registry[name].stage == VIT]  # the ViT table (the CLIP model)
     results = {"model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                          "kv_heads": args.kv_heads, "intermediate": args.intermediate, "dtype": args.dtype},
                "machine": machine(device, torch.get_num_threads()), "warmup": args.warmup, "repeats": args.repeats,
                "parts": parts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     video_names = [name for name in names if registry[name].video]
-    if {"speedup", "overhead", "memory", "video"} & set(parts):
+    kv_names = [name for name in names if registry[name].stage == KV]
+    if {"speedup", "overhead", "memory", "video", "kv"} & set(parts):
         model = build_model(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, device,
                             getattr(torch, args.dtype))
         bench = Bench(model, args.warmup, args.repeats)
@@ -942,6 +1034,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "video" in parts:
                 results["video"] = video_part(bench, video_names, args.video_frames, args.video_side,
                                               args.video_ratios, device)
+            if "kv" in parts and kv_names:
+                results["kv"] = kv_part(bench, args.kv_tokens, args.kv_new_tokens, args.kv_budgets, kv_names,
+                                        args.kv_memory_budget, device)
         finally:
             custom_qwenvl.remove_patches()
         del model, bench

@@ -60,9 +60,11 @@ RUNNER_FLAGS = ["--device", "cpu", "--judge", "exact_matching",
 
 
 def registered_methods() -> list[str]:
+    """The token-pruning methods. KV-cache methods are left out: the calibration answer is the first generated
+    token, which the prefill decides before any cache compression (they would all score as stock)."""
     import methods
 
-    return sorted(methods.load_methods([]))
+    return sorted(name for name, spec in methods.load_methods([]).items() if spec.stage != methods.KV)
 
 
 def unfit_schedules(method_names: list[str], checkpoint: Path, ratio: float) -> dict[str, str]:

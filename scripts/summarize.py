@@ -51,11 +51,15 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     """(method, stage, effective keep ratio) of a run's resolved pruning configuration.
 
     The effective ratio is the fraction of the encoder's visual tokens left after the last stage (intra-LLM
-    ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one).
+    ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one); for a
+    KV-cache method alone, its budget as a fraction of each layer's cache entries.
     """
     vit, pre, intra = pruning.get("vit") or [], pruning.get("pre_llm"), pruning.get("intra_llm") or []
     scheduled = pruning.get("scheduled")  # a method that picks its own layers from the model's depth
+    kv = pruning.get("kv")  # the KV-cache stage: its budget is a fraction of cache entries, or a count
     if not vit and not pre and not intra and not scheduled:
+        if kv:  # KV compression alone: the kept share of each layer's cache stands as the ratio (NaN for a count)
+            return kv["method"], "KV cache", kv["fraction"] if kv.get("fraction") is not None else float("nan")
         return "stock", "-", 1.0
     methods = [s["method"] for s in vit] + ([pre["method"]] if pre else []) + [s["method"] for s in intra]
     stages = [f"ViT B{s['layer']}" if s["layer"] is not None else "ViT scheduled" for s in vit] + (["pre-LLM"] if pre else []) + \
@@ -67,6 +71,9 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
         methods.append(scheduled["method"])
         stages.append("intra-LLM scheduled")
         ratio *= scheduled["ratio"]
+    if kv:  # after token pruning: the ratio stays the visual tokens'; the budget is in the method's name
+        methods.append(f"{kv['method']} ({kv['fraction'] if kv.get('fraction') is not None else kv['count']})")
+        stages.append("KV cache")
     return " + ".join(dict.fromkeys(methods)), " + ".join(stages), ratio
 
 

@@ -63,7 +63,8 @@ class Process:
 def plan(runner: str, models: list[str], datasets: list[str], methods: list[str], ratios: list[float],
          work_dir: str, stock: bool, extra: list[str]) -> list[Job]:
     configs = ([("stock", {})] if stock else []) + [
-        (f"{method}-{ratio:g}", {"PRUNE_METHOD": method, "KEEP_RATIO": f"{ratio:g}"})
+        (f"{method}-{ratio:g}", {"KV_METHOD": method, "KV_BUDGET": f"{ratio:g}"} if method.endswith("_kv")
+         else {"PRUNE_METHOD": method, "KEEP_RATIO": f"{ratio:g}"})  # a KV-cache method: the ratio is its budget
         for method in methods for ratio in ratios]
     jobs = []
     for model in models:

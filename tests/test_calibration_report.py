@@ -33,6 +33,12 @@ def test_plan_runs_stock_then_each_method_and_ratio_and_ratio_free_methods_once(
     assert all("--judge" in job.command and str(checkpoint) in job.command for job in jobs)
 
 
+def test_the_report_runs_every_token_pruning_method_and_no_kv_cache_method():
+    names = calibration_report.registered_methods()
+    assert "divprune_pre_llm" in names and "fastv_intra_llm" in names and "tome_vit" in names
+    assert not [name for name in names if name.endswith("_kv")]
+
+
 def test_plan_can_move_single_layer_intra_llm_methods_to_another_layer(checkpoint, tmp_path):
     names = ["random_pre_llm", "fastv_intra_llm", "pdrop_intra_llm"]
     jobs = calibration_report.plan(checkpoint, names, [0.25], tmp_path, intra_layer=1)

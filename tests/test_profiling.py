@@ -308,3 +308,31 @@ def test_benchmark_runs_and_reports_the_six_targets(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["parts"] == ["divprune"] and "speedup" not in results and "encoder" not in results
     assert [t["target"] for t in results["targets"]] == ["DivPrune's greedy selection is O(K N), not O(K^2 N)"]
+
+
+def test_benchmark_kv_part_compares_kv_methods_and_token_pruning_at_equal_cache(tmp_path):
+    from scripts import bench_pruning
+
+    out = tmp_path / "bench.json"
+    bench_pruning.main(["--only", "kv", "--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+                        "--intermediate", "128", "--methods", "streamingllm_kv", "snapkv_kv", "--kv-tokens", "64",
+                        "--kv-new-tokens", "3", "--kv-budgets", "0.75", "0.5", "0.25", "--warmup", "0", "--repeats", "1",
+                        "--out", str(out)])
+    results = json.loads(out.read_text())
+    kv = results["kv"]
+    rows = {row["config"]: row for row in kv["rows"]}
+    prompt = kv["prompt_tokens"]
+    # 64 visual tokens in a 114-token prompt. Budget 0.75: both token-pruning kinds can match it; 0.5: only pre-LLM
+    # (intra-LLM layers 0-1 keep the whole prompt); 0.25: neither (the text alone is more than a quarter)
+    assert list(rows) == ["stock", "streamingllm_kv 0.75", "snapkv_kv 0.75", "uniform_pre_llm @0.75",
+                          "fastv_intra_llm @0.75", "streamingllm_kv 0.5", "snapkv_kv 0.5", "uniform_pre_llm @0.5",
+                          "streamingllm_kv 0.25", "snapkv_kv 0.25"]
+    assert rows["stock"]["cached_tokens"] == prompt == 114
+    assert rows["streamingllm_kv 0.25"]["cached_tokens"] == keep_count(prompt, 0.25)
+    for budget in ("0.75", "0.5"):  # equal cache size, within the keep-count rounding
+        assert abs(rows[f"uniform_pre_llm @{budget}"]["cached_tokens"] - float(budget) * prompt) <= 1
+    assert abs(rows["fastv_intra_llm @0.75"]["cached_tokens"] - 0.75 * prompt) <= 1
+    assert rows["stock"]["peak_increase_mib"] is not None and rows["snapkv_kv 0.75"]["peak_increase_mib"] is None
+    assert [t["target"].split(" (")[0] for t in results["targets"]] == [
+        "a KV method's decode step at budget 0.25 costs <= 0.6x the stock step",
+        "a KV method's selection adds <= 5 % to a decode step"]

@@ -46,6 +46,15 @@ def test_self_scheduling_methods_are_described_not_taken_for_stock():
     assert summarize.describe_stages({"pre_llm": None, "intra_llm": []}) == ("stock", "-", 1.0)
 
 
+def test_kv_cache_runs_are_described_not_taken_for_stock():
+    kv = {"pre_llm": None, "intra_llm": [], "kv": {"method": "snapkv_kv", "fraction": 0.25, "count": None}}
+    assert summarize.describe_stages(kv) == ("snapkv_kv", "KV cache", 0.25)
+    method, stage, ratio = summarize.describe_stages(dict(kv, kv={"method": "h2o_kv", "fraction": None, "count": 64}))
+    assert (method, stage) == ("h2o_kv", "KV cache") and ratio != ratio  # a count: no ratio (NaN)
+    with_pre = dict(kv, pre_llm={"method": "divprune_pre_llm", "ratio": 0.5})
+    assert summarize.describe_stages(with_pre) == ("divprune_pre_llm + snapkv_kv (0.25)", "pre-LLM + KV cache", 0.5)
+
+
 def test_categories_with_enough_samples_are_broken_down(table, evaluated):
     # Categories cycle colour, shape, position, count: 10 questions give 3, 3, 2, 2 samples.
     assert sorted(c for c in table if c.startswith("cat:")) == ["cat:colour", "cat:shape"]
@@ -144,6 +153,9 @@ def test_sweep_plans_one_runner_process_per_configuration():
     assert jobs[0].env == {} and jobs[3].env == {"PRUNE_METHOD": "fastv_intra_llm", "KEEP_RATIO": "0.25"}
     assert jobs[1].command[2:] == ["--model", "M", "--data", "D1", "D2", "--work-dir", "out",
                                    "--judge", "exact_matching"]
+    kv = sweep.plan("run_qwenvl.py", ["M"], ["D"], ["snapkv_kv"], [0.25], "out", stock=False, extra=[])
+    assert [(job.label, job.env) for job in kv] == [("M__snapkv_kv-0.25", {"KV_METHOD": "snapkv_kv",
+                                                                            "KV_BUDGET": "0.25"})]
 
 
 @pytest.mark.parametrize("parallel", [1, 2])
