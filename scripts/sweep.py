@@ -1,8 +1,9 @@
 """Run a runner over methods x keep ratios (plus stock) on one or more data sets, into one work dir.
 
 Each configuration is one runner process (``python run_qwenvl.py ...``) with its pruning environment set
-(``PRUNE_METHOD``, ``KEEP_RATIO``; other pruning-selection variables of the calling shell are cleared, method
-hyper-parameters and ``PRUNE_METHODS_PATH`` pass through); all data sets go to that one process. Arguments
+(``PRUNE_METHOD``, ``KEEP_RATIO``; a KV-cache method's: ``KV_METHOD``, ``KV_BUDGET`` = the ratio; other
+pruning-selection variables of the calling shell are cleared, method hyper-parameters and ``PRUNE_METHODS_PATH``
+pass through); all data sets go to that one process. Arguments
 after ``--`` go to the runner unchanged (runner flags and VLMEvalKit flags). A runner's output goes to
 ``WORK_DIR/sweep_logs/<config>.log``; a failed configuration is reported and the sweep goes on.
 

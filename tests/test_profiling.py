@@ -230,8 +230,8 @@ def test_a_profiled_run_ends_with_a_summary_without_the_warmup(profiled_run):
     work_dir, run_dir = profiled_run
     summary = json.loads((run_dir / f"profile_summary_{shapes_data.NAME}.json").read_text())
     assert (summary["samples"], summary["warmup"], summary["profiled"]) == (QUESTIONS, 2, QUESTIONS - 2)
-    expected = {*TIMES, "new_tokens", "kv_cache_bytes", "kv_cache_final_bytes", "peak_memory_bytes",
-                "peak_memory_increase_bytes", "equivalent_visual_tokens", "visual_tokens/input",
+    expected = {*TIMES, "new_tokens", "kv_cache_bytes", "kv_cache_final_bytes", "cached_tokens_per_layer",
+                "peak_memory_bytes", "peak_memory_increase_bytes", "equivalent_visual_tokens", "visual_tokens/input",
                 "visual_tokens/pre_llm", "visual_tokens/layer_2", "pruning_ms/pre_llm/divprune_pre_llm",
                 "pruning_ms/layer_2/fastv_intra_llm"}
     assert set(summary["metrics"]) == expected
