@@ -1013,20 +1013,25 @@ class DecoderAdapter(FamilyAdapter):
 
     def query_key(self, attn, inp, sample, rows):
         hidden = inp.hidden[sample]
+        return self.queries(attn, inp, sample, rows), _project(attn, attn.k_proj, getattr(attn, "k_norm", None), hidden,
+                                                               *(batch_row(p, sample) for p in inp.position_embeddings))
+
+    def queries(self, attn, inp, sample, rows):
+        """Post-RoPE queries (H, r, d) of ``rows`` of one sample (the KV stage reads the keys from the cache)."""
+        hidden = inp.hidden[sample]
         cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
-        d = attn.head_dim
-
-        def project(proj, norm, x, c, s):
-            states = proj(x).view(x.shape[0], proj.out_features // d, d)
-            if norm is not None:
-                states = norm(states)
-            states = states.transpose(0, 1)  # (heads, n, d)
-            return states * c.unsqueeze(0) + rotate_half(states) * s.unsqueeze(0)
-
         rows = rows.to(hidden.device)
-        q = project(attn.q_proj, getattr(attn, "q_norm", None), hidden[rows], cos[rows], sin[rows])
-        k = project(attn.k_proj, getattr(attn, "k_norm", None), hidden, cos, sin)
-        return q, k
+        return _project(attn, attn.q_proj, getattr(attn, "q_norm", None), hidden[rows], cos[rows], sin[rows])
+
+
+def _project(attn, proj, norm, x, cos, sin):
+    """(heads, n, d) rotated projections of the rows ``x``, after the head norm where the model has one."""
+    d = attn.head_dim
+    states = proj(x).view(x.shape[0], proj.out_features // d, d)
+    if norm is not None:
+        states = norm(states)
+    states = states.transpose(0, 1)
+    return states * cos.unsqueeze(0) + rotate_half(states) * sin.unsqueeze(0)
 
 
 @contextlib.contextmanager
@@ -1210,8 +1215,9 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             with profiling.stage(kv):
                 state.kv_maps[layer] = kv_stage.compress_layer(
                     kv, config.params.get(kv.method, {}), layer, layer_cache,
-                    lambda b: LayerSignals(adapter, text_model, b, {layer: lambda: inp}, None),
-                    current["layout"], len(layers), text_model.config.num_attention_heads)
+                    lambda b, rows: adapter.queries(layers[layer].self_attn, inp, b, rows),
+                    adapter.attention_scale(layers[layer].self_attn), current["layout"], len(layers),
+                    text_model.config.num_attention_heads)
             profiling.kv_stage_freed(before, profiling.cache_bytes(layer_cache))
         return hook
 

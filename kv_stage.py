@@ -5,8 +5,8 @@ How it fits the hooks (``hooks.intra_llm_hooks`` installs it):
 
 * Prefill: a pre-hook on each layer's attention notes what the attention receives; once the decoder layer has run,
   its cache holds the layer's prompt entries. Per sample, the method sees the sample's entries (padding left out)
-  and their attention signals, computed from the noted input and never as an L x L matrix (``LayerSignals``). The
-  layer's keys and values are then gathered per head; samples that keep fewer entries than the longest are
+  and their attention signals: the layer's queries, projected from the noted input, against the cached keys (a
+  causal softmax over the sample's entries), never as an L x L matrix. The layer's keys and values are then gathered per head; samples that keep fewer entries than the longest are
   left-padded with empty slots, which every head masks (the same count per head within a sample). Later layers of
   the prefill do not read this layer's cache, so the prefill itself is unchanged.
 * Decode: every layer's mask is rebuilt from generate's 2-D mask carried through the prefill's stage maps and the
@@ -40,22 +40,40 @@ class KVMap:
     after: list[int]  # per sample: entries kept per head
 
 
-class _SampleSignals(KVSignalSource):
-    """One sample's attention signals at one layer, over its valid rows ``rows`` (the cache's prompt entries)."""
+# Query rows per block of the column sums: about 16 MB of fp32 scores per block, as hooks._BLOCK_ELEMENTS.
+_BLOCK_ELEMENTS = 1 << 22
 
-    def __init__(self, signals, layer: int, rows: torch.Tensor):  # signals: a hooks.LayerSignals
-        self.signals, self.layer, self.rows = signals, layer, rows
+
+class _SampleSignals(KVSignalSource):
+    """One sample's attention signals at one layer: its queries (``queries(rows)``, rows of the layer's input)
+    against the cached keys of its prompt entries ``rows`` (padding left out), causal, at the layer's scale."""
+
+    def __init__(self, queries, keys: torch.Tensor, rows: torch.Tensor, scale: float):
+        self.queries, self.rows, self.scale = queries, rows, scale
+        self.keys = keys.float()  # (H_kv, L, d), as cached: rotated
+
+    def _probs(self, first: int, last: int) -> torch.Tensor:
+        """[H_q, last - first, L] probabilities of the prompt rows first..last-1 (indices among the entries)."""
+        q = self.queries(self.rows[first:last]).float()  # (H_q, r, d)
+        k = self.keys.repeat_interleave(q.shape[0] // self.keys.shape[0], dim=0)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        entries = torch.arange(k.shape[1], device=scores.device)
+        later = entries.unsqueeze(0) > torch.arange(first, last, device=scores.device).unsqueeze(1)  # causal
+        return torch.softmax(scores.masked_fill(later.unsqueeze(0), float("-inf")), dim=-1)
 
     def window_attention(self, window: int) -> torch.Tensor:
-        probs = self.signals.attention(self.rows[-window:], self.layer)  # (H, w, L_layer)
-        return probs[..., self.rows.to(probs.device)]
+        length = self.rows.numel()
+        return self._probs(max(0, length - window), length)
 
     def attention_column_sums(self, block_rows: int | None = None) -> torch.Tensor:
+        length = self.rows.numel()
+        heads = self.keys.shape[0]
+        step = block_rows or max(1, _BLOCK_ELEMENTS // (heads * length))
         total = None
-        for probs in self.signals.attention_blocks(self.rows, self.layer, block_rows):
-            part = probs.sum(dim=1)
+        for first in range(0, length, step):
+            part = self._probs(first, min(length, first + step)).sum(dim=1)
             total = part if total is None else total + part
-        return total[:, self.rows.to(total.device)]
+        return total
 
 
 def _per_head(result, heads: int, entries: int, name: str) -> torch.Tensor:
@@ -75,12 +93,13 @@ def _per_head(result, heads: int, entries: int, name: str) -> torch.Tensor:
     return index
 
 
-def compress_layer(kv: KVStage, params, layer: int, layer_cache, signals_for, layout, num_layers: int,
+def compress_layer(kv: KVStage, params, layer: int, layer_cache, queries, scale: float, layout, num_layers: int,
                    query_heads: int) -> KVMap:
     """Compress ``layer_cache`` (a DynamicCache layer: keys / values (B, H_kv, L, d)) with the KV method, in place.
 
-    ``params`` are the method's validated hyper-parameters; ``layout`` is the layout of the layer's rows (its attention mask marks padding, its span ids visual tokens);
-    ``signals_for(b)`` gives the ``LayerSignals`` of sample b at this layer.
+    ``params`` are the method's validated hyper-parameters; ``queries(b, rows)`` the layer's rotated queries
+    (H_q, r, d) of sample b's rows, ``scale`` its attention scale; ``layout`` is the layout of the layer's rows (its
+    attention mask marks padding, its span ids visual tokens).
     """
     spec = methods.registered_methods()[kv.method]
     keys, values = layer_cache.keys, layer_cache.values
@@ -91,9 +110,11 @@ def compress_layer(kv: KVStage, params, layer: int, layer_cache, signals_for, la
         rows = (torch.arange(length) if mask is None else torch.nonzero(mask[b].cpu()).flatten())
         rows_on = rows.to(keys.device)
         span_id = layout.span_id[b].cpu()
-        ctx = KVContext(keys=keys[b][:, rows_on], values=values[b][:, rows_on], budget=kv.budget(rows.numel()),
+        sample_keys = keys[b][:, rows_on]
+        signals = _SampleSignals(lambda r, b=b: queries(b, r), sample_keys, rows_on, scale)
+        ctx = KVContext(keys=sample_keys, values=values[b][:, rows_on], budget=kv.budget(rows.numel()),
                         layer=layer, num_layers=num_layers, visual=(span_id[rows] >= 0), query_heads=query_heads,
-                        params=params, _signals=_SampleSignals(signals_for(b), layer, rows))
+                        params=params, _signals=signals)
         index = _per_head(spec.fn(ctx), heads, rows.numel(), kv.method)
         chosen.append(rows_on[index])  # (H, K_b) positions in the layer's cache
         before.append(rows.numel())
