@@ -371,8 +371,10 @@ class TokenLog:
         every sample of the batch)."""
         kv = {str(layer): {"before": n["before"][row], "after": n["after"][row]} for layer, n in record.kv_layers.items()}
         record = replace(record, spans=[record.spans[row]])
+        cached = record.cached[row] if record.cached else None
         line = {"dataset": dataset, "key": sample_key(message), "tokens": record.totals(),
-                "spans": record.as_dict()[0], **({"kv_cache": kv} if kv else {})}
+                "spans": record.as_dict()[0], **({"kv_cache": kv} if kv else {}),
+                **({"cached_tokens_per_layer": sum(cached) / len(cached)} if cached else {})}
         with open(self.path(dataset or "unknown"), "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -78,6 +78,9 @@ class ForwardRecord:
     spans: list[list[Span]]  # per sample
     # The KV stage's per-layer outcome: layer -> {"before": [entries per sample], "after": [kept per head per sample]}
     kv_layers: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    # Per sample, the prompt entries each decoder layer's cache holds after the prefill (padding slots excluded):
+    # the cache size at which token pruning and KV-cache compression compare
+    cached: list[list[int]] = field(default_factory=list)
 
     def as_dict(self) -> list[list[dict]]:
         return [[{"modality": s.modality, "grid": s.grid, "tokens": dict(s.counts)} for s in sample]
@@ -1104,11 +1107,22 @@ class PruningState:
         """Whether a call with ``cache`` is a decode step of the last prefill: it continues the cache it wrote."""
         return cache is not None and self.prefill_cache is not None and self.prefill_cache() is cache
 
-    def finish_record(self, spans: list[list[Span]]) -> None:
+    def finish_record(self, spans: list[list[Span]], cached: list[list[int]] | None = None) -> None:
         self.record = ForwardRecord(spans, {layer: {"before": m.before, "after": m.after}
-                                            for layer, m in sorted(self.kv_maps.items())})
+                                            for layer, m in sorted(self.kv_maps.items())}, cached or [])
         for listener in self.listeners:
             listener(self.record)
+
+    def cached_entries(self, mask: torch.Tensor | None, batch: int, length: int, num_layers: int) -> list[list[int]]:
+        """Per sample, the prompt entries each decoder layer caches after this prefill: generate's 2-D ``mask`` of the
+        ``length``-token input (None: no padding) carried through the maps that shaped each layer's cache."""
+        per_layer = []
+        for layer in range(num_layers):
+            maps = self.maps_until(layer)
+            carried = self.decode_mask(mask, maps) if maps else mask
+            size = maps[-1].index.shape[1] if maps else length
+            per_layer.append([size] * batch if carried is None else carried[:, :size].sum(dim=1).tolist())
+        return [[int(counts[b]) for counts in per_layer] for b in range(batch)]
 
     def decode_mask(self, mask: torch.Tensor | None, maps: list[StageMap]) -> torch.Tensor | None:
         """Carry generate's original-layout 2-D mask through ``maps`` (in stage order)."""

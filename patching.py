@@ -317,8 +317,9 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
     layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids, adapter.join_runs)
     for span in (span for sample in layout.spans for span in sample if span.video is not None and span.grid):
         span.times = adapter.frame_times(call.model, call.args, span.video, span.grid[0]) or span.times
+    depth = text_model.config.num_hidden_layers
     if not any(layout.spans) and config.kv is None:
-        state.finish_record(layout.spans)
+        state.finish_record(layout.spans, state.cached_entries(mask, *embeds.shape[:2], depth))
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
             output = original(text_model, **kwargs)  # text-only prompt: untouched
         _note_prefill_cache(state, output, cache)
@@ -329,6 +330,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         adapter.shorten_lm_inputs(selection, kwargs, call)
         state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
         layout = selection.layout
+    cached = None
     try:
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans), adapter.positions_context(text_model, call), \
                 _intra_llm(adapter, text_model, call, kwargs, layout, layout.attention_mask, cache):
@@ -337,9 +339,10 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         if 0 in state.kv_maps:  # the model numbers decode steps from layer 0's cache length
             kv_map = state.kv_maps[0]
             adapter.on_cache_shortened(call, kv_map.prefill_length - kv_map.index.shape[1])
+        cached = state.cached_entries(mask, *embeds.shape[:2], depth)
         return adapter.finish_lm_output(output, kwargs, pruned=True)
     finally:
-        state.finish_record(layout.spans)
+        state.finish_record(layout.spans, cached)
 
 
 def _before_lm(config: PruneConfig, layout: hooks.Layout, embeds: torch.Tensor, vit: dict, vision: dict):

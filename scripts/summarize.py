@@ -77,20 +77,24 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     return " + ".join(dict.fromkeys(methods)), " + ".join(stages), ratio
 
 
-def token_means(run_dir: Path, dataset: str) -> tuple[float, float, int]:
-    """Mean visual tokens per sample entering the model and left after the last stage, and the sample count.
+def token_means(run_dir: Path, dataset: str) -> tuple[float, float, int, float]:
+    """Mean visual tokens per sample entering the model and left after the last stage, the sample count, and the
+    mean prompt entries a decoder layer caches (NaN when the records predate it).
 
     Records are de-duplicated by sample key (a resumed run may repeat a few samples)."""
     records = {}
     for path in sorted(run_dir.glob(TOKENS_FILE.format(dataset=dataset, rank="*"))):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            records[record["key"]] = record["tokens"]
+            records[record["key"]] = record
     if not records:
-        return float("nan"), float("nan"), 0
-    before = [tokens.get("input", 0) for tokens in records.values()]
-    after = [list(tokens.values())[-1] if tokens else 0 for tokens in records.values()]
-    return sum(before) / len(before), sum(after) / len(after), len(records)
+        return float("nan"), float("nan"), 0, float("nan")
+    tokens = [record["tokens"] for record in records.values()]
+    before = [t.get("input", 0) for t in tokens]
+    after = [list(t.values())[-1] if t else 0 for t in tokens]
+    cached = [record.get("cached_tokens_per_layer") for record in records.values()]
+    cached_mean = sum(cached) / len(cached) if None not in cached else float("nan")
+    return sum(before) / len(before), sum(after) / len(after), len(records), cached_mean
 
 
 def per_sample_results(run_dir: Path, name: str, dataset: str) -> pd.DataFrame | None:
@@ -141,10 +145,11 @@ def run_rows(run_dir: Path, min_category_samples: int) -> list[dict]:
             continue
         dataset = report["benchmark"]
         metric, score = _primary_metric(report)
-        before, after, recorded = token_means(run_dir, dataset)
+        before, after, recorded, cached = token_means(run_dir, dataset)
         row = {"model": config["base_model"], "dataset": dataset, "method": method, "stage": stage,
-               "keep_ratio": ratio, "tokens_before": before, "tokens_after": after, "metric": metric,
-               "score": score, "samples": report["infer_total"], "token_records": recorded, "run": name}
+               "keep_ratio": ratio, "tokens_before": before, "tokens_after": after, "cached_tokens": cached,
+               "metric": metric, "score": score, "samples": report["infer_total"], "token_records": recorded,
+               "run": name}
         profile = profiling.load_summary(run_dir, dataset)
         if profile is not None:
             row["profiled_samples"] = profile["profiled"]
@@ -187,8 +192,9 @@ def collect(work_dir: str | Path, min_category_samples: int = 5) -> pd.DataFrame
     table = table.sort_values(["model", "dataset", "keep_ratio", "method"], ascending=[True, True, False, True])
     profiled = [c for c in [*PROFILE_COLUMNS, "profiled_samples"] if c in table]
     chance = ["chance"] if "chance" in table else []  # the accuracy of guessing (multiple-choice data sets)
-    columns = ["model", "dataset", "method", "stage", "keep_ratio", "tokens_before", "tokens_after", "metric",
-               "score", "unit", "delta", "samples"] + chance + sorted(categories) + profiled + ["token_records", "run"]
+    columns = ["model", "dataset", "method", "stage", "keep_ratio", "tokens_before", "tokens_after", "cached_tokens",
+               "metric", "score", "unit", "delta", "samples"] + chance + sorted(categories) + profiled + [
+               "token_records", "run"]
     return table[columns].reset_index(drop=True)
 
 
@@ -204,6 +210,8 @@ def format_table(table: pd.DataFrame) -> str:
         "Δ vs stock": [("" if pd.isna(d) or m == "stock" else f"{d:+.1f}")
                        for d, m in zip(table["delta"], table["method"])],
     })
+    if table["stage"].str.contains("KV cache").any():  # KV-cache runs: compare at equal cache size
+        shown["cached tokens / layer"] = table["cached_tokens"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     for column in [c for c in table if c.startswith("cat:")]:
         shown[column[4:]] = table[column].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     for column, (_, _, title) in PROFILE_COLUMNS.items():

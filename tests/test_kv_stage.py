@@ -21,6 +21,7 @@ from tests.support.tiny_gemma import make_inputs as make_gemma_inputs
 from tests.support.tiny_models import FAMILIES, build_model
 from tests.test_decoder_families import FAMILIES as DECODER_FAMILIES
 from tests.test_qwenvl import extend, inputs_for, patched, shorten_deepstack
+from tests.test_qwenvl import single as single_sample
 from utils import PruneConfig, PruneConfigError
 
 CHOSEN: list = []  # per prefill layer call: (layer, [(H_kv, K) indices per sample into its entries], entries)
@@ -366,3 +367,33 @@ def test_decoder_families_keep_every_entry_and_equal_the_masked_recomputation(fa
     torch.testing.assert_close(step_logits.transpose(0, 1), reference, rtol=1e-4, atol=1e-4)
     unmasked = masked_reference_logits(family, inputs, ids, {}, prompt_rows(inputs))
     assert not torch.allclose(step_logits.transpose(0, 1)[:, 1:], unmasked[:, 1:], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The cache size every run records (token pruning and KV compression compared at equal size)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env", [{}, {"PRUNE_METHOD": "random_pre_llm", "KEEP_RATIO": 0.5},
+                                 {"INTRA_LLM_LAYER_SPECS": "2:random_intra_llm:0.25"},
+                                 {"KV_METHOD": "streamingllm_kv", "KV_BUDGET": 0.5},
+                                 {"PRUNE_METHOD": "random_pre_llm", "KEEP_RATIO": 0.5, "KV_METHOD": "h2o_kv",
+                                  "KV_BUDGET": 0.5}], ids=lambda e: "+".join(str(v) for v in e.values()) or "stock")
+def test_every_prefill_records_what_each_layer_caches(env):
+    """``record.cached``: per sample and layer, the cache's real entries after the prefill: the cache's own length
+    for one prompt; for a left-padded batch, each sample's count without padding (each sample alone gives it)."""
+    model = build_model("qwen2_5_vl")
+    single = inputs_for("qwen2_5_vl", "two_images", with_mask=False)
+    with patched(**env):
+        with torch.no_grad():
+            out = model(**single, use_cache=True)
+        record = custom_qwenvl.last_record(model)
+    assert record.cached == [[layer.keys.shape[2] for layer in out.past_key_values.layers]]
+    if env.get("INTRA_LLM_LAYER_SPECS"):
+        assert record.cached[0][0] == record.cached[0][1] > record.cached[0][2] == record.cached[0][3]
+    batch = inputs_for("qwen2_5_vl", "batch")
+    with patched(**env):
+        forward_logits(model, batch)
+        counts = custom_qwenvl.last_record(model).cached
+        assert len(counts) == 2
+        for b in range(2):
+            forward_logits(model, single_sample(batch, b))
+            assert custom_qwenvl.last_record(model).cached == [counts[b]]

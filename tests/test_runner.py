@@ -237,7 +237,16 @@ def test_a_kv_cache_run_evaluates_and_records_the_cache(evaluated, tmp_path):
         layers = record["kv_cache"]
         assert sorted(layers, key=int) == [str(i) for i in range(len(layers))] and len(layers) >= 2
         assert all(n["after"] == keep_count(n["before"], 0.5) < n["before"] for n in layers.values())
+        assert record["cached_tokens_per_layer"] == sum(n["after"] for n in layers.values()) / len(layers)
     assert set(predictions(run_dir)[1]["prediction"]) <= set("ABCD")
+    # The results table names the run and its cache size, and prints that column when a KV run is present.
+    from scripts import summarize
+
+    table = summarize.collect(tmp_path / "out")
+    (row,) = table.to_dict("records")
+    assert (row["method"], row["stage"], row["keep_ratio"]) == ("snapkv_kv", "KV cache", 0.5)
+    assert row["cached_tokens"] == sum(r["cached_tokens_per_layer"] for r in records) / 2
+    assert "cached tokens / layer" in summarize.format_table(table)
 
 
 # ---------------------------------------------------------------- a run never reports success without a result
