@@ -1168,10 +1168,10 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         entry["embeddings"] = args[0] if args else kwargs["hidden_states"]
         entry["span_id"] = layout.span_id  # the layout the language model was called with
 
-    def capture_attention_input(layer):
+    def capture_attention_input(layer, store=captured):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            captured[layer] = _attention_input(hidden, kwargs)
+            store[layer] = _attention_input(hidden, kwargs)
         return hook
 
     def shortened(layer, rows, loop_args, loop_kwargs):
@@ -1209,13 +1209,7 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             return (hidden,) + rest, kwargs
         return hook
 
-    kv_inputs: dict[int, AttentionInput] = {}
-
-    def capture_kv_input(layer):
-        def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            kv_inputs[layer] = _attention_input(hidden, kwargs)
-        return hook
+    kv_inputs: dict[int, AttentionInput] = {}  # the KV stage's: each layer's attention input, until it compresses
 
     def compress_cache(layer):
         """After decoder layer ``layer``'s prefill: the KV stage on its cache (kv_stage.py)."""
@@ -1272,7 +1266,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
             if prefill and kv is not None:
-                handles.append(layers[i].self_attn.register_forward_pre_hook(capture_kv_input(i), with_kwargs=True))
+                handles.append(layers[i].self_attn.register_forward_pre_hook(
+                    capture_attention_input(i, kv_inputs), with_kwargs=True))
                 handles.append(layers[i].register_forward_hook(compress_cache(i), with_kwargs=True))
         if prefill:
             for k in stages:

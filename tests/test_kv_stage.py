@@ -207,9 +207,8 @@ def test_composes_with_pre_llm_and_intra_llm_pruning(family, probe_kv):
 
 
 def test_decode_positions_continue_as_stock(probe_kv):
-    """The first generated token's row sees position prompt_length (+ rope deltas) whatever layer 0 kept: with every
-    entry kept but the ones the probe drops masked in the reference, ids match; here, a direct check of the
-    rotary positions the language model receives at the first decode step."""
+    """The rotary positions the language model receives at a decode step are the stock ones, however many entries
+    layer 0 kept (Qwen numbers decode steps from layer 0's cache length plus rope_deltas)."""
     inputs = inputs_for("qwen2_5_vl", "image", with_mask=False)
     model = build_model("qwen2_5_vl")
     seen = []
