@@ -179,6 +179,13 @@ class Gemma4Adapter(FamilyAdapter):
     def queries_only(self, text_model, layer):
         return text_model.config.num_kv_shared_layers and layer >= shared_region_start(text_model.config)
 
+    def cache_owner(self, text_model, layer):
+        config = text_model.config
+        if config.kv_sharing_modes[layer] != "reuse":
+            return layer
+        return next(i for i, mode in enumerate(config.kv_sharing_modes)
+                    if mode == "store" and config.layer_types[i] == config.layer_types[layer])
+
     def _first_layers(self, text_model, layer: int) -> dict[str, int]:
         """First layer >= ``layer`` of each type that holds its own cache (masks are sized on it)."""
         config, first = text_model.config, {}
@@ -236,14 +243,21 @@ class Gemma4Adapter(FamilyAdapter):
         return args, kwargs
 
     # -- signals ---------------------------------------------------------------------------------------
-    def query_key(self, attn, inp, sample, rows):
-        rope = _modeling().apply_rotary_pos_emb
+    def queries(self, attn, inp, sample, rows):
+        """Post-norm, post-RoPE queries (H, r, d) of ``rows`` of one sample."""
         hidden = inp.hidden[sample]
         cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
         d = attn.head_dim
         rows = rows.to(hidden.device)
         q = attn.q_norm(attn.q_proj(hidden[rows]).view(rows.numel(), attn.q_proj.out_features // d, d))
-        q = rope(q, cos[rows], sin[rows], unsqueeze_dim=1).transpose(0, 1)
+        return _modeling().apply_rotary_pos_emb(q, cos[rows], sin[rows], unsqueeze_dim=1).transpose(0, 1)
+
+    def query_key(self, attn, inp, sample, rows):
+        rope = _modeling().apply_rotary_pos_emb
+        hidden = inp.hidden[sample]
+        cos, sin = (batch_row(p, sample) for p in inp.position_embeddings)  # (L, d)
+        d = attn.head_dim
+        q = self.queries(attn, inp, sample, rows)
         if attn.is_kv_shared_layer:  # post-norm, post-RoPE keys of the storing layer
             k = batch_row(inp.extra["shared_kv_states"][attn.layer_type][0], sample)
         else:

@@ -882,6 +882,15 @@ class FamilyAdapter:
     def layer_type(self, text_model, layer: int) -> str:
         return text_model.config.layer_types[layer]
 
+    def kv_compressible(self, text_model, layer: int) -> bool:
+        """Whether the KV stage compresses ``layer``'s cache: a full-attention cache the layer owns (a sliding-window
+        cache is already bounded by its window, and a shared layer reads another layer's)."""
+        return self.layer_type(text_model, layer) == "full_attention" and self.cache_owner(text_model, layer) == layer
+
+    def cache_owner(self, text_model, layer: int) -> int:
+        """The layer whose cache ``layer`` reads in decode steps (itself, or the storing layer of a KV-shared one)."""
+        return layer
+
     def shorten_layer_call(self, args: tuple, kwargs: dict, index: torch.Tensor, mask_2d) -> tuple[tuple, dict]:
         """Gather the per-token inputs of one decoder-layer call (everything but the hidden states and the
         mask: position embeddings, text positions, per-layer inputs...) from the loop's full-length values.
@@ -1065,6 +1074,7 @@ class PruningState:
     pre_map: StageMap | None = None
     intra_maps: list[StageMap] = field(default_factory=list)
     kv_maps: dict = field(default_factory=dict)  # decoder layer -> kv_stage.KVMap of its compressed cache
+    cache_owner: dict = field(default_factory=dict)  # KV-shared layer -> the layer whose cache it reads (Gemma 4)
     lm_input_length: int = 0  # the language model's input length in the last prefill, before any stage
     decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
     # The cache the last prefill wrote (a weak reference): a later call is a decode step of that prefill only when it
@@ -1094,9 +1104,10 @@ class PruningState:
 
     def maps_until(self, layer: int) -> list:
         """The maps that shaped decoder layer ``layer``'s cache, in order: pre-LLM, the intra-LLM stages at layers
-        <= ``layer`` that dropped keys, and the layer's own KV-stage map."""
+        <= ``layer`` that dropped keys, and the KV-stage map of the cache the layer reads."""
         kept_keys = [m for m in self.intra_maps if m.layer <= layer and not m.queries_only]
-        kv = [self.kv_maps[layer]] if layer in self.kv_maps else []
+        owner = self.cache_owner.get(layer, layer)
+        kv = [self.kv_maps[owner]] if owner in self.kv_maps else []
         return ([self.pre_map] if self.pre_map else []) + kept_keys + kv
 
     def undo_model_changes(self) -> None:
@@ -1113,15 +1124,20 @@ class PruningState:
         for listener in self.listeners:
             listener(self.record)
 
-    def cached_entries(self, mask: torch.Tensor | None, batch: int, length: int, num_layers: int) -> list[list[int]]:
-        """Per sample, the prompt entries each decoder layer caches after this prefill: generate's 2-D ``mask`` of the
-        ``length``-token input (None: no padding) carried through the maps that shaped each layer's cache."""
+    def cached_entries(self, mask: torch.Tensor | None, batch: int, length: int, text_config) -> list[list[int]]:
+        """Per sample, the prompt entries each decoder layer caches (or, KV-shared, reads) after this prefill:
+        generate's 2-D ``mask`` of the ``length``-token input (None: no padding) carried through the maps that shaped
+        each layer's cache; a sliding-window layer keeps the last ``sliding_window - 1`` of them, as its cache does."""
         per_layer = []
-        for layer in range(num_layers):
+        layer_types = getattr(text_config, "layer_types", None)
+        for layer in range(text_config.num_hidden_layers):
             maps = self.maps_until(layer)
             carried = self.decode_mask(mask, maps) if maps else mask
             size = maps[-1].index.shape[1] if maps else length
-            per_layer.append([size] * batch if carried is None else carried[:, :size].sum(dim=1).tolist())
+            first = 0
+            if layer_types and layer_types[layer] == "sliding_attention":
+                first = max(0, size - (text_config.sliding_window - 1))
+            per_layer.append([size - first] * batch if carried is None else carried[:, first:size].sum(dim=1).tolist())
         return [[int(counts[b]) for counts in per_layer] for b in range(batch)]
 
     def decode_mask(self, mask: torch.Tensor | None, maps: list[StageMap]) -> torch.Tensor | None:
@@ -1140,6 +1156,11 @@ class PruningState:
 def _attention_input(hidden, kwargs) -> AttentionInput:
     extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "position_embeddings", "attention_mask")}
     return AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), extra)
+
+
+def reindexes_cache(config: PruneConfig, stage) -> bool:
+    """Whether an intra-LLM stage's method cuts the earlier layers' caches to its survivors after the prefill."""
+    return methods.registered_methods()[stage.method].reindexes_cache(config.params.get(stage.method, {}))
 
 
 @contextlib.contextmanager
@@ -1167,6 +1188,7 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
     def capture_entry(module, args, kwargs):
         entry["embeddings"] = args[0] if args else kwargs["hidden_states"]
         entry["span_id"] = layout.span_id  # the layout the language model was called with
+        entry["cache"] = kwargs.get("past_key_values", cache)
 
     def capture_attention_input(layer, store=captured):
         def hook(module, args, kwargs):
@@ -1201,7 +1223,17 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                     rest, kwargs = shortened(layer, hidden.shape[1], loop_args, loop_kwargs)
             else:
                 rest = loop_args
-                if layer in state.kv_maps or (layer in stages and not adapter.queries_only(text_model, layer)):
+                if state.kv_maps:  # each layer's cache has its own layout: rebuild where it differs from the last's
+                    owner = state.cache_owner.get(layer, layer)
+                    if owner != layer:  # a KV-shared layer: the masks its storing layer got (built before it wrote)
+                        current["masks"] = current["owner_masks"][owner]
+                    elif current.get("mask_maps") != [id(m) for m in state.maps_until(layer)]:
+                        maps = state.maps_until(layer)
+                        mask = state.decode_mask(attention_mask_2d, maps)
+                        current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
+                        current["mask_maps"] = [id(m) for m in maps]
+                    current.setdefault("owner_masks", {})[layer] = current["masks"]
+                elif layer in stages and not adapter.queries_only(text_model, layer):
                     mask = state.decode_mask(attention_mask_2d, state.maps_until(layer))
                     current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
                 if current["masks"] is not None:
@@ -1220,11 +1252,13 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                 raise RuntimeError("KV_METHOD needs the prefill to write a cache (use_cache=True)")
             layer_cache = holder.layers[layer]
             before = profiling.cache_bytes(layer_cache)
+            attn, length = layers[layer].self_attn, layer_cache.keys.shape[2]
             with profiling.stage(kv):
                 state.kv_maps[layer] = kv_stage.compress_layer(
                     kv, config.params.get(kv.method, {}), layer, layer_cache,
-                    lambda b, rows: adapter.queries(layers[layer].self_attn, inp, b, rows),
-                    adapter.attention_scale(layers[layer].self_attn), current["layout"], len(layers),
+                    lambda b, rows: adapter.queries(attn, inp, b, rows),
+                    lambda b, rows: adapter.allowed_keys(attn, inp.attention_mask, b, rows, length, layer_cache.keys.device),
+                    adapter.attention_scale(attn), current["layout"], len(layers),
                     text_model.config.num_attention_heads)
             profiling.kv_stage_freed(before, profiling.cache_bytes(layer_cache))
         return hook
@@ -1255,17 +1289,44 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             current["masks"] = adapter.layer_masks(text_model, new_hidden, selection.layout.attention_mask, cache,
                                                    layer, selection.layout)
         current["layout"] = selection.layout
+        layouts[layer] = selection.layout
         current["index"] = compose(current["index"], selection.index)
         adapter.on_intra_selection(text_model, selection, layer)
         return new_hidden
 
-    first = 0 if kv is not None else min(stages)
+    layouts: dict[int, Layout] = {}  # prefill: the layout after each intra-LLM stage, by its layer
+
+    def reindex_caches():
+        """After the prefill: a method that asks for it (MustDrop) cuts the caches of the layers from the one before
+        its first stage to the one before its last to the last stage's survivors (kv_stage.reindex_layer)."""
+        kept_keys = [m for m in state.intra_maps if not m.queries_only]
+        holder = entry.get("cache")
+        if not kept_keys or holder is None or not reindexes_cache(config, stages[kept_keys[-1].layer]):
+            return
+
+        def counts(lay):
+            mask = lay.attention_mask
+            return [lay.length] * lay.span_id.shape[0] if mask is None else mask.sum(dim=1).tolist()
+
+        final = counts(current["layout"])
+        for layer in range(kept_keys[0].layer - 1, kept_keys[-1].layer):
+            if not adapter.kv_compressible(text_model, layer):
+                continue  # a sliding-window cache keeps its window
+            later = [m.index for m in kept_keys if m.layer > layer]
+            index = later[0]
+            for inner in later[1:]:
+                index = compose(index, inner)
+            own = [lay for k, lay in sorted(layouts.items()) if k <= layer]
+            state.kv_maps[layer] = kv_stage.reindex_layer(layer, holder.layers[layer], index,
+                                                          counts(own[-1] if own else layout), final)
+
+    first = 0 if kv is not None or state.kv_maps else min(stages)  # decode: every layer whose cache was cut
     try:
         if prefill:  # registered first: a stage at layer 0 must see it captured
             handles.append(layers[0].register_forward_pre_hook(capture_entry, with_kwargs=True))
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(layer_pre_hook(i), with_kwargs=True))
-            if prefill and kv is not None:
+            if prefill and kv is not None and adapter.kv_compressible(text_model, i):
                 handles.append(layers[i].self_attn.register_forward_pre_hook(
                     capture_attention_input(i, kv_inputs), with_kwargs=True))
                 handles.append(layers[i].register_forward_hook(compress_cache(i), with_kwargs=True))
@@ -1275,6 +1336,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                     handles.append(layers[k - 1].self_attn.register_forward_pre_hook(
                         capture_attention_input(k - 1), with_kwargs=True))
         yield
+        if prefill and stages:
+            reindex_caches()
     finally:
         for handle in handles:
             handle.remove()

@@ -170,10 +170,13 @@ class FamilyPatch:
             self._wrap_text(type(model.language_model))  # a language model of a class not listed in the Target
             adapter.check_model(config, model)
             if config.kv is not None:
-                kv_stage.check_model(config.kv, model.language_model)
+                kv_stage.check_model(config.kv, model.language_model, adapter)
             if config.vit:
                 adapter.check_vit(model)
             state = PruningState(config)
+            text_model = model.language_model
+            owners = {i: adapter.cache_owner(text_model, i) for i in range(text_model.config.num_hidden_layers)}
+            state.cache_owner = {layer: owner for layer, owner in owners.items() if owner != layer}
             setattr(model, STATE_ATTR, state)
         return state
 
@@ -317,9 +320,8 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
     layout = hooks.find_layout(call.input_ids, mask, adapter.visual_ids(call.model.config), grids, adapter.join_runs)
     for span in (span for sample in layout.spans for span in sample if span.video is not None and span.grid):
         span.times = adapter.frame_times(call.model, call.args, span.video, span.grid[0]) or span.times
-    depth = text_model.config.num_hidden_layers
     if not any(layout.spans) and config.kv is None:
-        state.finish_record(layout.spans, state.cached_entries(mask, *embeds.shape[:2], depth))
+        state.finish_record(layout.spans, state.cached_entries(mask, *embeds.shape[:2], text_model.config))
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans):
             output = original(text_model, **kwargs)  # text-only prompt: untouched
         _note_prefill_cache(state, output, cache)
@@ -339,7 +341,7 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         if 0 in state.kv_maps:  # the model numbers decode steps from layer 0's cache length
             kv_map = state.kv_maps[0]
             adapter.on_cache_shortened(call, kv_map.prefill_length - kv_map.index.shape[1])
-        cached = state.cached_entries(mask, *embeds.shape[:2], depth)
+        cached = state.cached_entries(mask, *embeds.shape[:2], text_model.config)
         return adapter.finish_lm_output(output, kwargs, pruned=True)
     finally:
         state.finish_record(layout.spans, cached)

@@ -353,6 +353,11 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     used |= {kv.method} if kv else set()
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
+    last = (intra or [scheduled])[-1] if intra or scheduled else None
+    if kv and last and registry[last.method].reindexes_cache(params[last.method]):
+        raise _fail("KV_METHOD", kv.method, f"{last.method} cuts the earlier layers' caches to its survivors after the "
+                    "prefill, and the KV method would compress them too", "one of them (MUSTDROP_REINDEX_CACHE=0 "
+                    "leaves MustDrop's caches to the KV method)")
     _warn_ignored(env, keep_text, used, registry)
     return PruneConfig(vit=tuple(vit), pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled,
                        image_methods_on_video=scope_text, kv=kv, profile=profile)

@@ -403,6 +403,21 @@ class KVContext:
 
 
 @dataclass
+class KVMerged:
+    """What a merging KV method (LOOK-M) returns instead of bare indices: the entries it keeps and, for each kept
+    entry, the key and value that replace the cached one (the kept entry merged with the entries folded into it).
+
+    index:  [H_kv, K] indices into the L entries, ascending per head.
+    keys:   [H_kv, K, d] replacement keys, in ``index`` order (None: the cached keys of the kept entries).
+    values: [H_kv, K, d] replacement values, in ``index`` order.
+    """
+
+    index: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor
+
+
+@dataclass
 class EncoderSignals:
     """What a ViT-stage method may read of the encoder block just run (one encoded image), see ``PruneContext``."""
 
@@ -451,9 +466,15 @@ class MethodSpec:
     # Pre-LLM: the vision-encoder signals it reads, or a function of its validated hyper-parameters giving them.
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None
     video: bool = False  # sees a whole video per call (all its frames, ``ctx.video``); images as one-frame videos
+    # Intra-LLM: after the prefill, re-index the caches of the layers between the first and the last intra-LLM stage
+    # to the last stage's survivors (MustDrop's decode-time stage); or a function of its validated hyper-parameters.
+    reindex_cache: bool | Callable[[Mapping[str, Any]], bool] = False
 
     def vision_needs(self, params: Mapping[str, Any]) -> VisionNeeds | None:
         return self.vision(params) if callable(self.vision) else self.vision
+
+    def reindexes_cache(self, params: Mapping[str, Any]) -> bool:
+        return bool(self.reindex_cache(params) if callable(self.reindex_cache) else self.reindex_cache)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -489,6 +510,7 @@ def register_prune(
     default_schedule: Callable[[int, float], Sequence[tuple[int, float]]] | None = None,
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
     video: bool = False,
+    reindex_cache: bool | Callable[[Mapping[str, Any]], bool] = False,
 ):
     """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm`` / ``_kv``) fixes its
     stage (a ``_kv`` method receives a :class:`KVContext` instead of a :class:`PruneContext`).
@@ -496,6 +518,8 @@ def register_prune(
     ``vision``: the vision-encoder signals a pre-LLM method reads (``ctx.vision_attention_received()``,
     ``ctx.vision_keys()``), or a function of its hyper-parameters returning them (e.g. a layer range).
     ``video``: a video method (pre-LLM or intra-LLM): each call gets one whole video, every frame (``ctx.video``).
+    ``reindex_cache``: an intra-LLM method whose decode steps read only its last stage's survivors: after the
+    prefill, the caches of the layers between the first and the last intra-LLM stage are cut to them (MustDrop).
     """
     stage = stage_of(name)
     if stage is None:
@@ -519,6 +543,9 @@ def register_prune(
     if stage == VIT and video:
         raise RegistrationError(f"ViT-stage method {name!r} cannot be a video method (the encoder runs frame by frame)",
                                 "video=True on pre-LLM and intra-LLM methods")
+    if stage != INTRA_LLM and reindex_cache:
+        raise RegistrationError(f"{stage} method {name!r} cannot re-index the cache (intra-LLM only)",
+                                "reindex_cache=... on intra-LLM methods only")
     if stage != PRE_LLM and vision is not None:
         raise RegistrationError(f"{stage} method {name!r} cannot read vision-encoder signals (pre-LLM only)",
                                 "vision=... on pre-LLM methods only")
@@ -544,6 +571,7 @@ def register_prune(
             default_schedule=default_schedule,
             vision=vision,
             video=video,
+            reindex_cache=reindex_cache,
         )
         return fn
 

@@ -3,10 +3,10 @@ official code KD-TAO/DyCoke: ``dycole_ttm`` in llava/model/llava_arch.py, its de
 lmms_eval/models/llava_onevision.py and llava/model/language_model/llava_qwen.py).
 
 This is DyCoke's first stage, temporal token merging (TTM), on the projected visual tokens of one whole video,
-before the language model. The decode-stage KV pruning comes with the decode-time stage: during decoding the
-official code re-selects, at layer ``dycoke_l`` = 3, the top (1 - ``dycoke_p``) visual entries of the KV cache
-(``dycoke_p`` = 0.8) by the last token's attention whenever that attention's cosine similarity with the previous
-step's falls below 0.9; the toolkit has no decode-time stage yet, so it is not done here.
+before the language model. Its second stage is not here: during decoding the official code re-selects, at layer
+``dycoke_l`` = 3, the top (1 - ``dycoke_p``) visual entries of the KV cache (``dycoke_p`` = 0.8) by the last
+token's attention whenever that attention's cosine similarity with the previous step's falls below 0.9; the
+toolkit's KV stage (kv_stage.py) compresses once after the prefill and has no per-step re-selection yet.
 
 Rule (frames are what the model encodes as one temporal step, n tokens each, compared position by position):
   1. pairs: for every pair of frames (2j, 2j + 1), the cosine similarity of each token of frame 2j + 1 with the

@@ -4,8 +4,9 @@
 ``llava/model/language_model/modelling_sparse_llama.py`` (``LlamaDynamicvitModel.forward``,
 ``dual_attention_filter``), budgets in ``scripts/v1_5/eval/textvqa_{192,128,64}.sh``).
 
-Two of its three stages, as two methods (combine them: ``PRUNE_METHOD_VIT=mustdrop_vit`` and
-``PRUNE_METHOD_INTRA_LLM=mustdrop_intra_llm``, or use either alone):
+Its three stages, as two methods (combine them: ``PRUNE_METHOD_VIT=mustdrop_vit`` and
+``PRUNE_METHOD_INTRA_LLM=mustdrop_intra_llm``, or use either alone); the third, the decode-time cache policy, is
+part of ``mustdrop_intra_llm``:
 
 ``mustdrop_vit`` -- local spatial merge, before encoder block 1 (official: on the output of CLIP layer 0).
   The hidden states of the patches (the residual stream leaving block 0, exactly the tensor the official
@@ -29,6 +30,13 @@ Two of its three stages, as two methods (combine them: ``PRUNE_METHOD_VIT=mustdr
   Official budgets (global_thr, individual_thr): ~192 tokens (0.001, 0.001) -- the defaults here --,
   ~128 (0.0012, 0.001), ~64 (0.011, 0.01) (TextVQA scripts; VizWiz-64 uses (0.005, 0.001)). The argparse
   defaults (1.0, 0.0) drop nothing.
+  Decode stage (``MUSTDROP_REINDEX_CACHE`` = 1, official; ``LlamaDynamicvitModel.forward``, "Sparse kv cache"):
+  after the prefill, the caches of the layers from the one before the first stage to the one before the last
+  (official 2-14 of 32; layers before keep everything, later ones already hold the final set) are cut to the last
+  stage's survivors, so every decode step reads only those tokens there. With ``INTRA_LLM_LAYER_SPECS`` the
+  stages are the listed ones (whatever their methods) when the last is ``mustdrop_intra_llm``. A KV method
+  (``KV_METHOD``) is refused with it (both would rewrite those caches); ``MUSTDROP_REINDEX_CACHE=0`` keeps each
+  layer's cache as it entered it. Sliding-window layers keep their window.
 
 Count rule (``exact_count=False`` for both): the thresholds decide the count; **KEEP_RATIO is ignored**, as for
 the other threshold-decided methods of this toolkit (PruMerge's adaptive count, VTW). The toolkit still asks for
@@ -59,10 +67,7 @@ Adaptations and deviations:
     ``ceil(0.08 (N - 1))`` tokens by the [CLS] attention of CLIP layer 23 (heads averaged) -- a set that is
     never dropped. That is a ViT signal an intra-LLM method cannot read in this toolkit, so the filter here can
     drop those tokens too (and can drop every token of a span, which the key set prevents officially).
-  * The decode-stage KV policy (after prefill, the official code re-indexes the KV caches of layers 2-14 to the
-    final survivor set) comes with a later decode-time stage; here each layer's cache keeps the tokens that
-    entered it, as for every intra-LLM method of this toolkit. Positions are not compacted (original ones
-    kept).
+  * Positions are not compacted (original ones kept), in the prefill as in the re-indexed caches.
   * Attention is recomputed per block of text rows from layer K-1's query/key states (no L x L matrix,
     any attention implementation); the official code materialises it through its own SDPA path.
 No randomness.
@@ -91,6 +96,10 @@ INDIVIDUAL_THR = HyperParam("MUSTDROP_INDIVIDUAL_THR", 0.001, float,
                             "(and whose summed attention is below MUSTDROP_GLOBAL_THR of the total); official "
                             "0.001 / 0.001 / 0.01 for ~192 / 128 / 64 tokens",
                             check=lambda t: None if math.isfinite(t) and t >= 0 else "must be a finite number >= 0")
+REINDEX_CACHE = HyperParam("MUSTDROP_REINDEX_CACHE", 1, int,
+                           "decode stage: after the prefill, cut the caches of the layers between the first and the "
+                           "last intra-LLM stage to the last stage's survivors (official: 1; 0 keeps each layer's own)",
+                           check=lambda v: None if v in (0, 1) else "must be 0 or 1")
 
 # Official pruning after layers 2, 6, 10, 14 (``pruning_layers``) = before layers 3, 7, 11, 15 of 32.
 OFFICIAL_LAYERS, OFFICIAL_DEPTH = (3, 7, 11, 15), 32
@@ -169,8 +178,9 @@ def dual_filter(global_score: torch.Tensor, individual: torch.Tensor, global_thr
     return torch.nonzero(~dropped).flatten()
 
 
-@register_prune("mustdrop_intra_llm", params=[GLOBAL_THR, INDIVIDUAL_THR], default_schedule=mustdrop_schedule,
-                min_layer=1, exact_count=False)
+@register_prune("mustdrop_intra_llm", params=[GLOBAL_THR, INDIVIDUAL_THR, REINDEX_CACHE],
+                default_schedule=mustdrop_schedule, min_layer=1, exact_count=False,
+                reindex_cache=lambda params: params["MUSTDROP_REINDEX_CACHE"] == 1)
 def mustdrop_intra_llm(ctx: PruneContext) -> torch.Tensor:
     """MustDrop: drop tokens with low summed AND low peak text attention at layer K-1 (ratio ignored)."""
     rows = ctx.text_after_span()

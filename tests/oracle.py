@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import methods
-from utils import PruneConfig, PruneConfigError, keep_count
+from utils import PruneConfig, keep_count
 
 ATTN = ("eager", "sdpa")
 STEPS = 5
@@ -152,21 +152,15 @@ def _fits(spec, depth: int) -> bool:
 
 def check_kv_method(family_module, name, model, inputs, reference, env):
     """A KV-cache method through a family's hooks (``env(ratio)``'s PRUNE_METHOD / KEEP_RATIO become KV_METHOD /
-    KV_BUDGET). A model with KV-shared or sliding-window layers (Gemma 4) refuses it before the prefill. Elsewhere:
-    budget 1.0 bit-identical to the reference; budget 0.25: the prefill (its logits, the first generated token) is
-    untouched, every layer keeps fewer entries than it cached, and greedy generation runs."""
+    KV_BUDGET): budget 1.0 bit-identical to the reference; budget 0.25: the prefill (its logits, the first generated
+    token) is untouched, every layer that owns a full-attention cache (Gemma 4: not the sliding-window or KV-shared
+    ones) keeps fewer entries than it cached, and greedy generation runs."""
     ref_logits, (ref_ids, ref_steps) = reference
 
     def kv_env(budget):
         extra = {k: v for k, v in env(budget).items() if k not in ("PRUNE_METHOD", "KEEP_RATIO")}
         return {**extra, "KV_METHOD": name, "KV_BUDGET": budget}
 
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "num_kv_shared_layers", 0) or \
-            "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
-        with patched(family_module, **kv_env(0.25)), pytest.raises(PruneConfigError, match=f"^KV_METHOD={name!r}: "):
-            forward_logits(model, inputs)
-        return
     with patched(family_module, **kv_env(1.0)):
         logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
     assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
@@ -176,7 +170,11 @@ def check_kv_method(family_module, name, model, inputs, reference, env):
         record = family_module.last_record(model)
     assert torch.equal(logits, ref_logits) and torch.equal(ids[:, 0], ref_ids[:, 0]) and torch.equal(steps[0], ref_steps[0])
     kept = [(before, after) for layer in record.kv_layers.values() for before, after in zip(layer["before"], layer["after"])]
-    assert len(record.kv_layers) == text_config.num_hidden_layers and all(1 <= a < b for b, a in kept), kept
+    text_config = model.config.get_text_config()
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+    sharing = getattr(text_config, "kv_sharing_modes", None) or [None] * text_config.num_hidden_layers
+    owners = [i for i, (kind, mode) in enumerate(zip(layer_types, sharing)) if kind == "full_attention" and mode != "reuse"]
+    assert sorted(record.kv_layers) == owners and all(1 <= a < b for b, a in kept), kept
     assert ids.shape == ref_ids.shape
 
 

@@ -200,10 +200,7 @@ def test_pruned_flash_matches_sdpa(name, env):
         assert torch.equal(f_ids, s_ids) and (f_steps - s_steps).abs().max() < TOL, kind
 
 
-KV_FAMILIES = [name for name in FAMILIES if FAMILIES[name][0] is not custom_gemma4]  # Gemma 4: KV stage refused
-
-
-@pytest.mark.parametrize("name", KV_FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_kv_stage_under_flash_matches_sdpa(name):
     """The KV stage under flash: a keep-all budget is bit-identical to the unpatched flash model; a compressed
     cache (its left-padded empty slots masked through the 2-D mask flash reads) keeps what sdpa keeps and gives

@@ -347,3 +347,224 @@ def test_pyramidkv_keeps_its_layer_count_with_snapkv_scores(monkeypatch):
         assert kept[0] == list(range(selected)) + [38, 39]
         assert kept[1] == list(range(38 - selected, 40))
     assert asked == [(2, 7, "maxpool")] * 4
+
+
+# ---------------------------------------------------------------- LOOK-M
+def lookm(keys, values, budget, visual, signals, query_heads=None, **params):
+    """LOOK-M's answer on a hand-made cache (keys, values [H_kv, L, d]; visual [L] bool)."""
+    defaults = {p.env: p.default for p in REGISTRY["lookm_kv"].params}
+    assert set(params) <= set(defaults), "unknown hyper-parameter in the test"
+    ctx = KVContext(keys=keys, values=values, budget=budget, layer=0, num_layers=1, visual=torch.as_tensor(visual),
+                    query_heads=query_heads or keys.shape[0], params=defaults | params, _signals=signals)
+    return run("lookm_kv", ctx)
+
+
+def lookm_kept(budget, visual, sums, query_heads=None, kv_heads=1, **params):
+    """The entries LOOK-M keeps per KV head for accumulated attention ``sums`` [H_q, L] (random keys, no merge)."""
+    keys = torch.randn(kv_heads, len(visual), 4)
+    out = lookm(keys, torch.randn_like(keys), budget, visual, FakeSignals(column_sums=sums), query_heads,
+                LOOKM_MERGE="none", **params)
+    return out.index.tolist()
+
+
+def test_lookm_registers_as_a_kv_method_with_the_official_defaults():
+    spec = REGISTRY["lookm_kv"]
+    assert spec.stage == KV and spec.description and spec.source == "methods.lookm"
+    assert {p.env: p.default for p in spec.params} == {"LOOKM_RECENT_RATIO": 0.5, "LOOKM_MERGE": "pivot"}
+    checks = {p.env: p.check for p in spec.params}
+    assert checks["LOOKM_RECENT_RATIO"](1.5) and checks["LOOKM_RECENT_RATIO"](1.0) is None
+    assert checks["LOOKM_MERGE"]("mean") and all(checks["LOOKM_MERGE"](m) is None
+                                                for m in ("pivot", "avg", "weighted", "none"))
+
+
+# 10 entries: text 0, 1, 8, 9; image 2..7. Entry 7 (image) has the largest score but sits in the recent window.
+LOOKM_VISUAL = [False, False, True, True, True, True, True, True, False, False]
+LOOKM_SUMS = torch.tensor([[0.01, 0.02, 0.5, 3.0, 2.0, 0.1, 2.5, 9.0, 0.5, 0.3]])
+
+
+def test_lookm_keeps_text_before_any_image_then_the_best_scored_images():
+    # budget 6: recent = 3 (7, 8, 9); heavy 3 among 0..6: text 0, 1 (lowest scores) first, then image 3 (3.0).
+    # Without the text prior (H2O) the heavy hitters would be 3, 6, 4.
+    assert lookm_kept(6, LOOKM_VISUAL, LOOKM_SUMS) == [[0, 1, 3, 7, 8, 9]]
+    # no recent window: the 3 best text entries (8: 0.5, 9: 0.3, 1: 0.02), however large the image scores
+    assert lookm_kept(3, LOOKM_VISUAL, LOOKM_SUMS, LOOKM_RECENT_RATIO=0.0) == [[1, 8, 9]]
+
+
+def test_lookm_text_beyond_the_heavy_share_is_chosen_by_score():
+    # budget 4: recent 2 (8, 9), heavy 2 among 0..7, which hold 6 text entries: the 2 best-scored text entries
+    # (officially every text entry would stay, beyond the budget); no image, whatever its score.
+    visual = [False] * 6 + [True, True, False, False]
+    sums = torch.tensor([[0.1, 0.7, 0.2, 0.6, 0.3, 0.1, 5.0, 5.0, 0.0, 0.0]])
+    assert lookm_kept(4, visual, sums) == [[1, 3, 8, 9]]
+
+
+def test_lookm_reduces_query_heads_by_their_kv_group_and_breaks_ties_to_the_lower_index():
+    # 4 query heads, 2 KV heads; budget 6 as above: text 0, 1, then one image among 2..6.
+    # KV head 0 = mean(q0, q1) = LOOKM_SUMS: image 3. KV head 1: q2 alone prefers image 6, q3 alone image 4;
+    # their mean ties images 2 and 4 (2.0 each, above 6: 1.5): the lower index, 2.
+    sums = torch.zeros(4, 10)
+    sums[0] = sums[1] = LOOKM_SUMS[0]
+    sums[2, [2, 6]] = torch.tensor([2.0, 3.0])
+    sums[3, [2, 4]] = torch.tensor([2.0, 4.0])
+    assert lookm_kept(6, LOOKM_VISUAL, sums, query_heads=4, kv_heads=2) == [[0, 1, 3, 7, 8, 9], [0, 1, 2, 7, 8, 9]]
+
+
+# 5 entries, one KV head: text 0 and 4, image 1..3; budget 2: recent 1 (entry 4), heavy 1: text entry 0.
+# Evicted keys 1 and 2 point like key 0, key 3 like key 4.
+MERGE_KEYS = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [2.0, -0.1], [0.1, 1.0], [0.0, 1.0]]])
+MERGE_VALUES = torch.tensor([[[2.0, 0.0], [4.0, 0.0], [0.0, 8.0], [6.0, 6.0], [0.0, 0.0]]])
+MERGE_VISUAL = [False, True, True, True, False]
+
+
+def lookm_merge(merge):
+    signals = FakeSignals(column_sums=torch.tensor([[0.0, 5.0, 5.0, 5.0, 0.0]]))
+    out = lookm(MERGE_KEYS, MERGE_VALUES, 2, MERGE_VISUAL, signals, LOOKM_MERGE=merge)
+    assert out.index.tolist() == [[0, 4]] and signals.asked == [("sums", None)]
+    return out
+
+
+def test_lookm_pivot_merge_averages_each_kept_entry_with_its_pivot_halves():
+    out = lookm_merge("pivot")
+    # entry 0 <- 1 and 2: (v0 + (v1 + v0) / 2 + (v2 + v0) / 2) / 3 = ((2, 0) + (3, 0) + (1, 4)) / 3
+    # entry 4 <- 3:       (v4 + (v3 + v4) / 2) / 2 = (0 + (3, 3)) / 2
+    assert torch.allclose(out.values, torch.tensor([[[2.0, 4 / 3], [1.5, 1.5]]]))
+    # keys likewise: ((1, 0) + (1, 0.05) + (1.5, -0.05)) / 3 and ((0, 1) + (0.05, 1)) / 2
+    assert torch.allclose(out.keys, torch.tensor([[[3.5 / 3, 0.0], [0.025, 1.0]]]))
+
+
+@pytest.mark.parametrize("merge", ["avg", "weighted"])
+def test_lookm_avg_and_weighted_merge_only_the_entries_at_least_as_similar_as_the_mean(merge):
+    out = lookm_merge(merge)
+    # best cosines: entry 1 -> 0: 1 / sqrt(1.01) = 0.99504, entry 2 -> 0: 2 / sqrt(4.01) = 0.99875,
+    # entry 3 -> 4: 0.99504; their mean 0.99628: only entry 2 merges (into entry 0), entry 4 stays as it was.
+    s2 = 2 / math.sqrt(4.01)
+    weight = s2 if merge == "weighted" else 1.0
+    assert torch.allclose(out.values, torch.tensor([[[1.0, 4.0 * weight], [0.0, 0.0]]]))
+    assert torch.allclose(out.keys, torch.tensor([[[(1 + 2 * weight) / 2, -0.05 * weight], [0.0, 1.0]]]))
+
+
+def test_lookm_an_entry_as_similar_to_two_kept_entries_merges_into_the_lower_one():
+    # text 0 and 2 kept (budget 2, recent 1: entry 2; heavy: entry 0); image 1's key is at 45 degrees from both
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+    values = torch.tensor([[[0.0, 0.0], [4.0, 2.0], [1.0, 1.0]]])
+    out = lookm(keys, values, 2, [False, True, False], FakeSignals(column_sums=torch.ones(1, 3)))
+    assert out.index.tolist() == [[0, 2]]
+    assert torch.allclose(out.values, torch.tensor([[[1.0, 0.5], [1.0, 1.0]]]))  # (v0 + (v1 + v0) / 2) / 2
+
+
+def test_lookm_without_merge_keeps_the_cached_values():
+    out = lookm_merge("none")
+    assert out.keys is None and torch.equal(out.values, MERGE_VALUES[:, [0, 4]])
+
+
+def test_lookm_a_budget_of_every_entry_keeps_everything_unchanged_without_reading_attention():
+    keys = torch.randn(2, 9, 4)
+    values = torch.randn_like(keys)
+    signals = FakeSignals()
+    for budget in (9, 12):
+        out = lookm(keys, values, budget, [True] * 4 + [False] * 5, signals, query_heads=4)
+        assert out.index.tolist() == [list(range(9))] * 2
+        assert (out.keys is None or torch.equal(out.keys, keys)) and torch.equal(out.values, values)
+    assert signals.asked == []
+
+
+def test_lookm_every_head_keeps_the_budget_in_ascending_order_with_merged_tensors_of_its_shape():
+    torch.manual_seed(3)
+    length, kv_heads, query_heads = 40, 2, 6
+    keys = torch.randn(kv_heads, length, 8)
+    values = torch.randn_like(keys)
+    signals = CausalSignals(torch.randn(query_heads, length, 8), keys)
+    visual = torch.zeros(length, dtype=torch.bool)
+    visual[5:30] = True
+    for merge in ("pivot", "avg", "weighted"):
+        for budget in (1, 2, 3, 8, 20, 39):
+            out = lookm(keys, values, budget, visual, signals, query_heads, LOOKM_MERGE=merge)
+            assert out.index.shape == (kv_heads, budget) and out.index.dtype == torch.long
+            assert torch.equal(out.index, out.index.sort(dim=1).values)
+            assert all(len(set(row.tolist())) == budget for row in out.index)
+            assert out.keys.shape == out.values.shape == (kv_heads, budget, 8)
+            assert torch.isfinite(out.keys).all() and torch.isfinite(out.values).all()
+
+
+def test_lookm_merges_in_float32_and_returns_the_cache_dtype():
+    torch.manual_seed(4)
+    keys = torch.randn(2, 20, 8)
+    values = torch.randn_like(keys)
+    visual = [False] * 3 + [True] * 14 + [False] * 3
+    signals = CausalSignals(torch.randn(2, 20, 8), keys)
+    exact = lookm(keys, values, 6, visual, signals)
+    half = lookm(keys.bfloat16(), values.bfloat16(), 6, visual, signals)
+    assert half.keys.dtype == half.values.dtype == torch.bfloat16
+    assert torch.equal(half.index, exact.index)
+    assert torch.allclose(half.values.float(), exact.values, atol=0.05)
+
+
+def official_text_prior_merge(attn, keys, values, image_mask, hh_size, recent_size, merge):
+    """Transcription of the official ``Text{Pivot,Weighted}Merge_LayerWise.__call__`` / ``TextAVGMergeKVCache_
+    LayerWise.__call__`` (SUSTechBruce/LOOK-M, modify_llama.py) for one sample: attn [1, H, L, L], keys / values
+    [1, H, L, d]; the hard-coded head size 128 is ``head_dim``; ``image_mask`` replaces the 576-token image spans."""
+    hh_score = attn.sum(0).sum(1)  # _update_hh_score
+    bsz, num_heads, _, head_dim = keys.shape
+    anti_image_mask = torch.full((hh_score.shape[0], hh_score.shape[1]), 0)
+    anti_image_mask[:, image_mask] = -65516
+    anti_image_mask = anti_image_mask.to(device=hh_score.device, dtype=hh_score.dtype)
+    anti_image_mask[:, -recent_size:] = -65516
+    hh_score = hh_score + anti_image_mask
+    _, keep_topk = torch.topk(hh_score[:, :-recent_size], hh_size, dim=-1)
+    keep_topk = keep_topk.sort().values
+    hh_score.scatter_(1, keep_topk, 0)
+    hh_score[:, -recent_size:] = 0
+    mask = hh_score >= 0
+    expanded_mask = mask.unsqueeze(-1).expand_as(keys)
+    k_hh_recent = torch.masked_select(keys.squeeze(), expanded_mask).view(bsz, num_heads, -1, head_dim)
+    v_hh_recent = torch.masked_select(values.squeeze(), expanded_mask).view(bsz, num_heads, -1, head_dim)
+    k_hh_pruned = torch.masked_select(keys, ~expanded_mask).view(bsz, num_heads, -1, head_dim)
+    similarity = (k_hh_pruned / torch.norm(k_hh_pruned, dim=-1).unsqueeze(-1).repeat(1, 1, 1, head_dim)) @ (
+        (k_hh_recent / (torch.norm(k_hh_recent, dim=-1).unsqueeze(-1).repeat(1, 1, 1, head_dim))).transpose(-1, -2))
+    max_values, max_indices = similarity.max(dim=-1)
+    if merge == "pivot":
+        merged_indices = max_indices.unsqueeze(-1).repeat(1, 1, 1, head_dim)
+        k_hh_selected = torch.gather(input=k_hh_recent, dim=2, index=merged_indices)
+        k_hh_merged = (k_hh_pruned + k_hh_selected) / 2
+        k_hh_recent = torch.scatter_reduce(input=k_hh_recent, dim=2, index=merged_indices, src=k_hh_merged,
+                                           reduce='mean', include_self=True)
+        v_hh_pruned = values.squeeze()[~mask].view(bsz, num_heads, -1, head_dim)
+        v_hh_selected = torch.gather(input=v_hh_recent, dim=2, index=merged_indices)
+        v_hh_merged = (v_hh_pruned + v_hh_selected) / 2
+        v_hh_recent = torch.scatter_reduce(input=v_hh_recent, dim=2, index=merged_indices, src=v_hh_merged,
+                                           reduce='mean', include_self=True)
+        return mask, k_hh_recent, v_hh_recent
+    filter_indices = (max_values.mean(1) >= max_values.mean()).squeeze(0)
+    merged_indices = max_indices[..., filter_indices].unsqueeze(-1).repeat(1, 1, 1, head_dim)
+    merge_weights = max_values[..., filter_indices].unsqueeze(-1).repeat(1, 1, 1, head_dim)
+    k_hh_merged = k_hh_pruned[..., filter_indices, :]
+    v_hh_pruned = torch.masked_select(values, ~expanded_mask).view(bsz, num_heads, -1, head_dim)
+    v_hh_merged = v_hh_pruned[..., filter_indices, :]
+    if merge == "weighted":
+        k_hh_merged, v_hh_merged = merge_weights * k_hh_merged, merge_weights * v_hh_merged
+    # avg: the official src is the unfiltered k_hh_pruned / v_hh_pruned (the i-th filtered match then receives the
+    # i-th evicted entry); LOOK-M here merges each filtered entry into its own match, as the weighted code does
+    k_hh_recent = torch.scatter_reduce(input=k_hh_recent, dim=2, index=merged_indices, src=k_hh_merged,
+                                       reduce='mean', include_self=True)
+    v_hh_recent = torch.scatter_reduce(input=v_hh_recent, dim=2, index=merged_indices, src=v_hh_merged,
+                                       reduce='mean', include_self=True)
+    return mask, k_hh_recent, v_hh_recent
+
+
+@pytest.mark.parametrize("merge", ["pivot", "weighted", "avg"])
+def test_lookm_matches_the_official_text_prior_merge_per_head_on_causal_attention(merge):
+    torch.manual_seed(5)
+    heads, length, budget = 3, 30, 12  # recent = heavy = 6 (the official equal ratios)
+    queries, keys = torch.randn(heads, length, 8), torch.randn(heads, length, 8)
+    values = torch.randn_like(keys)
+    visual = torch.ones(length, dtype=torch.bool)
+    visual[[0, 1, 22, 23, 24, 27]] = False  # 4 text entries before the window, fewer than the heavy share
+    signals = CausalSignals(queries, keys)
+    out = lookm(keys, values, budget, visual, signals, LOOKM_MERGE=merge)
+    mask, k_official, v_official = official_text_prior_merge(signals.probs[None], keys[None], values[None], visual,
+                                                             budget // 2, budget // 2, merge)
+    expected = [torch.nonzero(row).flatten().tolist() for row in mask]
+    assert out.index.tolist() == expected
+    assert len({tuple(row) for row in expected}) == heads  # the heads keep different images
+    assert torch.allclose(out.keys, k_official[0], atol=1e-5)
+    assert torch.allclose(out.values, v_official[0], atol=1e-5)

@@ -22,6 +22,8 @@ from tests.support.tiny_models import FAMILIES, build_model
 from tests.test_decoder_families import FAMILIES as DECODER_FAMILIES
 from tests.test_qwenvl import extend, inputs_for, patched, shorten_deepstack
 from tests.test_qwenvl import single as single_sample
+from tests import test_gemma4 as gemma
+from transformers.models.gemma4 import modeling_gemma4 as gm
 from utils import PruneConfig, PruneConfigError
 
 CHOSEN: list = []  # per prefill layer call: (layer, [(H_kv, K) indices per sample into its entries], entries)
@@ -253,15 +255,86 @@ def test_budget_values(probe_kv):
         PruneConfig.from_env({"PRUNE_METHOD": "probe_kv", "KEEP_RATIO": "0.5"})
 
 
+def gemma_masked_reference(model, inputs, new_ids, kept, rows_of):
+    """Gemma 4's masked recomputation: the unpatched eager layers looped by hand without a cache on prompt + generated
+    tokens (masks as Gemma4Model builds them: sliding windows, bidirectional images), where the generated tokens' rows
+    of every layer reading a compressed cache (its own, or for a KV-shared layer its storing layer's) see only that
+    cache's kept prompt entries, per KV head."""
+    tm = model.model.language_model
+    config = tm.config
+    lm = gemma.lm_inputs(model, inputs)
+    ids = inputs["input_ids"]
+    prompt = ids.shape[1]
+    ext, ext_ids = gemma.extend(model, lm, ids, new_ids)
+    hidden, mask_2d, positions = ext["inputs_embeds"], ext.get("mask_2d"), ext["position_ids"]
+    is_visual = gemma.visual_mask(model, ext_ids) if lm["mm_token_type_ids"] is not None else None
+    per_layer = None if ext.get("per_layer_inputs") is None else tm.project_per_layer_inputs(hidden, ext["per_layer_inputs"])
+    embeddings = {t: tm.rotary_emb(hidden, positions, t) for t in set(config.layer_types)}
+    base = gemma.reference_masks(model, hidden, mask_2d, is_visual)
+    adapter = custom_gemma4.Gemma4Adapter()
+    heads = config.num_attention_heads
+    shared = gm.KVSharingDict(None)
+    for i, layer in enumerate(tm.layers):
+        mask = base[config.layer_types[i]]
+        allowed = (mask == 0 if mask.dtype != torch.bool else mask).expand(ids.shape[0], heads, -1, -1).clone()
+        for b, index in enumerate(kept.get(adapter.cache_owner(tm, i), [])):
+            for h in range(heads):  # query head h reads KV head h // (heads / KV heads of the layer)
+                keep = torch.zeros(prompt, dtype=torch.bool)
+                keep[rows_of(b)[index[h * index.shape[0] // heads]]] = True
+                allowed[b, h, prompt:, :prompt] &= keep
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        hidden = layer(hidden, None if per_layer is None else per_layer[:, :, i], shared_kv_states=shared,
+                       position_embeddings=embeddings[config.layer_types[i]], attention_mask=additive,
+                       position_ids=positions, past_key_values=None)
+    logits = gemma.softcap(model, model.lm_head(tm.norm(hidden)))
+    return logits[:, prompt - 1:prompt - 1 + new_ids.shape[1]]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gemma4_is_refused_before_the_prefill(variant, probe_kv):
-    model = build_gemma(variant)
+def test_gemma4_keep_every_entry_and_equal_the_masked_recomputation(variant, probe_kv):
+    """Gemma 4: the full-attention layers that own a cache are compressed; sliding-window layers keep their window;
+    KV-shared layers (e2b) read their storing layer's compressed cache. A keep-all budget is bit-identical under
+    generate; a compressed cache equals the masked recomputation of a left-padded batch (and differs from the
+    unmasked one)."""
+    model = build_gemma(variant, attn_implementation="eager")
+    inputs = dict(make_gemma_inputs(build_gemma_processor(), "batch"))
+    text_model = model.model.language_model
+    ref_logits, (ref_ids, ref_steps) = forward_logits(model, inputs), greedy(model, inputs)
+    with oracle.patched(custom_gemma4, KV_METHOD="probe_kv", KV_BUDGET=1.0):
+        logits, (ids, steps) = forward_logits(model, inputs), greedy(model, inputs)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(steps, ref_steps)
+    CHOSEN.clear()
+    with oracle.patched(custom_gemma4, KV_METHOD="probe_kv", KV_BUDGET=0.4):
+        ids, step_logits = greedy(model, inputs)
+        record = custom_gemma4.last_record(model)
+    config = text_model.config
+    owners = [i for i in range(config.num_hidden_layers) if config.layer_types[i] == "full_attention"
+              and config.kv_sharing_modes[i] != "reuse"]
+    assert sorted(record.kv_layers) == owners and owners
+    kept = kept_per_layer(ids.shape[0])
+    with torch.no_grad():
+        reference = gemma_masked_reference(model, inputs, ids, kept, prompt_rows(inputs))
+        unmasked = gemma_masked_reference(model, inputs, ids, {}, prompt_rows(inputs))
+    torch.testing.assert_close(step_logits.transpose(0, 1), reference, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(step_logits.transpose(0, 1)[:, 1:], unmasked[:, 1:], atol=1e-4)
+
+
+def test_gemma4_records_what_each_layer_reads():
+    """``record.cached`` on Gemma 4 (e2b): a layer that owns a cache counts its entries (a sliding layer's window
+    included); a KV-shared layer counts its storing layer's."""
+    model = build_gemma("e2b")
     inputs = dict(make_gemma_inputs(build_gemma_processor(), "image"))
-    with oracle.patched(custom_gemma4, KV_METHOD="probe_kv", KV_BUDGET=0.5):
-        with pytest.raises(PruneConfigError, match=r"^KV_METHOD='probe_kv': Gemma4TextModel (shares KV caches|has "
-                                                   r"sliding-window layers)"):
-            forward_logits(model, inputs)
-    assert not CHOSEN
+    inputs.pop("attention_mask")
+    config = model.model.language_model.config
+    for env in ({}, {"KV_METHOD": "streamingllm_kv", "KV_BUDGET": 0.5}):
+        with oracle.patched(custom_gemma4, **env):
+            with torch.no_grad():
+                out = model(**inputs, use_cache=True)
+            cached = custom_gemma4.last_record(model).cached[0]
+        adapter = custom_gemma4.Gemma4Adapter()
+        owned = [None if layer.keys is None else layer.keys.shape[2] for layer in out.past_key_values.layers]
+        assert cached == [owned[adapter.cache_owner(model.model.language_model, i)] for i in range(len(cached))]
+        assert min(cached) == config.sliding_window - 1 < max(cached)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -271,7 +344,7 @@ KV_METHODS = sorted(name for name, spec in methods.load_methods().items() if spe
 
 
 def test_the_registered_kv_methods():
-    assert KV_METHODS == ["h2o_kv", "pyramidkv_kv", "snapkv_kv", "streamingllm_kv"]
+    assert KV_METHODS == ["h2o_kv", "lookm_kv", "pyramidkv_kv", "snapkv_kv", "streamingllm_kv"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -311,7 +384,7 @@ def recorded(monkeypatch):
     import dataclasses
 
     registry = methods._base._REGISTRY
-    for name in KV_METHODS:
+    for name in (m for m in KV_METHODS if m not in MERGING):
         spec = registry[name]
 
         def recording(ctx, fn=spec.fn):
@@ -325,7 +398,10 @@ def recorded(monkeypatch):
     yield
 
 
-@pytest.mark.parametrize("method", KV_METHODS)
+MERGING = ["lookm_kv"]  # replace kept entries by merged ones: no masked recomputation to equal
+
+
+@pytest.mark.parametrize("method", [m for m in KV_METHODS if m not in MERGING])
 def test_every_kv_method_equals_the_masked_recomputation(method, recorded):
     family = "qwen2_5_vl"
     inputs = inputs_for(family, "batch")
@@ -396,3 +472,150 @@ def test_every_prefill_records_what_each_layer_caches(env):
         for b in range(2):
             forward_logits(model, single_sample(batch, b))
             assert custom_qwenvl.last_record(model).cached == [counts[b]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_a_merging_method_writes_its_merged_entries(family, monkeypatch):
+    """LOOK-M returns merged keys and values for the entries it keeps: the compressed cache holds exactly those (per
+    sample, after its left-padded empty slots), and decoding from it differs from keeping the same entries unmerged."""
+    import dataclasses
+
+    registry = methods._base._REGISTRY
+    spec, returned = registry["lookm_kv"], []
+
+    def recording(ctx, fn=spec.fn):
+        result = fn(ctx)
+        returned.append((ctx.layer, result))
+        return result
+
+    monkeypatch.setitem(registry, "lookm_kv", dataclasses.replace(spec, fn=recording))
+    model = build_model(family)
+    inputs = inputs_for(family, "batch")
+    with patched(KV_METHOD="lookm_kv", KV_BUDGET=0.3):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        merged_ids, merged_steps = greedy(model, inputs)
+    batch = inputs["input_ids"].shape[0]
+    assert len(returned) == 2 * batch * len(out.past_key_values.layers)  # the prefill, then greedy's own
+    for i, (layer, result) in enumerate(returned[:batch * len(out.past_key_values.layers)]):
+        b = i % batch
+        cache = out.past_key_values.layers[layer]
+        width = result.index.shape[1]
+        assert isinstance(result, methods.KVMerged) and result.keys is not None
+        assert torch.equal(cache.keys[b, :, -width:], result.keys) and torch.equal(cache.values[b, :, -width:], result.values)
+        assert bool((cache.keys[b, :, :-width] == 0).all())  # this sample's empty slots
+    with patched(KV_METHOD="lookm_kv", KV_BUDGET=0.3, LOOKM_MERGE="none"):
+        plain_ids, plain_steps = greedy(model, inputs)
+    assert torch.equal(merged_steps[0], plain_steps[0]) and not torch.allclose(merged_steps[1:], plain_steps[1:])
+
+
+# ------------------------------------------------------------------------------------------------------
+# An intra-LLM method's decode-time re-indexing (MustDrop's third stage)
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def reindex_probes():
+    """Two test-only intra-LLM methods choosing the same seeded random tokens; one re-indexes the cache."""
+    for name, reindex in (("probe_reindex_intra_llm", True), ("probe_plain_intra_llm", False)):
+        @methods.register_prune(name, default_layer=1, reindex_cache=reindex)
+        def probe(ctx):
+            """Test probe."""
+            generator = torch.Generator().manual_seed(100 * ctx.num_tokens + ctx.keep)
+            return torch.randperm(ctx.num_tokens, generator=generator)[:ctx.keep].sort().values
+    yield
+    for name in ("probe_reindex_intra_llm", "probe_plain_intra_llm"):
+        methods._base._REGISTRY.pop(name)
+
+
+def specs(method, layers):
+    return ";".join(f"{layer}:{method}:{ratio}" for layer, ratio in zip(layers, (0.6, 0.3)))
+
+
+@pytest.mark.parametrize("layers", [(2, 3), (1, 3)])
+def test_reindexed_cache_holds_the_last_stage_survivors(layers, reindex_probes):
+    """After the prefill, the caches of layers first-1 .. last-1 hold exactly the last stage's survivors (the same
+    run without re-indexing, gathered), the others are untouched; every decode step equals the run without
+    re-indexing whose decode steps mask, in those layers, every entry the last stage dropped."""
+    family = "qwen2_5_vl"
+    model = build_model(family, attn_implementation="eager")
+    inputs = inputs_for(family, "batch")
+    runs = {}
+    for name in ("probe_plain_intra_llm", "probe_reindex_intra_llm"):
+        with patched(INTRA_LLM_LAYER_SPECS=specs(name, layers)):
+            with torch.no_grad():
+                out = model(**inputs, use_cache=True)
+            state = custom_qwenvl.pruning_state(model)
+            maps = [m.index.clone() for m in state.intra_maps]
+            cached = custom_qwenvl.last_record(model).cached
+            runs[name] = (out.past_key_values, maps, cached, greedy(model, inputs))
+    plain, maps, plain_cached, (plain_ids, plain_steps) = runs["probe_plain_intra_llm"]
+    cut, cut_maps, cut_cached, (ids, steps) = runs["probe_reindex_intra_llm"]
+    assert all(torch.equal(a, b) for a, b in zip(maps, cut_maps))
+    final_from = {}  # layer -> (B, K) the last stage's survivors as positions in that layer's cache
+    for layer in range(len(plain.layers)):
+        later = [m for k, m in zip(layers, maps) if k > layer]
+        if layer < layers[0] - 1 or not later:
+            assert torch.equal(cut.layers[layer].keys, plain.layers[layer].keys), layer
+            continue
+        index = later[0]
+        for inner in later[1:]:
+            index = torch.gather(index, 1, inner.clamp(min=0)).masked_fill(inner < 0, -1)
+        final_from[layer] = index
+        expected = plain.layers[layer].keys.gather(
+            2, index.clamp(min=0)[:, None, :, None].expand(-1, plain.layers[layer].keys.shape[1], -1,
+                                                           plain.layers[layer].keys.shape[-1]))
+        expected = expected.masked_fill((index < 0)[:, None, :, None], 0)
+        assert torch.equal(cut.layers[layer].keys, expected), layer
+    assert sorted(final_from) == list(range(layers[0] - 1, layers[-1]))
+    assert all(c[layer] == c[layers[-1]] for c in cut_cached for layer in final_from)
+    assert all(c[layer] > c[layers[-1]] for c in plain_cached for layer in final_from)
+
+    text_model = model.model.language_model
+    prompt_len = {layer: plain.layers[layer].keys.shape[2] for layer in final_from}
+
+    def hide_dropped(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if hidden.shape[1] != 1:
+                return args, kwargs  # the prefill is not changed
+            mask = kwargs.get("attention_mask")
+            width = prompt_len[layer] + plain_decoded[0]
+            mask = torch.zeros(hidden.shape[0], 1, 1, width) if mask is None else mask.clone()
+            for b in range(hidden.shape[0]):
+                keep = torch.zeros(prompt_len[layer], dtype=torch.bool)
+                valid = final_from[layer][b]
+                keep[valid[valid >= 0]] = True
+                mask[b, :, :, :prompt_len[layer]] = mask[b, :, :, :prompt_len[layer]].masked_fill(
+                    ~keep, torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    plain_decoded = [0]
+
+    def count_steps(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        plain_decoded[0] += hidden.shape[1] == 1
+
+    handles = [text_model.layers[0].register_forward_pre_hook(count_steps, with_kwargs=True)]
+    handles += [text_model.layers[layer].self_attn.register_forward_pre_hook(hide_dropped(layer), with_kwargs=True)
+                for layer in final_from]
+    try:
+        with patched(INTRA_LLM_LAYER_SPECS=specs("probe_plain_intra_llm", layers)):
+            ref_ids, ref_steps = greedy(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(steps, ref_steps, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids, ref_ids)
+    assert not torch.allclose(steps[1:], plain_steps[1:], atol=1e-4)  # the re-indexing changed the decode steps
+
+
+def test_mustdrop_reindexes_by_default_and_refuses_a_kv_method():
+    spec = methods.registered_methods()["mustdrop_intra_llm"]
+    assert spec.reindexes_cache({"MUSTDROP_REINDEX_CACHE": 1}) and not spec.reindexes_cache({"MUSTDROP_REINDEX_CACHE": 0})
+    with pytest.raises(PruneConfigError, match=r"^KV_METHOD='snapkv_kv': mustdrop_intra_llm cuts the earlier layers"):
+        PruneConfig.from_env({"PRUNE_METHOD": "mustdrop_intra_llm", "KEEP_RATIO": "0.5", "KV_METHOD": "snapkv_kv",
+                              "KV_BUDGET": "0.5"})
+    config = PruneConfig.from_env({"PRUNE_METHOD": "mustdrop_intra_llm", "KEEP_RATIO": "0.5", "KV_METHOD": "snapkv_kv",
+                                   "KV_BUDGET": "0.5", "MUSTDROP_REINDEX_CACHE": "0"})
+    assert config.kv.method == "snapkv_kv"

@@ -32,7 +32,8 @@ def test_registration():
     assert intra.stage == INTRA_LLM and intra.min_layer == 1 and not intra.exact_count
     assert intra.default_schedule is mustdrop_schedule and vit.description and intra.description
     assert {p.env: p.default for p in vit.params} == {"MUSTDROP_MERGE_THRESHOLD": 0.8}
-    assert {p.env: p.default for p in intra.params} == {"MUSTDROP_GLOBAL_THR": 0.001, "MUSTDROP_INDIVIDUAL_THR": 0.001}
+    assert {p.env: p.default for p in intra.params} == {"MUSTDROP_GLOBAL_THR": 0.001, "MUSTDROP_INDIVIDUAL_THR": 0.001,
+                                                        "MUSTDROP_REINDEX_CACHE": 1}
 
 
 def test_windows_tile_the_raster_grid_without_overlap_and_leave_the_remainder():
