@@ -6,6 +6,8 @@
 * composition with pre-LLM pruning and with an intra-LLM stage; the record; refusals and configuration errors.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -512,6 +514,39 @@ def test_a_merging_method_writes_its_merged_entries(family, monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 # An intra-LLM method's decode-time re-indexing (MustDrop's third stage)
 # ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def decode_steps_see_only(text_model, keep):
+    """In decode steps (one query row), layer l's attention sees of its cached prompt entries only those ``keep[l]``
+    ((B, H or 1, prompt entries of l's cache) bool) marks; the prefill and the generated tokens are untouched."""
+    steps = [0]
+
+    def count(module, args, kwargs):
+        steps[0] += (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1] == 1
+
+    def hide(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if hidden.shape[1] != 1:
+                return args, kwargs
+            prompt = keep[layer].shape[-1]
+            mask = kwargs.get("attention_mask")
+            mask = torch.zeros(hidden.shape[0], 1, 1, prompt + steps[0]) if mask is None else mask
+            mask = mask.expand(-1, keep[layer].shape[1], -1, -1).clone()  # per query head where keep is
+            mask[..., :prompt] = mask[..., :prompt].masked_fill(~keep[layer].unsqueeze(2), torch.finfo(mask.dtype).min)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+        return hook
+
+    handles = [text_model.layers[0].register_forward_pre_hook(count, with_kwargs=True)]
+    handles += [text_model.layers[layer].self_attn.register_forward_pre_hook(hide(layer), with_kwargs=True)
+                for layer in keep]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.fixture
 def reindex_probes():
     """Two test-only intra-LLM methods choosing the same seeded random tokens; one re-indexes the cache."""
@@ -569,42 +604,14 @@ def test_reindexed_cache_holds_the_last_stage_survivors(layers, reindex_probes):
     assert all(c[layer] == c[layers[-1]] for c in cut_cached for layer in final_from)
     assert all(c[layer] > c[layers[-1]] for c in plain_cached for layer in final_from)
 
-    text_model = model.model.language_model
-    prompt_len = {layer: plain.layers[layer].keys.shape[2] for layer in final_from}
-
-    def hide_dropped(layer):
-        def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            if hidden.shape[1] != 1:
-                return args, kwargs  # the prefill is not changed
-            mask = kwargs.get("attention_mask")
-            width = prompt_len[layer] + plain_decoded[0]
-            mask = torch.zeros(hidden.shape[0], 1, 1, width) if mask is None else mask.clone()
-            for b in range(hidden.shape[0]):
-                keep = torch.zeros(prompt_len[layer], dtype=torch.bool)
-                valid = final_from[layer][b]
-                keep[valid[valid >= 0]] = True
-                mask[b, :, :, :prompt_len[layer]] = mask[b, :, :, :prompt_len[layer]].masked_fill(
-                    ~keep, torch.finfo(mask.dtype).min)
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-        return hook
-
-    plain_decoded = [0]
-
-    def count_steps(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        plain_decoded[0] += hidden.shape[1] == 1
-
-    handles = [text_model.layers[0].register_forward_pre_hook(count_steps, with_kwargs=True)]
-    handles += [text_model.layers[layer].self_attn.register_forward_pre_hook(hide_dropped(layer), with_kwargs=True)
-                for layer in final_from]
-    try:
-        with patched(INTRA_LLM_LAYER_SPECS=specs("probe_plain_intra_llm", layers)):
-            ref_ids, ref_steps = greedy(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    keep = {}
+    for layer, index in final_from.items():
+        keep[layer] = torch.zeros(index.shape[0], 1, plain.layers[layer].keys.shape[2], dtype=torch.bool)
+        for b in range(index.shape[0]):
+            keep[layer][b, 0, index[b][index[b] >= 0]] = True
+    with patched(INTRA_LLM_LAYER_SPECS=specs("probe_plain_intra_llm", layers)), \
+            decode_steps_see_only(model.model.language_model, keep):
+        ref_ids, ref_steps = greedy(model, inputs)
     torch.testing.assert_close(steps, ref_steps, rtol=1e-4, atol=1e-4)
     assert torch.equal(ids, ref_ids)
     assert not torch.allclose(steps[1:], plain_steps[1:], atol=1e-4)  # the re-indexing changed the decode steps
@@ -619,3 +626,36 @@ def test_mustdrop_reindexes_by_default_and_refuses_a_kv_method():
     config = PruneConfig.from_env({"PRUNE_METHOD": "mustdrop_intra_llm", "KEEP_RATIO": "0.5", "KV_METHOD": "snapkv_kv",
                                    "KV_BUDGET": "0.5", "MUSTDROP_REINDEX_CACHE": "0"})
     assert config.kv.method == "snapkv_kv"
+
+
+def test_kv_stage_after_an_intra_llm_stage_equals_masking_what_it_dropped(reindex_probes, probe_kv):
+    """An intra-LLM stage at layer 2 and a KV method on every layer's cache: each decode step equals the run with the
+    intra-LLM stage alone whose decode steps, per layer and query head, see only the entries the KV method kept of
+    that layer's cache (the original layout before layer 2, the stage's kept layout from it; a padded batch)."""
+    family = "qwen2_5_vl"
+    model = build_model(family, attn_implementation="eager")
+    inputs = inputs_for(family, "batch")
+    intra = "2:probe_plain_intra_llm:0.5"
+    with patched(INTRA_LLM_LAYER_SPECS=intra, KV_METHOD="probe_kv", KV_BUDGET=0.5):
+        ids, steps = greedy(model, inputs)
+        stage = custom_qwenvl.pruning_state(model).intra_maps[0]
+    kept = kept_per_layer(ids.shape[0])
+    config = model.model.language_model.config
+    heads, group = config.num_attention_heads, config.num_attention_heads // config.num_key_value_heads
+    mask = inputs["attention_mask"].bool()
+    after = torch.gather(mask, 1, stage.index.clamp(min=0)) & (stage.index >= 0)  # the stage's kept layout
+    keep = {}
+    for layer, per_sample in kept.items():
+        layout = mask if layer < stage.layer else after
+        keep[layer] = torch.zeros(layout.shape[0], heads, layout.shape[1], dtype=torch.bool)
+        for b, index in enumerate(per_sample):
+            rows = torch.nonzero(layout[b]).flatten()  # the sample's entries, as the KV method counted them
+            for h in range(heads):
+                keep[layer][b, h, rows[index[h // group]]] = True
+    with patched(INTRA_LLM_LAYER_SPECS=intra), decode_steps_see_only(model.model.language_model, keep):
+        ref_ids, ref_steps = greedy(model, inputs)
+    torch.testing.assert_close(steps, ref_steps, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids, ref_ids)
+    with patched(INTRA_LLM_LAYER_SPECS=intra):
+        _, alone = greedy(model, inputs)
+    assert not torch.allclose(steps[1:], alone[1:], atol=1e-4)  # the KV method changed the decode steps
