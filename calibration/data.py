@@ -149,6 +149,49 @@ def make_training_scene(index: int, seed: int) -> list[dict]:
     return [_ask(rng, image, objects, category) for category in CATEGORIES]
 
 
+# ---------------------------------------------------------------- ShapesDescribe: answers of two words
+
+DESCRIBE_NAME = "ShapesDescribe"
+DESCRIBE_QUESTIONS_PER_IMAGE = 2  # training: two of the image's objects (every image holds at least two)
+
+
+def _ask_describe(rng: np.random.Generator, image: Image.Image, objects: list[dict], asked: int) -> dict:
+    """"What is the object in the <quadrant>?", answered with two words, "<colour> <shape>". The options are that
+    pair, the same colour with another shape (so the shape decides), the other objects' pairs, then random pairs."""
+    target = objects[asked]
+    answer_text = f"{target['colour']} {target['shape']}"
+    same_colour = [f"{target['colour']} {shape}" for shape in rng.permutation(SHAPES) if shape != target["shape"]][:1]
+    others = [f"{o['colour']} {o['shape']}" for i, o in enumerate(objects) if i != asked]
+    pool = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    options = _options(rng, answer_text, same_colour + others, pool)
+    return {
+        "image": image,
+        "question": f"What is the object in the {target['quadrant']}?",
+        **dict(zip("ABCD", options)),
+        "answer": "ABCD"[options.index(answer_text)],
+        "answer_text": answer_text,
+        "category": "describe",
+        "n_objects": len(objects),
+        "target_tokens": [target["row"] * GRID + target["col"]],
+        "objects": objects,
+    }
+
+
+def make_describe_sample(index: int, seed: int) -> dict:
+    """Question ``index`` of the ShapesDescribe stream ``seed`` (deterministic; its own streams, a fourth key)."""
+    rng = np.random.default_rng([seed, index, 0, 2])
+    image, objects = _draw_scene(rng)
+    return _ask_describe(rng, image, objects, int(rng.integers(len(objects))))
+
+
+def make_describe_training_scene(index: int, seed: int) -> list[dict]:
+    """One image with ``DESCRIBE_QUESTIONS_PER_IMAGE`` questions about distinct objects, for training."""
+    rng = np.random.default_rng([seed, index, 1, 2])
+    image, objects = _draw_scene(rng)
+    asked = rng.choice(len(objects), size=DESCRIBE_QUESTIONS_PER_IMAGE, replace=False)
+    return [_ask_describe(rng, image, objects, int(i)) for i in asked]
+
+
 def mcq_prompt(sample) -> str:
     """The text VLMEvalKit puts after the image for a row of this data set: a local TSV is a custom MCQ data
     set, which model wrappers do not re-prompt (Qwen2VLChat's own MCQ prompt is for registered data sets
@@ -158,11 +201,14 @@ def mcq_prompt(sample) -> str:
             "Please select the correct answer from the options above. \n")
 
 
-def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int = EVAL_SEED) -> Path:
-    """Write ``<lmudata_dir>/ShapesCalib.tsv`` with questions 0..n-1 of ``seed``; returns its path."""
+def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int = EVAL_SEED,
+                  name: str = NAME) -> Path:
+    """Write ``<lmudata_dir>/<name>.tsv`` (ShapesCalib, or ShapesDescribe) with questions 0..n-1 of ``seed``;
+    returns its path."""
+    make = make_describe_sample if name == DESCRIBE_NAME else make_sample
     rows = []
     for index in range(n):
-        sample = make_sample(index, seed)
+        sample = make(index, seed)
         rows.append({
             "index": index,
             "image": base64_png(sample["image"]),
@@ -173,7 +219,7 @@ def write_dataset(lmudata_dir: str | Path, n: int = DEFAULT_EVAL_SIZE, seed: int
             "n_objects": sample["n_objects"],
             "target_tokens": json.dumps(sample["target_tokens"]),
         })
-    return write_tsv(rows, lmudata_dir, NAME)
+    return write_tsv(rows, lmudata_dir, name)
 
 
 def main() -> None:
@@ -181,8 +227,10 @@ def main() -> None:
     parser.add_argument("lmudata", help="folder to write ShapesCalib.tsv into (point $LMUData at it)")
     parser.add_argument("-n", type=int, default=DEFAULT_EVAL_SIZE, help="number of questions")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--name", choices=(NAME, DESCRIBE_NAME), default=NAME,
+                        help=f"{NAME}: one-word answers; {DESCRIBE_NAME}: two-word answers (colour and shape)")
     args = parser.parse_args()
-    print(write_dataset(args.lmudata, args.n, args.seed))
+    print(write_dataset(args.lmudata, args.n, args.seed, args.name))
 
 
 if __name__ == "__main__":

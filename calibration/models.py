@@ -16,6 +16,7 @@ Every word of the task is a single token in both tokenizers (trained offline on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ QWEN = CalibrationFamily(
     vision_input_keys=("pixel_values", "image_grid_thw"),
     generation_ids=_qwen_generation_ids,
 )
+
+
+# The same architecture, tokenizer and processor, trained on ShapesDescribe (answers "<colour> <shape>"): its second
+# answer word is produced by a decode step reading the image through the KV cache (calibration/train.py).
+QWEN_DESCRIBE = dataclasses.replace(QWEN, name="qwen2.5-vl-describe",
+                                    checkpoint=ROOT / "calibration" / "qwen2.5-vl-describe")
 
 
 # ---------------------------------------------------------------- Gemma 4

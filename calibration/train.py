@@ -63,7 +63,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from calibration import data  # noqa: E402
-from calibration.models import FAMILIES, QWEN, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
+from calibration.models import FAMILIES, QWEN, QWEN_DESCRIBE, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
@@ -72,7 +72,7 @@ AUX_LOSS_WEIGHT = 1.0
 PROMPT_WORDS_LOSS_WEIGHT = 0.5
 ROUTE_LOSS_WEIGHT = 1.0
 ROUTE_HEAD = 0  # the head of each layer that the attention routes supervise
-MAX_ROUTES = 4
+MAX_ROUTES = 4  # ShapesDescribe: 5 (see _routes)
 MAX_NEW_TOKENS = 4
 
 
@@ -89,14 +89,15 @@ def chat_text(sample, family: CalibrationFamily) -> str:
 class _TrainingBatches(torch.utils.data.Dataset):
     """Item ``step`` is the whole batch of that step, a function of (seed, step) only."""
 
-    def __init__(self, family: CalibrationFamily, seed: int, steps: int, batch_size: int):
-        self.family, self.seed, self.steps, self.batch_size = family, seed, steps, batch_size
+    def __init__(self, family: CalibrationFamily, seed: int, steps: int, batch_size: int, describe: bool = False):
+        self.family, self.seed, self.steps, self.batch_size, self.describe = family, seed, steps, batch_size, describe
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int) -> dict:
-        scenes = [data.make_training_scene(step * self.batch_size + i, self.seed) for i in range(self.batch_size)]
+        make = data.make_describe_training_scene if self.describe else data.make_training_scene
+        scenes = [make(step * self.batch_size + i, self.seed) for i in range(self.batch_size)]
         return collate(scenes, self.family)
 
 
@@ -112,8 +113,12 @@ def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[i
     what the model sees; the reply position is never routed to a visual token."""
     key_word = question_mark - 1
     routes = [(1, key_word, target), (2, question_mark, key_word), (3, reply, question_mark)]
-    if sample["category"] == "position":
+    if sample["category"] in ("position", "describe"):
         routes.insert(0, (0, key_word, key_word - 1))  # "left" gathers "top"
+    if sample["category"] == "describe":
+        # The reply's first word (the colour, an input of the first decode step) finds the object's visual token by
+        # its content at layer 1 and reads its shape there: the second word needs the image through the KV cache.
+        routes.append((1, reply + 1, target))
     return routes
 
 
@@ -150,8 +155,9 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
     labels, prompt_labels = reply_and_prompt_labels(inputs, replies, tokenizer, list(data.COLOURS) + list(data.SHAPES))
     # Attention routes (see ``_routes``), padded to MAX_ROUTES per sequence; the question's last word and its
     # question mark predict the reply word too, so what a route carries is read out on the way.
-    routes = torch.zeros(len(samples), MAX_ROUTES, 3, dtype=torch.long)
-    route_mask = torch.zeros(len(samples), MAX_ROUTES, dtype=torch.bool)
+    max_routes = MAX_ROUTES + (samples[0]["category"] == "describe")
+    routes = torch.zeros(len(samples), max_routes, 3, dtype=torch.long)
+    route_mask = torch.zeros(len(samples), max_routes, dtype=torch.bool)
     image_start = inputs["input_ids"] == processor.image_token_id
     [question_mark_id] = tokenizer.encode("?", add_special_tokens=False)
     for row, sample in enumerate(samples):
@@ -249,13 +255,14 @@ def _set_worker_threads(_worker_id: int) -> None:
 
 @torch.enable_grad()  # importing vlmeval switches gradients off process-wide
 def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DEFAULT_BATCH_SIZE,
-          log_every: int = 50, workers: int = 1, log=print, readout: bool = False):
-    """Train from scratch; deterministic for (family, steps, seed, batch_size, readout) on one thread. Returns the
-    model in eval mode. ``readout``: add the read-out loss (see ``_losses``)."""
+          log_every: int = 50, workers: int = 1, log=print, readout: bool = False, describe: bool = False):
+    """Train from scratch; deterministic for (family, steps, seed, batch_size, readout, describe) on one thread.
+    Returns the model in eval mode. ``readout``: add the read-out loss (see ``_losses``); ``describe``: train on
+    ShapesDescribe (two-word answers) instead of ShapesCalib."""
     if seed == data.EVAL_SEED:
         raise ValueError("the evaluation seed must not be used for training")
     model = family.build_model(seed)
-    return optimise(model, _TrainingBatches(family, seed, steps, batch_size), steps,
+    return optimise(model, _TrainingBatches(family, seed, steps, batch_size, describe), steps,
                     lambda batch: _losses(model, batch, family, readout), workers, log_every, log)
 
 
@@ -341,7 +348,7 @@ def evaluate(model, samples, family: CalibrationFamily) -> dict:
     replies = predict(model, samples, family)
     right = [score(reply, sample) for reply, sample in zip(replies, samples)]
     result = {"overall": sum(right) / len(right), "n": len(right)}
-    for category in data.CATEGORIES:
+    for category in dict.fromkeys(s["category"] for s in samples):
         picked = [r for r, s in zip(right, samples) if s["category"] == category]
         if picked:
             result[category] = sum(picked) / len(picked)
@@ -352,7 +359,8 @@ RECORD_FILE = "TRAINING.md"
 
 
 def write_training_record(folder: str | Path, family: CalibrationFamily, *, steps: int, seed: int, batch_size: int,
-                          seconds: float, checksum: str, accuracy: dict, readout: bool = False) -> Path:
+                          seconds: float, checksum: str, accuracy: dict, readout: bool = False,
+                          describe: bool = False) -> Path:
     """``TRAINING.md`` in the checkpoint folder: how to reproduce it, on what, how long, and what it scores."""
     import transformers
 
@@ -365,16 +373,20 @@ def write_training_record(folder: str | Path, family: CalibrationFamily, *, step
         "Reproduce (bit for bit on the same machine and software; training runs on one thread):",
         "",
         "```bash",
-        f"python -m calibration.train --family {family.name} --steps {steps} --seed {seed} "
-        f"--batch-size {batch_size}{' --readout-loss' if readout else ''} --out {Path(folder).as_posix()}",
+        "python -m calibration.train " + ("--task describe" if describe else f"--family {family.name}")
+        + f" --steps {steps} --seed {seed} --batch-size {batch_size}{' --readout-loss' if readout else ''} "
+        f"--out {Path(folder).as_posix()}",
         "```",
         "",
-        f"- steps {steps}, seed {seed}, batch {batch_size} images (3 questions each), 1 training thread + 1 data worker"
+        f"- steps {steps}, seed {seed}, batch {batch_size} images "
+        f"({data.DESCRIBE_QUESTIONS_PER_IMAGE if describe else len(data.CATEGORIES)} questions each), "
+        "1 training thread + 1 data worker"
         + (", read-out loss" if readout else ""),
         f"- training wall time: {seconds / 60:.1f} min",
         f"- machine: {machine()}, torch {torch.__version__}, transformers {transformers.__version__}",
         f"- weights checksum: `{checksum}`",
-        f"- held-out accuracy ({accuracy['n']} questions of seed {data.EVAL_SEED}): {accuracy['overall']:.1%} "
+        f"- held-out accuracy ({accuracy['n']} {data.DESCRIBE_NAME if describe else data.NAME} questions of seed "
+        f"{data.EVAL_SEED}): {accuracy['overall']:.1%} "
         f"({per_category})",
         "",
     ])
@@ -385,8 +397,10 @@ def write_training_record(folder: str | Path, family: CalibrationFamily, *, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("image", "video"), default="image",
-                        help="image: ShapesCalib (--family); video: ShapesMotionCalib, Qwen2.5-VL (calibration/video.py)")
+    parser.add_argument("--task", choices=("image", "describe", "video"), default="image",
+                        help="image: ShapesCalib (--family); describe: ShapesDescribe (two-word answers, Qwen2.5-VL: "
+                             "calibration/qwen2.5-vl-describe); video: ShapesMotionCalib, Qwen2.5-VL "
+                             "(calibration/video.py)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name, help="model family to train")
     parser.add_argument("--out", default=None, help="checkpoint folder to write (default: the shipped one's)")
     parser.add_argument("--steps", type=int, default=None, help="default: those of the shipped checkpoint")
@@ -403,15 +417,17 @@ def main() -> None:
 
         video.main(args)
         return
-    family = FAMILIES[args.family]
+    describe = args.task == "describe"
+    family = QWEN_DESCRIBE if describe else FAMILIES[args.family]
     seed = family.default_seed if args.seed is None else args.seed
     steps = family.default_steps if args.steps is None else args.steps
     out = Path(args.out or family.checkpoint.relative_to(ROOT))  # relative: TRAINING.md records the command
     start = time.perf_counter()
-    model = train(family, steps, seed, args.batch_size, readout=args.readout_loss)
+    model = train(family, steps, seed, args.batch_size, readout=args.readout_loss, describe=describe)
     train_seconds = time.perf_counter() - start
     save(model, out, family)
-    samples = [data.make_sample(i, data.EVAL_SEED) for i in range(args.eval_questions)]
+    make = data.make_describe_sample if describe else data.make_sample
+    samples = [make(i, data.EVAL_SEED) for i in range(args.eval_questions)]
     accuracy = evaluate(model, samples, family)
     print("held-out accuracy: " + "  ".join(
         f"{key} {value:.1%}" for key, value in accuracy.items() if key != "n") + f"  ({accuracy['n']} questions)")
@@ -419,7 +435,8 @@ def main() -> None:
     checksum = weights_checksum(model)
     print(f"weights checksum {checksum}")
     write_training_record(out, family, steps=steps, seed=seed, batch_size=args.batch_size,
-                          seconds=train_seconds, checksum=checksum, accuracy=accuracy, readout=args.readout_loss)
+                          seconds=train_seconds, checksum=checksum, accuracy=accuracy, readout=args.readout_loss,
+                          describe=describe)
     print(f"saved to {out} (with {RECORD_FILE})")
 
 

@@ -15,6 +15,12 @@ the machine and the time it took) and ``calibration_accuracy.png`` (one panel pe
     python scripts/calibration_report.py --family gemma4 --work-dir calibration_outputs_gemma4
     python scripts/calibration_report.py --task video --work-dir calibration_outputs_video
 
+``--task describe`` evaluates the describe calibration model (``calibration/qwen2.5-vl-describe``) on
+``ShapesDescribe``, whose answers take two words ("red square"): the second is produced by a decode step that reads
+the image through the KV cache, so the KV-cache methods (``*_kv``, the ratio as ``KV_BUDGET``) are measured too, and
+``calibration_cache.png`` plots every run's accuracy against the mean cached tokens per layer (token pruning and KV
+compression at equal cache size).
+
 ``--task video`` evaluates the video calibration model (``calibration/qwen2.5-vl-motion``, ``calibration/video.py``)
 on ``ShapesMotionCalib`` clips sampled with ``nframe = 8`` (``ShapesMotionCalib_8frame``): the video methods see each
 clip whole, the image methods frame by frame (``IMAGE_METHODS_ON_VIDEO=frame``, the default), at keep ratios down to
@@ -44,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from scripts import sweep  # noqa: E402
 from calibration import data as calibration_data  # noqa: E402
-from calibration.models import FAMILIES, QWEN  # noqa: E402
+from calibration.models import FAMILIES, QWEN, QWEN_DESCRIBE  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.111)
 VIDEO_RATIOS = (0.5, 0.25, 0.1, 0.05)
 PLOT_FILE = "calibration_accuracy.png"
+CACHE_PLOT_FILE = "calibration_cache.png"  # --task describe: accuracy vs cached tokens per layer
 REPORT_FILE = "report.md"
 # Hyper-parameters fitted to the calibration model's size (see the module docstring).
 SMALL_MODEL_PARAMS = {"VTC_CLS_START_LAYER": "-1", "PRUMERGE_ADAPTIVE": "0"}
@@ -59,12 +66,13 @@ RUNNER_FLAGS = ["--device", "cpu", "--judge", "exact_matching",
                 "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
 
 
-def registered_methods() -> list[str]:
-    """The token-pruning methods. KV-cache methods are left out: the calibration answer is the first generated
-    token, which the prefill decides before any cache compression (they would all score as stock)."""
+def registered_methods(kv: bool = False) -> list[str]:
+    """The token-pruning methods, and with ``kv`` the KV-cache methods. Those are left out of the one-word tasks:
+    their answer is the first generated token, which the prefill decides before any cache compression (every KV
+    method would score as stock)."""
     import methods
 
-    return sorted(name for name, spec in methods.load_methods([]).items() if spec.stage != methods.KV)
+    return sorted(name for name, spec in methods.load_methods([]).items() if kv or spec.stage != methods.KV)
 
 
 def unfit_schedules(method_names: list[str], checkpoint: Path, ratio: float) -> dict[str, str]:
@@ -75,7 +83,7 @@ def unfit_schedules(method_names: list[str], checkpoint: Path, ratio: float) -> 
     config = json.loads((checkpoint / "config.json").read_text())
     depth = config.get("text_config", config)["num_hidden_layers"]
     unfit = {}
-    for name in method_names:
+    for name in (name for name in method_names if not name.endswith("_kv")):  # a KV method has no schedule
         try:
             PruneConfig.from_env({"PRUNE_METHOD": name, "KEEP_RATIO": f"{ratio:g}"}).resolved_for(depth)
         except PruneConfigError as err:
@@ -106,6 +114,21 @@ def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_di
     single_layer = {name for name, spec in methods.load_methods([]).items() if spec.default_layer is not None}
     return [_at_layer(job, intra_layer) if job.env.get("PRUNE_METHOD") in single_layer else job
             for job in planned]
+
+
+def equal_cache_budgets(ratios: list[float], samples: list[dict], family=QWEN_DESCRIBE) -> list[float]:
+    """The KV_BUDGET fractions at which a KV method caches, per layer, as many entries as a token-pruning method at
+    each keep ratio (which drops ``(1 - ratio) x visual`` of each prompt's entries), over ``samples``' prompts."""
+    from calibration import train as training
+
+    processor = family.build_processor()
+    lengths, visual = [], []
+    for sample in samples:
+        ids = processor(text=[training.chat_text(sample, family)], images=[[sample["image"]]])["input_ids"][0]
+        lengths.append(len(ids))
+        visual.append(sum(1 for i in ids if i == processor.image_token_id))
+    length, visual_tokens = sum(lengths) / len(lengths), sum(visual) / len(visual)
+    return [round(1 - (1 - ratio) * visual_tokens / length, 3) for ratio in ratios]
 
 
 def _at_layer(job: sweep.Job, layer: int) -> sweep.Job:
@@ -170,6 +193,33 @@ def plot(table, path: Path, title: str, category: str | None = None, video: bool
     return path
 
 
+def plot_cache(table, path: Path, title: str) -> Path:
+    """Accuracy vs the mean cached tokens per layer of every run: token pruning (pre-LLM, intra-LLM) solid, KV-cache
+    methods dashed, stock a star; so methods of both kinds compare at the same cache size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for method, line in table[table["method"] != "stock"].groupby("method"):
+        line = line.sort_values("cached_tokens")
+        kv = line["stage"].str.contains("KV cache").any()
+        ax.plot(line["cached_tokens"], line["score"], marker="s" if kv else "o", linestyle="--" if kv else "-",
+                linewidth=1.3, label=method.removesuffix("_pre_llm").removesuffix("_intra_llm"))
+    stock = table[table["method"] == "stock"]
+    ax.scatter(stock["cached_tokens"], stock["score"], marker="*", s=160, color="black", zorder=3, label="stock")
+    ax.set_xlabel("cached tokens per layer (mean over layers and questions)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def machine() -> str:
     """The CPU model (Linux), core count and Python version."""
     cpu = platform.machine()
@@ -211,9 +261,10 @@ def write_report(table, work: Path, title: str, seconds: float, parallel: int, i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=("image", "video"), default="image",
-                        help="image: ShapesCalib on --family's model; video: ShapesMotionCalib clips on the video "
-                             "calibration model (Qwen2.5-VL), keep ratios down to 0.05")
+    parser.add_argument("--task", choices=("image", "describe", "video"), default="image",
+                        help="image: ShapesCalib on --family's model; describe: ShapesDescribe (two-word answers) on "
+                             "the describe model (Qwen2.5-VL), KV-cache methods included; video: ShapesMotionCalib "
+                             "clips on the video calibration model (Qwen2.5-VL), keep ratios down to 0.05")
     parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name,
                         help="model family: its shipped checkpoint and runner")
     parser.add_argument("--checkpoint", default=None, help="default: the family's shipped calibration model")
@@ -234,21 +285,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="plot the accuracy on this question type instead of the overall accuracy (e.g. colour "
                              "for the Gemma 4 model, which has learned only those)")
     args = parser.parse_args(argv)
-    video = args.task == "video"
+    video, describe = args.task == "video", args.task == "describe"
+    if video or describe:
+        if args.family != QWEN.name:
+            parser.error(f"--family {args.family}: the {args.task} calibration model is a Qwen2.5-VL; allowed with "
+                         f"--task {args.task}: {QWEN.name}")
+        args.plot_category = None
     if video:
         from calibration import video as video_task
-
-        if args.family != QWEN.name:
-            parser.error(f"--family {args.family}: the video calibration model is a Qwen2.5-VL; allowed with "
-                         f"--task video: {QWEN.name}")
-        args.plot_category = None
-    family = FAMILIES[args.family]
+    family = QWEN_DESCRIBE if describe else FAMILIES[args.family]
     default_checkpoint = video_task.CHECKPOINT if video else family.checkpoint
     checkpoint = Path(args.checkpoint or default_checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():
+        how = f"task {args.task}" if video or describe else f"family {family.name}"
         parser.error(f"--checkpoint {checkpoint}: no model there (config.json missing); train one with "
-                     f"python -m calibration.train --{'task video' if video else f'family {family.name}'} "
-                     f"--out {checkpoint}")
+                     f"python -m calibration.train --{how} --out {checkpoint}")
     samples = args.samples or (150 if video else 300)
     ratios = args.ratios or list(VIDEO_RATIOS if video else RATIOS)
     started = time.time()
@@ -258,16 +309,25 @@ def main(argv: list[str] | None = None) -> int:
         video_task.write_dataset(lmudata, n=samples)
         dataset, data_name = f"{video_task.NAME}_{video_task.FRAMES}frame", video_task.NAME
     else:
-        calibration_data.write_dataset(lmudata, n=samples)
-        dataset = data_name = calibration_data.NAME
-    method_names = args.methods or registered_methods()
+        dataset = data_name = calibration_data.DESCRIBE_NAME if describe else calibration_data.NAME
+        calibration_data.write_dataset(lmudata, n=samples, name=dataset)
+    method_names = args.methods or registered_methods(kv=describe)
     skipped = unfit_schedules(method_names, checkpoint, min(ratios))
     for name, why in skipped.items():
         print(f"not run: {name} ({why})", flush=True)
     method_names = [name for name in method_names if name not in skipped]
     batch_size = 1 if video else args.batch_size  # video sets are generated one question at a time
-    jobs = plan(checkpoint, method_names, ratios, work / "runs", runner=family.runner,
+    token_methods = [name for name in method_names if not name.endswith("_kv")]
+    jobs = plan(checkpoint, token_methods, ratios, work / "runs", runner=family.runner,
                 intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
+    kv_methods = [name for name in method_names if name.endswith("_kv")]
+    if kv_methods:  # KV budgets that cache as many entries as the token methods at each keep ratio
+        sample_prompts = [calibration_data.make_describe_sample(i, calibration_data.EVAL_SEED) for i in range(20)]
+        budgets = equal_cache_budgets(ratios, sample_prompts, family)
+        print("KV budgets at the token methods' cache sizes: " + ", ".join(
+            f"keep {r:g} -> {b:g}" for r, b in zip(ratios, budgets)), flush=True)
+        jobs += [job for job in plan(checkpoint, kv_methods, budgets, work / "runs", runner=family.runner,
+                                     batch_size=batch_size, dataset=dataset) if job.env]  # stock is planned once
     print(f"{len(jobs)} runs of {samples} questions into {work}", flush=True)
     params = {**SMALL_MODEL_PARAMS, **FAMILY_PARAMS.get(family.name, {})}
     env = {**os.environ, "LMUData": str(lmudata), **params}
@@ -284,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         f", {video_task.FRAMES} frames per clip" if video else "")
     written = summarize.save_table(table, work) + [
         plot(table, work / PLOT_FILE, title, args.plot_category, video),
+        *([plot_cache(table, work / CACHE_PLOT_FILE, title)] if describe else []),
         write_report(table, work, title, time.time() - started, args.parallel, args.intra_layer,
                      not args.separate_processes, batch_size, video, skipped, params)]
     print(summarize.format_table(table), flush=True)

@@ -161,3 +161,48 @@ def test_training_is_reproducible(family):
     assert checksum(2) != first
     with_readout = checksum(1, readout=True)  # the read-out loss changes the gradients, reproducibly
     assert with_readout != first and checksum(1, readout=True) == with_readout
+
+
+# ---------------------------------------------------------------- ShapesDescribe (two-word answers)
+@pytest.mark.parametrize("index", range(20))
+def test_describe_sample_names_the_asked_object_and_a_same_colour_distractor(index):
+    sample = data.make_describe_sample(index, data.EVAL_SEED)
+    again = data.make_describe_sample(index, data.EVAL_SEED)
+    assert _png_bytes(sample["image"]) == _png_bytes(again["image"]) and sample["answer_text"] == again["answer_text"]
+    [target] = sample["target_tokens"]
+    asked = next(o for o in sample["objects"] if o["row"] * data.GRID + o["col"] == target)
+    assert sample["answer_text"] == f"{asked['colour']} {asked['shape']}" == sample[sample["answer"]]
+    assert sample["question"] == f"What is the object in the {asked['quadrant']}?"
+    options = [sample[letter] for letter in "ABCD"]
+    assert len(set(options)) == 4
+    # the colour alone does not answer: an option pairs it with another shape
+    assert any(o.split()[0] == asked["colour"] and o != sample["answer_text"] for o in options)
+    # an answer containing exactly one option's text is that option (VLMEvalKit's exact matching)
+    assert [o for o in options if o in sample["answer_text"]] == [sample["answer_text"]]
+
+
+def test_describe_tsv_and_training_routes(tmp_path):
+    path = data.write_dataset(tmp_path, n=4, name=data.DESCRIBE_NAME)
+    table = pd.read_csv(path, sep="\t")
+    assert path.name == "ShapesDescribe.tsv" and list(table["category"]) == ["describe"] * 4
+    assert table.loc[2, "question"] == data.make_describe_sample(2, data.EVAL_SEED)["question"]
+    batch = training._TrainingBatches(QWEN, seed=1, steps=1, batch_size=2, describe=True)[0]
+    tokenizer = QWEN.build_tokenizer()
+    ids = batch["model_inputs"]["input_ids"]
+    assert len(ids) == 2 * data.DESCRIBE_QUESTIONS_PER_IMAGE
+    for row in range(len(ids)):
+        layer, query, key = batch["routes"][row, -1].tolist()
+        reply = [i for i, label in enumerate(batch["labels"][row].tolist()) if label != -100][-3:]  # colour shape end
+        assert layer == 1 and query == reply[0] and ids[row, key] == QWEN.build_processor().image_token_id
+        assert tokenizer.decode(ids[row, reply[0]:reply[0] + 2]) in {f"{c} {s}" for c in data.COLOURS for s in data.SHAPES}
+
+
+def test_describe_training_is_reproducible():
+    def checksum(seed):
+        return training.weights_checksum(
+            training.train(QWEN, steps=3, seed=seed, batch_size=2, log_every=0, workers=0, describe=True))
+
+    first = checksum(1)
+    assert checksum(1) == first and checksum(2) != first
+    assert first != training.weights_checksum(training.train(QWEN, steps=3, seed=1, batch_size=2, log_every=0,
+                                                             workers=0))

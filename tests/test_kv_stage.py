@@ -16,7 +16,6 @@ import custom_qwenvl
 import methods
 from tests import oracle
 from tests.oracle import ATTN, capture_lm_inputs, forward_logits, gather, greedy
-from tests.support.tiny_gemma import VARIANTS
 from tests.support.tiny_gemma import build_model as build_gemma
 from tests.support.tiny_gemma import build_processor as build_gemma_processor
 from tests.support.tiny_gemma import make_inputs as make_gemma_inputs
@@ -292,7 +291,7 @@ def gemma_masked_reference(model, inputs, new_ids, kept, rows_of):
     return logits[:, prompt - 1:prompt - 1 + new_ids.shape[1]]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["e2b", "dense31b"])  # moe26b: dense31b's attention, other MLPs
 def test_gemma4_keep_every_entry_and_equal_the_masked_recomputation(variant, probe_kv):
     """Gemma 4: the full-attention layers that own a cache are compressed; sliding-window layers keep their window;
     KV-shared layers (e2b) read their storing layer's compressed cache. A keep-all budget is bit-identical under
