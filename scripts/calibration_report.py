@@ -59,8 +59,8 @@ CACHE_PLOT_FILE = "calibration_cache.png"  # --task describe: accuracy vs cached
 REPORT_FILE = "report.md"
 # Hyper-parameters fitted to the calibration model's size (see the module docstring).
 SMALL_MODEL_PARAMS = {"VTC_CLS_START_LAYER": "-1", "PRUMERGE_ADAPTIVE": "0"}
-# Per family: Qwen's packed vision attention takes no mask, so ToMe in its encoder runs without proportional attention.
-FAMILY_PARAMS = {QWEN.name: {"TOME_PROP_ATTN": "0"}}
+# Per runner: Qwen's packed vision attention takes no mask, so ToMe in its encoder runs without proportional attention.
+RUNNER_PARAMS = {QWEN.runner: {"TOME_PROP_ATTN": "0"}}
 RATIO_FREE = ("vtw_intra_llm",)  # the method withdraws every visual token: KEEP_RATIO is ignored
 RUNNER_FLAGS = ["--device", "cpu", "--judge", "exact_matching",
                 "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
@@ -201,19 +201,19 @@ def plot_cache(table, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(13, 6))
     for method, line in table[table["method"] != "stock"].groupby("method"):
         line = line.sort_values("cached_tokens")
         kv = line["stage"].str.contains("KV cache").any()
         ax.plot(line["cached_tokens"], line["score"], marker="s" if kv else "o", linestyle="--" if kv else "-",
-                linewidth=1.3, label=method.removesuffix("_pre_llm").removesuffix("_intra_llm"))
+                linewidth=2.2 if kv else 1.1, label=method)
     stock = table[table["method"] == "stock"]
     ax.scatter(stock["cached_tokens"], stock["score"], marker="*", s=160, color="black", zorder=3, label="stock")
     ax.set_xlabel("cached tokens per layer (mean over layers and questions)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [job for job in plan(checkpoint, kv_methods, budgets, work / "runs", runner=family.runner,
                                      batch_size=batch_size, dataset=dataset) if job.env]  # stock is planned once
     print(f"{len(jobs)} runs of {samples} questions into {work}", flush=True)
-    params = {**SMALL_MODEL_PARAMS, **FAMILY_PARAMS.get(family.name, {})}
+    params = {**SMALL_MODEL_PARAMS, **RUNNER_PARAMS.get(family.runner, {})}
     env = {**os.environ, "LMUData": str(lmudata), **params}
     failed = sweep.run(jobs, work / "runs" / "sweep_logs", env, parallel=args.parallel,
                        in_process=not args.separate_processes)

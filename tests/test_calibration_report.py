@@ -115,3 +115,27 @@ def test_methods_whose_schedule_does_not_fit_the_model_are_left_out_with_the_rea
                                                video.CHECKPOINT, 0.05)
     assert list(unfit) == ["mustdrop_intra_llm"]  # four stages on a 4-layer model; PyramidDrop's three fit
     assert "4 decoder layers" in unfit["mustdrop_intra_llm"]
+
+
+def test_the_describe_task_adds_kv_methods_at_the_token_methods_cache_sizes(tmp_path):
+    """ShapesDescribe answers take two words, so the KV methods are measured; their budgets make each layer cache as
+    many entries as a token method at each keep ratio (the prompt minus the visual tokens it drops); the cache plot
+    puts both kinds on one axis."""
+    import pandas as pd
+
+    from calibration import data
+
+    assert "snapkv_kv" in calibration_report.registered_methods(kv=True)
+    samples = [data.make_describe_sample(i, data.EVAL_SEED) for i in range(4)]
+    processor = QWEN.build_processor()
+    lengths = [len(processor(text=[training.chat_text(s, QWEN)], images=[[s["image"]]])["input_ids"][0]) for s in samples]
+    visual = data.GRID ** 2
+    budgets = calibration_report.equal_cache_budgets([0.5, 0.25], samples)
+    for ratio, budget in zip([0.5, 0.25], budgets):
+        mean = sum(lengths) / len(lengths)
+        assert abs(budget * mean - (mean - (1 - ratio) * visual)) < 0.5  # equal cached entries, to the rounding
+    table = pd.DataFrame({"method": ["stock", "divprune_pre_llm", "divprune_pre_llm", "snapkv_kv", "snapkv_kv"],
+                          "stage": ["-", "pre-LLM", "pre-LLM", "KV cache", "KV cache"],
+                          "cached_tokens": [137.0, 105.0, 89.0, 105.0, 89.0], "score": [97.0, 95.0, 90.0, 96.0, 80.0]})
+    path = calibration_report.plot_cache(table, tmp_path / "cache.png", "test")
+    assert path.stat().st_size > 10_000
