@@ -1075,6 +1075,9 @@ class PruningState:
     intra_maps: list[StageMap] = field(default_factory=list)
     kv_maps: dict = field(default_factory=dict)  # decoder layer -> kv_stage.KVMap of its compressed cache
     cache_owner: dict = field(default_factory=dict)  # KV-shared layer -> the layer whose cache it reads (Gemma 4)
+    decode_stage: Any = None  # the pre-LLM method's methods.DecodeSelection where the model can carry it (DyCoke)
+    cache_visual: torch.Tensor | None = None  # (B, L') the visual entries of the prefill's cache (a decode stage's)
+    decode_previous: dict = field(default_factory=dict)  # sample -> its last decode step's visual attention
     lm_input_length: int = 0  # the language model's input length in the last prefill, before any stage
     decoded: int = 0  # tokens fed after the prefill (to size masks when generate drops an all-ones mask)
     # The cache the last prefill wrote (a weak reference): a later call is a decode step of that prefill only when it
@@ -1097,6 +1100,7 @@ class PruningState:
     def forget_prefill(self) -> None:
         """Drop what decode steps of the last prefill would need (its stage maps and cache)."""
         self.pre_map, self.intra_maps, self.kv_maps, self.decoded, self.prefill_cache = None, [], {}, 0, None
+        self.cache_visual, self.decode_previous = None, {}
 
     @property
     def pruned(self) -> bool:
@@ -1156,6 +1160,13 @@ class PruningState:
 def _attention_input(hidden, kwargs) -> AttentionInput:
     extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "position_embeddings", "attention_mask")}
     return AttentionInput(hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), extra)
+
+
+def decode_selection(config: PruneConfig):
+    """The pre-LLM method's decode-time stage (``methods.DecodeSelection``; DyCoke), or None."""
+    pre = config.pre_llm
+    return None if pre is None else methods.registered_methods()[pre.method].decode_selection(
+        config.params.get(pre.method, {}))
 
 
 def reindexes_cache(config: PruneConfig, stage) -> bool:
@@ -1236,10 +1247,41 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                 elif layer in stages and not adapter.queries_only(text_model, layer):
                     mask = state.decode_mask(attention_mask_2d, state.maps_until(layer))
                     current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
+                if decode_stage is not None and layer == decode_stage.layer and state.cache_visual is not None:
+                    current["masks"] = decode_step_masks(layer, hidden) or current["masks"]
                 if current["masks"] is not None:
                     kwargs["attention_mask"] = current["masks"][adapter.layer_type(text_model, layer)]
             return (hidden,) + rest, kwargs
         return hook
+
+    decode_stage = state.decode_stage
+    decode_inputs: dict[int, AttentionInput] = {}  # decode steps: layer decode_stage.layer - 1's attention input
+
+    def decode_step_masks(layer, hidden):
+        """A decode step before ``layer`` (the decode-time stage, e.g. DyCoke's): per sample, the current token's
+        attention at the layer before over its whole cache, heads averaged, read at the visual entries, chooses
+        which of them layers >= ``layer`` attend to now; None when every entry stays visible."""
+        before = layer - 1
+        inp, attn = decode_inputs.pop(before), layers[before].self_attn
+        keys = cache.layers[before].keys  # this step's entry included
+        mask = state.decode_mask(attention_mask_2d, state.maps_until(before))
+        mask = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.long, device=keys.device) if mask is None \
+            else mask.to(keys.device)
+        hide = torch.zeros(mask.shape, dtype=torch.bool, device=keys.device)
+        for b in range(keys.shape[0]):
+            q = adapter.queries(attn, inp, b, torch.zeros(1, dtype=torch.long)).float()  # (H, 1, d)
+            k = keys[b].float().repeat_interleave(q.shape[0] // keys.shape[1], dim=0)
+            scores = (q @ k.transpose(-1, -2)) * adapter.attention_scale(attn)
+            probs = torch.softmax(scores.masked_fill(mask[b] == 0, float("-inf")), dim=-1).mean(dim=0)[0]
+            visual = torch.nonzero(state.cache_visual[b]).flatten().to(keys.device)
+            attention = probs[visual]
+            keep = decode_stage.select(attention, state.decode_previous.get(b))
+            state.decode_previous[b] = attention
+            if keep is not None:
+                hide[b, visual[~keep.to(keys.device)]] = True
+        if not bool(hide.any()):
+            return None
+        return adapter.layer_masks(text_model, hidden, mask.masked_fill(hide, 0), cache, layer)
 
     kv_inputs: dict[int, AttentionInput] = {}  # the KV stage's: each layer's attention input, until it compresses
 
@@ -1320,7 +1362,8 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
             state.kv_maps[layer] = kv_stage.reindex_layer(layer, holder.layers[layer], index,
                                                           counts(own[-1] if own else layout), final)
 
-    first = 0 if kv is not None or state.kv_maps else min(stages)  # decode: every layer whose cache was cut
+    starts = list(stages) + ([decode_stage.layer] if decode_stage is not None else [])
+    first = 0 if kv is not None or state.kv_maps else min(starts)  # decode: every layer whose cache was cut
     try:
         if prefill:  # registered first: a stage at layer 0 must see it captured
             handles.append(layers[0].register_forward_pre_hook(capture_entry, with_kwargs=True))
@@ -1330,6 +1373,9 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                 handles.append(layers[i].self_attn.register_forward_pre_hook(
                     capture_attention_input(i, kv_inputs), with_kwargs=True))
                 handles.append(layers[i].register_forward_hook(compress_cache(i), with_kwargs=True))
+        if not prefill and decode_stage is not None:
+            handles.append(layers[decode_stage.layer - 1].self_attn.register_forward_pre_hook(
+                capture_attention_input(decode_stage.layer - 1, decode_inputs), with_kwargs=True))
         if prefill:
             for k in stages:
                 if k >= 1:

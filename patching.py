@@ -174,6 +174,7 @@ class FamilyPatch:
             if config.vit:
                 adapter.check_vit(model)
             state = PruningState(config)
+            state.decode_stage = _decode_stage(config, model.language_model, adapter)
             text_model = model.language_model
             owners = {i: adapter.cache_owner(text_model, i) for i in range(text_model.config.num_hidden_layers)}
             state.cache_owner = {layer: owner for layer, owner in owners.items() if owner != layer}
@@ -332,6 +333,8 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         adapter.shorten_lm_inputs(selection, kwargs, call)
         state.pre_map = hooks.StageMap(0, selection.index, selection.prefill_length)
         layout = selection.layout
+    if state.decode_stage is not None:
+        state.cache_visual = layout.span_id >= 0  # the decode-time stage's visual entries (the cache's layout)
     cached = None
     try:
         with profiling.region(profiling.LM_PREFILL, cache, layout.spans), adapter.positions_context(text_model, call), \
@@ -345,6 +348,26 @@ def run_language_model(original, text_model, call: Call, kwargs: dict):
         return adapter.finish_lm_output(output, kwargs, pruned=True)
     finally:
         state.finish_record(layout.spans, cached)
+
+
+def _decode_stage(config: PruneConfig, text_model, adapter: FamilyAdapter):
+    """The pre-LLM method's decode-time stage (DyCoke's) where this model can carry it: it needs a layer before its
+    own and every layer's cache in one layout (full-attention caches only). Elsewhere it is left out with a
+    warning, and the method's pre-LLM stage runs alone."""
+    stage = hooks.decode_selection(config)
+    if stage is None:
+        return None
+    depth = text_model.config.num_hidden_layers
+    why = None
+    if not 1 <= stage.layer < depth:
+        why = f"its layer {stage.layer} (DYCOKE_L) is not one of the model's layers 1..{depth - 1}"
+    elif not all(adapter.kv_compressible(text_model, layer) for layer in range(depth)):
+        why = f"{type(text_model).__name__} has sliding-window or KV-shared layers, whose caches it cannot read in one layout"
+    if why is None:
+        return stage
+    warnings.warn(f"{config.pre_llm.method}'s decode-time stage is left out on this model: {why}; its pre-LLM stage "
+                  "runs alone (DYCOKE_DECODE=0 says so and silences this warning)", stacklevel=3)
+    return None
 
 
 def _before_lm(config: PruneConfig, layout: hooks.Layout, embeds: torch.Tensor, vit: dict, vision: dict):
@@ -398,7 +421,9 @@ def _warn_once(state: PruningState, key: str, message: str) -> None:
 
 @contextlib.contextmanager
 def _intra_llm(adapter: FamilyAdapter, text_model, call: Call, kwargs: dict, layout, mask_2d, cache):
-    if not call.state.config.intra_llm and call.state.config.kv is None:
+    config = call.state.config
+    decode_stage = layout is None and call.state.decode_stage is not None  # its work is in decode steps
+    if not config.intra_llm and config.kv is None and not decode_stage:
         yield
         return
     with hooks.intra_llm_hooks(adapter, text_model, call.state, layout, mask_2d, cache), \

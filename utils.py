@@ -353,6 +353,11 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
     used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     used |= {kv.method} if kv else set()
     params = {name: _parse_params(registry[name], env) for name in sorted(used)}
+    if pre and registry[pre.method].decode_selection(params[pre.method]) and (intra or scheduled or kv):
+        raise _fail("PRUNE_METHOD_PRE_LLM" if env.get("PRUNE_METHOD_PRE_LLM", "").strip() else "PRUNE_METHOD",
+                    pre.method, "its decode-time stage reads every layer's cache in the pre-LLM layout, which an "
+                    "intra-LLM stage or KV_METHOD changes", f"{pre.method} with its decode stage off "
+                    "(DYCOKE_DECODE=0) together with them, or without them")
     last = (intra or [scheduled])[-1] if intra or scheduled else None
     if kv and last and registry[last.method].reindexes_cache(params[last.method]):
         raise _fail("KV_METHOD", kv.method, f"{last.method} cuts the earlier layers' caches to its survivors after the "

@@ -23,6 +23,7 @@ from methods._base import (
     VIT,
     EncoderSignals,
     HyperParam,
+    DecodeSelection,
     KVContext,
     KVMerged,
     KVSignalSource,
@@ -43,6 +44,7 @@ from methods._base import (
 __all__ = [
     "INTRA_LLM",
     "KV",
+    "DecodeSelection",
     "KVContext",
     "KVMerged",
     "KVSignalSource",

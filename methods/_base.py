@@ -402,6 +402,18 @@ class KVContext:
         return scores.view(self.kv_heads, self.query_heads // self.kv_heads, *scores.shape[1:]).mean(dim=1)
 
 
+@dataclass(frozen=True)
+class DecodeSelection:
+    """A pre-LLM method's decode-time stage (DyCoke's second stage). At every decode step, before decoder layer
+    ``layer``, the current token's attention at layer ``layer - 1`` (probabilities over the whole cache, heads
+    averaged), taken at the sample's visual entries ([N] fp32), goes to ``select(attention, previous)``
+    (``previous``: the same at the step before, None at the first step); it returns which of those entries layers
+    >= ``layer`` attend to in this step ([N] bool), or None for every entry. The cache itself keeps every entry."""
+
+    layer: int
+    select: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+
+
 @dataclass
 class KVMerged:
     """What a merging KV method (LOOK-M) returns instead of bare indices: the entries it keeps and, for each kept
@@ -469,9 +481,14 @@ class MethodSpec:
     # Intra-LLM: after the prefill, re-index the caches of the layers between the first and the last intra-LLM stage
     # to the last stage's survivors (MustDrop's decode-time stage); or a function of its validated hyper-parameters.
     reindex_cache: bool | Callable[[Mapping[str, Any]], bool] = False
+    # Pre-LLM: its decode-time stage, a function of its validated hyper-parameters (None: it has none, or it is off).
+    decode: Callable[[Mapping[str, Any]], DecodeSelection | None] | None = None
 
     def vision_needs(self, params: Mapping[str, Any]) -> VisionNeeds | None:
         return self.vision(params) if callable(self.vision) else self.vision
+
+    def decode_selection(self, params: Mapping[str, Any]) -> DecodeSelection | None:
+        return None if self.decode is None else self.decode(params)
 
     def reindexes_cache(self, params: Mapping[str, Any]) -> bool:
         return bool(self.reindex_cache(params) if callable(self.reindex_cache) else self.reindex_cache)
@@ -511,6 +528,7 @@ def register_prune(
     vision: VisionNeeds | Callable[[Mapping[str, Any]], VisionNeeds] | None = None,
     video: bool = False,
     reindex_cache: bool | Callable[[Mapping[str, Any]], bool] = False,
+    decode: Callable[[Mapping[str, Any]], DecodeSelection | None] | None = None,
 ):
     """Register a pruning method. The name's suffix (``_vit`` / ``_pre_llm`` / ``_intra_llm`` / ``_kv``) fixes its
     stage (a ``_kv`` method receives a :class:`KVContext` instead of a :class:`PruneContext`).
@@ -520,6 +538,7 @@ def register_prune(
     ``video``: a video method (pre-LLM or intra-LLM): each call gets one whole video, every frame (``ctx.video``).
     ``reindex_cache``: an intra-LLM method whose decode steps read only its last stage's survivors: after the
     prefill, the caches of the layers between the first and the last intra-LLM stage are cut to them (MustDrop).
+    ``decode``: a pre-LLM method's decode-time stage, ``fn(params) -> DecodeSelection | None`` (DyCoke).
     """
     stage = stage_of(name)
     if stage is None:
@@ -543,6 +562,9 @@ def register_prune(
     if stage == VIT and video:
         raise RegistrationError(f"ViT-stage method {name!r} cannot be a video method (the encoder runs frame by frame)",
                                 "video=True on pre-LLM and intra-LLM methods")
+    if stage != PRE_LLM and decode is not None:
+        raise RegistrationError(f"{stage} method {name!r} cannot have a decode-time stage (pre-LLM only)",
+                                "decode=... on pre-LLM methods only")
     if stage != INTRA_LLM and reindex_cache:
         raise RegistrationError(f"{stage} method {name!r} cannot re-index the cache (intra-LLM only)",
                                 "reindex_cache=... on intra-LLM methods only")
@@ -572,6 +594,7 @@ def register_prune(
             vision=vision,
             video=video,
             reindex_cache=reindex_cache,
+            decode=decode,
         )
         return fn
 

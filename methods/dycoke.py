@@ -3,10 +3,21 @@ official code KD-TAO/DyCoke: ``dycole_ttm`` in llava/model/llava_arch.py, its de
 lmms_eval/models/llava_onevision.py and llava/model/language_model/llava_qwen.py).
 
 This is DyCoke's first stage, temporal token merging (TTM), on the projected visual tokens of one whole video,
-before the language model. Its second stage is not here: during decoding the official code re-selects, at layer
-``dycoke_l`` = 3, the top (1 - ``dycoke_p``) visual entries of the KV cache (``dycoke_p`` = 0.8) by the last
-token's attention whenever that attention's cosine similarity with the previous step's falls below 0.9; the
-toolkit's KV stage (kv_stage.py) compresses once after the prefill and has no per-step re-selection yet.
+before the language model, and its second stage, dynamic KV-cache pruning during decoding (``DYCOKE_DECODE``, on
+by default as with the official ``dycoke=True``; official ``modeling_qwen2.py``, ``PrunableDynamicCache``):
+
+  At every decode step (not in the prefill), the current token's attention at layer ``DYCOKE_L`` - 1 (official
+  ``dycoke_l`` = 3: the weights of layer 2, heads averaged, over the whole cache) is taken at the visual entries.
+  If it is the first step, or its cosine similarity with the previous step's is below 0.9, layers >= ``DYCOKE_L``
+  attend in this step only to the ``int(N (1 - DYCOKE_P))`` visual entries it attends to most (official
+  ``dycoke_p`` = 0.8; ``torch.topk``) plus every text entry; otherwise (similar attention) the official code
+  leaves its selection unset, since it resets it at every step before layer ``dycoke_l``, so that step attends to
+  every entry -- kept here. The cache keeps every entry: a later step may select others. The previous step's
+  attention is forgotten at each new prompt (officially it carries over to the next sample).
+  Composes with nothing that changes the cache's layout after the prefill (with intra-LLM stages or ``KV_METHOD``
+  it is refused before any model loads). On a model whose layers do not all own a full-attention cache (Gemma 4)
+  or that has no layer ``DYCOKE_L``, it is left out with a warning and TTM runs alone. With ``DYCOKE_DECODE=0``
+  TTM alone runs.
 
 Rule (frames are what the model encodes as one temporal step, n tokens each, compared position by position):
   1. pairs: for every pair of frames (2j, 2j + 1), the cosine similarity of each token of frame 2j + 1 with the
@@ -48,6 +59,7 @@ Adaptations (minimal):
 
 Hyper-parameters:
   DYCOKE_K (default auto; official 0.7): the pruning rate of the compared frames, or auto (from KEEP_RATIO).
+  DYCOKE_DECODE (1), DYCOKE_L (3), DYCOKE_P (0.8): the decode-time stage, its layer and its pruning rate.
 
 Flash compatibility: yes (features only).
 """
@@ -55,7 +67,7 @@ Flash compatibility: yes (features only).
 import torch
 import torch.nn.functional as F
 
-from methods._base import HyperParam, PruneContext, register_prune
+from methods._base import DecodeSelection, HyperParam, PruneContext, register_prune
 
 AUTO = "auto"
 
@@ -70,6 +82,35 @@ PRUNE_RATE = HyperParam("DYCOKE_K", AUTO, prune_rate,
                         "TTM pruning rate K of the compared frames (each keeps int((1 - K) * n) of its n tokens; "
                         "official dycoke_k 0.7); 'auto': K from KEEP_RATIO so that exactly the keep count remains",
                         check=lambda k: None if k == AUTO or 0.0 <= k <= 1.0 else "must be 'auto' or in [0, 1]")
+
+
+DECODE = HyperParam("DYCOKE_DECODE", 1, int, "1: the decode-time stage (dynamic KV-cache pruning) runs, as "
+                    "officially; 0: TTM alone", check=lambda v: None if v in (0, 1) else "must be 0 or 1")
+DECODE_LAYER = HyperParam("DYCOKE_L", 3, int, "decode stage: layers >= L attend to the selected visual entries, "
+                          "chosen by layer L-1's attention (official dycoke_l 3)",
+                          check=lambda v: None if v >= 1 else "must be >= 1")
+DECODE_RATE = HyperParam("DYCOKE_P", 0.8, float, "decode stage: share of the visual entries left out at a "
+                         "re-selecting step (official dycoke_p 0.8)",
+                         check=lambda v: None if 0.0 <= v <= 1.0 else "must be in [0, 1]")
+SIMILAR = 0.9  # official: re-select when the attention's cosine similarity with the previous step's is below this
+
+
+def decode_keep(attention: torch.Tensor, previous: torch.Tensor | None, rate: float) -> torch.Tensor | None:
+    """The visual entries a decode step attends to: the int(N (1 - rate)) most attended ([N] bool), or None (every
+    entry) when the attention is as the previous step's (cosine >= 0.9), as the official code behaves."""
+    if previous is not None and previous.shape == attention.shape and \
+            float(F.cosine_similarity(attention, previous, dim=0)) >= SIMILAR:
+        return None
+    keep = torch.zeros(attention.numel(), dtype=torch.bool, device=attention.device)
+    keep[torch.topk(attention, int(attention.numel() * (1 - rate))).indices] = True
+    return keep
+
+
+def decode_stage(params) -> DecodeSelection | None:
+    if not params["DYCOKE_DECODE"]:
+        return None
+    rate = params["DYCOKE_P"]
+    return DecodeSelection(params["DYCOKE_L"], lambda attention, previous: decode_keep(attention, previous, rate))
 
 
 def ttm_plan(frames: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -97,7 +138,8 @@ def least_similar(similarity: torch.Tensor, m: int) -> torch.Tensor:
     return torch.sort(similarity, stable=True).indices[:m]
 
 
-@register_prune("dycoke_pre_llm", params=[PRUNE_RATE], video=True, exact_count=False)
+@register_prune("dycoke_pre_llm", params=[PRUNE_RATE, DECODE, DECODE_LAYER, DECODE_RATE], video=True,
+                exact_count=False, decode=decode_stage)
 def dycoke_pre_llm(ctx: PruneContext) -> torch.Tensor:
     """DyCoke TTM: drop the tokens of frames 2j+1 (vs 2j) and 4j+2 (vs pivot 4j) most similar at the same position."""
     n_all = ctx.num_tokens

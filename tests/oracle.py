@@ -213,6 +213,10 @@ def check_registered_method(family_module, name, model, inputs, reference, env, 
         # layers then compute alone (a stage there sees no visual rows).
         record = family_module.last_record(model)
         ids, steps = greedy(model, inputs)
+        decode_stage = family_module.pruning_state(model).decode_stage  # DyCoke's: it changes the decode steps
+    if decode_stage is not None:
+        assert torch.equal(logits, ref_logits) and torch.equal(steps[0], ref_steps[0])
+        ref_ids, ref_steps = ids, steps  # the prefill is checked; what follows is the decode stage's
     kept_all = all(len(set(s.counts.values())) == 1 for sample in record.spans for s in sample)
     # A ViT method that decides its own count may merge patches that pool into one token (MustDrop's 3 x 3 windows
     # are Gemma 4's 3 x 3 pooling bins): every token count stays while features change.

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import custom_qwenvl
 from methods import PRE_LLM, PruneContext, VideoFrames, registered_methods
-from methods.dycoke import dycoke_pre_llm, ttm_plan
-from tests.oracle import forward_logits, patched
+from methods.dycoke import decode_keep, dycoke_pre_llm, ttm_plan
+from tests.oracle import forward_logits, greedy, patched
 from tests.support.tiny_models import build_model
 from tests.test_qwenvl import inputs_for
 
@@ -56,7 +56,8 @@ def official_ttm(features, tokens, rate):
 def test_registration():
     spec = registered_methods()["dycoke_pre_llm"]
     assert spec.stage == PRE_LLM and spec.video and not spec.exact_count and spec.description
-    assert {p.env: p.default for p in spec.params} == {"DYCOKE_K": "auto"}
+    assert {p.env: p.default for p in spec.params} == {"DYCOKE_K": "auto", "DYCOKE_DECODE": 1, "DYCOKE_L": 3,
+                                                       "DYCOKE_P": 0.8}  # official dycoke_k, dycoke_l, dycoke_p
     assert spec.params[0].type(" AUTO ") == "auto" and spec.params[0].type("0.7") == 0.7
     assert spec.params[0].check(1.5) and spec.params[0].check(0.7) is None and spec.params[0].check("auto") is None
 
@@ -184,3 +185,96 @@ def test_through_the_qwen_hooks_the_image_stays_whole_and_the_video_follows_the_
         counts[ratio] = [(s.modality, s.counts["input"], s.counts["pre_llm"]) for s in record.spans[0]]
     assert counts == {"1.0": [("image", 6, 6), ("video", 8, 8)], "0.75": [("image", 6, 6), ("video", 8, 6)],
                       "0.5": [("image", 6, 6), ("video", 8, 4)], "0.25": [("image", 6, 6), ("video", 8, 4)]}
+
+
+
+# ---------------------------------------------------------------- the decode-time stage (dynamic KV-cache pruning)
+def test_decode_keep_reselects_only_when_the_attention_moved():
+    attention = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05])
+    first = decode_keep(attention, None, rate=0.6)  # int(5 * 0.4) = 2 kept: the two most attended
+    assert first.tolist() == [False, True, False, True, False]
+    assert decode_keep(attention * 1.01, attention, rate=0.6) is None  # cosine >= 0.9: no selection this step
+    moved = torch.tensor([0.5, 0.01, 0.4, 0.01, 0.08])
+    assert F.cosine_similarity(moved, attention, dim=0) < 0.9
+    assert decode_keep(moved, attention, rate=0.6).tolist() == [True, False, True, False, False]
+    assert not decode_keep(attention, None, rate=1.0).any()  # int(5 * 0) = 0, as officially
+
+
+def test_decode_stage_equals_masking_the_officially_selected_entries():
+    """Qwen2.5-VL (4 layers, eager), a left-padded batch of two images (TTM keeps images whole), DYCOKE_L = 2: every
+    decode step equals the run without the decode stage whose layers >= 2 do not see the visual entries the
+    official rule leaves out, that rule applied to the model's own eager attention weights of layer 1 (the current
+    token's row, heads averaged; re-selected at the first step and whenever the cosine with the previous step's
+    falls below 0.9, else nothing hidden)."""
+    model = build_model("qwen2_5_vl", attn_implementation="eager")
+    inputs = inputs_for("qwen2_5_vl", "batch")
+    env = dict(PRUNE_METHOD="dycoke_pre_llm", KEEP_RATIO=1.0, DYCOKE_L=2, DYCOKE_P=0.5)
+    with patched(custom_qwenvl, **env):
+        ids, steps = greedy(model, inputs)
+    with patched(custom_qwenvl, **env, DYCOKE_DECODE=0):
+        plain_ids, plain_steps = greedy(model, inputs)
+    layers = model.model.language_model.layers
+    visual = [torch.nonzero(row == model.config.image_token_id).flatten() for row in inputs["input_ids"]]
+    previous, hidden, reselected = {}, {}, []
+
+    def official(module, args, output):
+        weights = output[1]  # (B, H, q, kv): eager attention probabilities
+        if weights.shape[2] != 1:
+            return  # the prefill: no decode stage
+        hidden.clear()
+        for b in range(weights.shape[0]):
+            attention = weights[b].mean(0)[-1][visual[b]]
+            moved = b not in previous or F.cosine_similarity(attention, previous[b], dim=0) < 0.9
+            previous[b] = attention
+            reselected.append(bool(moved))
+            if moved:
+                keep = torch.topk(attention, int(attention.numel() * 0.5)).indices
+                hidden[b] = visual[b][~torch.isin(torch.arange(attention.numel()), keep)]
+
+    def hide(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        if mask.shape[2] == 1 and hidden:
+            mask = mask.clone()
+            for b, entries in hidden.items():
+                mask[b, :, :, entries] = torch.finfo(mask.dtype).min
+            kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    handles = [layers[1].self_attn.register_forward_hook(official)]
+    handles += [layer.self_attn.register_forward_pre_hook(hide, with_kwargs=True) for layer in layers[2:]]
+    try:
+        with patched(custom_qwenvl, **env, DYCOKE_DECODE=0):
+            ref_ids, ref_steps = greedy(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert True in reselected and False in reselected  # both branches of the rule
+    torch.testing.assert_close(steps, ref_steps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(steps[0], plain_steps[0]) and not torch.allclose(steps[1:], plain_steps[1:], atol=1e-4)
+
+
+def test_decode_stage_refusals_and_models_that_cannot_carry_it():
+    """Before any model loads: refused with an intra-LLM stage or a KV method (unless off). At the first forward,
+    on a model that cannot carry it (its layer beyond the model; sliding or KV-shared layers: Gemma 4) it is left
+    out with a warning and TTM runs alone: the generation is that of DYCOKE_DECODE=0."""
+    from tests.support.tiny_gemma import build_model as build_gemma, build_processor, make_inputs
+    from utils import PruneConfig, PruneConfigError
+    import custom_gemma4
+
+    base = {"PRUNE_METHOD_PRE_LLM": "dycoke_pre_llm", "KEEP_RATIO": "0.5"}
+    for extra in ({"PRUNE_METHOD_INTRA_LLM": "fastv_intra_llm"}, {"KV_METHOD": "snapkv_kv", "KV_BUDGET": "0.5"}):
+        with pytest.raises(PruneConfigError, match=r"^PRUNE_METHOD_PRE_LLM='dycoke_pre_llm': its decode-time stage"):
+            PruneConfig.from_env({**base, **extra})
+        PruneConfig.from_env({**base, **extra, "DYCOKE_DECODE": "0"})
+    cases = [(custom_qwenvl, build_model("qwen2_5_vl"), inputs_for("qwen2_5_vl", "image"), {"DYCOKE_L": 4},
+              r"its layer 4 \(DYCOKE_L\) is not one of the model's layers 1\.\.3"),
+             (custom_gemma4, build_gemma("e2b"), dict(make_inputs(build_processor(), "image")), {},
+              "sliding-window or KV-shared layers")]
+    for family, model, inputs, extra, why in cases:
+        with patched(family, PRUNE_METHOD="dycoke_pre_llm", KEEP_RATIO=0.5, DYCOKE_DECODE=0, **extra):
+            reference = greedy(model, inputs)
+        with patched(family, PRUNE_METHOD="dycoke_pre_llm", KEEP_RATIO=0.5, **extra):
+            with pytest.warns(UserWarning, match="decode-time stage is left out on this model: .*" + why):
+                ids, steps = greedy(model, inputs)
+        assert torch.equal(ids, reference[0]) and torch.equal(steps, reference[1])
