@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     from scripts import summarize
 
     table = summarize.collect(work / "runs")
-    title = f"{checkpoint.name} ({family.name}) on {data_name}, {samples} held-out questions" + (
+    named = checkpoint.name if checkpoint.name == family.name else f"{checkpoint.name} ({family.name})"
+    title = f"{named} on {data_name}, {samples} held-out questions" + (
         "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}") + (
         f", {video_task.FRAMES} frames per clip" if video else "")
     written = summarize.save_table(table, work) + [
