@@ -19,7 +19,7 @@ import methods
 import kv_stage
 import profiling
 from methods import PRE_LLM, VIT, PruneContext, PruneResult, SignalSource, VideoFrames, VisionNeeds, VisionSignals
-from utils import PruneConfig, PruneConfigError, Stage, keep_count
+from utils import ATTENTION_BLOCK_ELEMENTS, PruneConfig, PruneConfigError, Stage, keep_count
 
 TEXT = -1  # span id of a text token in a Layout
 PAD = -2  # span id of a padding slot
@@ -541,10 +541,6 @@ class EntryView:
     index: torch.Tensor | None  # (B, L) current row -> entry row (-1: padding slot); None: nothing dropped yet
 
 
-# Attention probabilities computed per block of query rows: about 16 MB of fp32 scores per block. A block lives
-# in a few copies (scores, softmax, the span's columns); at 64 MB, FitPrune's peak at an 8k-token prompt of a
-# hidden-512 model exceeded the stock prefill's by 13 % (scripts/bench_pruning.py), and it ran slower on a CPU.
-_BLOCK_ELEMENTS = 1 << 22
 
 
 class LayerSignals(SignalSource):
@@ -579,7 +575,7 @@ class LayerSignals(SignalSource):
         q, k = self._query_key(layer, rows)  # (H, r, d), (H_kv, L, d): one projection shared by every block
         attn = self.text_model.layers[layer].self_attn
         k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0).float()
-        step = block_rows or max(1, _BLOCK_ELEMENTS // (q.shape[0] * k.shape[1]))
+        step = block_rows or max(1, ATTENTION_BLOCK_ELEMENTS // (q.shape[0] * k.shape[1]))
         for start in range(0, max(1, rows.numel()), step):
             block = rows[start:start + step]
             scores = (q[:, start:start + step].float() @ k.transpose(-1, -2)) * self.adapter.attention_scale(attn)

@@ -29,7 +29,7 @@ import torch
 
 import methods
 from methods import KVContext, KVMerged, KVSignalSource
-from utils import KVStage, PruneConfigError
+from utils import ATTENTION_BLOCK_ELEMENTS, KVStage, PruneConfigError
 
 
 @dataclass
@@ -41,10 +41,6 @@ class KVMap:
     prefill_length: int  # the layer's cached entries before compression
     before: list[int]  # per sample: prompt entries cached before compression
     after: list[int]  # per sample: entries kept per head
-
-
-# Query rows per block of the column sums: about 16 MB of fp32 scores per block, as hooks._BLOCK_ELEMENTS.
-_BLOCK_ELEMENTS = 1 << 22
 
 
 class _SampleSignals(KVSignalSource):
@@ -71,7 +67,7 @@ class _SampleSignals(KVSignalSource):
     def attention_column_sums(self, block_rows: int | None = None) -> torch.Tensor:
         length = self.rows.numel()
         heads = self.keys.shape[0]
-        step = block_rows or max(1, _BLOCK_ELEMENTS // (heads * length))
+        step = block_rows or max(1, ATTENTION_BLOCK_ELEMENTS // (heads * length))
         total = None
         for first in range(0, length, step):
             part = self._probs(first, min(length, first + step)).sum(dim=1)

@@ -30,6 +30,13 @@ class PruneConfigError(ValueError):
     """Bad pruning configuration: the message names the variable, the value and what is allowed."""
 
 
+# Attention probabilities computed per block of query rows (the hooks' and the KV stage's signals): about 16 MB of
+# fp32 scores per block. A block lives in a few copies (scores, softmax, the span's columns); at 64 MB, FitPrune's
+# peak at an 8k-token prompt of a hidden-512 model exceeded the stock prefill's by 13 % (scripts/bench_pruning.py),
+# and it ran slower on a CPU.
+ATTENTION_BLOCK_ELEMENTS = 1 << 22
+
+
 def keep_count(num_tokens: int, ratio: float) -> int:
     """The one keep-count rule for every method: K = max(1, round(ratio * N)), never more than N.
 
