@@ -1234,11 +1234,12 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
                     owner = state.cache_owner.get(layer, layer)
                     if owner != layer:  # a KV-shared layer: the masks its storing layer got (built before it wrote)
                         current["masks"] = current["owner_masks"][owner]
-                    elif current.get("mask_maps") != [id(m) for m in state.maps_until(layer)]:
+                    else:
                         maps = state.maps_until(layer)
-                        mask = state.decode_mask(attention_mask_2d, maps)
-                        current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
-                        current["mask_maps"] = [id(m) for m in maps]
+                        if current.get("mask_maps") != [id(m) for m in maps]:
+                            mask = state.decode_mask(attention_mask_2d, maps)
+                            current["masks"] = adapter.layer_masks(text_model, hidden, mask, cache, layer)
+                            current["mask_maps"] = [id(m) for m in maps]
                     current.setdefault("owner_masks", {})[layer] = current["masks"]
                 elif layer in stages and not adapter.queries_only(text_model, layer):
                     mask = state.decode_mask(attention_mask_2d, state.maps_until(layer))
@@ -1350,10 +1351,9 @@ def intra_llm_hooks(adapter: FamilyAdapter, text_model, state: PruningState, lay
         for layer in range(kept_keys[0].layer - 1, kept_keys[-1].layer):
             if not adapter.kv_compressible(text_model, layer):
                 continue  # a sliding-window cache keeps its window
-            later = [m.index for m in kept_keys if m.layer > layer]
-            index = later[0]
-            for inner in later[1:]:
-                index = compose(index, inner)
+            index = None  # the last stage's survivors as positions in this layer's cache
+            for later in (m for m in kept_keys if m.layer > layer):
+                index = compose(index, later.index)
             own = [lay for k, lay in sorted(layouts.items()) if k <= layer]
             state.kv_maps[layer] = kv_stage.reindex_layer(layer, holder.layers[layer], index,
                                                           counts(own[-1] if own else layout), final)

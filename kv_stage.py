@@ -125,30 +125,32 @@ def compress_layer(kv: KVStage, params, layer: int, layer_cache, queries, allowe
     slots = torch.full((batch, heads, width), -1, dtype=torch.long, device=keys.device)
     for b, c in enumerate(chosen):
         slots[b, :, width - c.shape[1]:] = c  # left padding, as the prompt's own
-    gather = slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-    empty = (slots < 0).unsqueeze(-1)
-    new_keys = keys.gather(2, gather).masked_fill(empty, 0)
-    new_values = values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])).masked_fill(empty, 0)
+    _keep_slots(layer_cache, slots)
     for b, replacement in enumerate(merged):
         if replacement is not None:
             width_b = chosen[b].shape[1]
-            new_keys[b, :, width - width_b:] = replacement[0]
-            new_values[b, :, width - width_b:] = replacement[1]
-    layer_cache.keys, layer_cache.values = new_keys, new_values
+            layer_cache.keys[b, :, width - width_b:] = replacement[0]
+            layer_cache.values[b, :, width - width_b:] = replacement[1]
     return KVMap(layer, slots[:, 0], length, before, [c.shape[1] for c in chosen])
 
 
 def reindex_layer(layer: int, layer_cache, index: torch.Tensor, before: list[int], after: list[int]) -> KVMap:
     """Cut ``layer_cache`` to the entries ``index`` ((B, K) positions in its cache, -1 for an empty slot), the same in
     every head, in place: an intra-LLM method's decode-time re-indexing (MustDrop) after the prefill."""
-    keys, values = layer_cache.keys, layer_cache.values
-    slots = index.to(keys.device)
-    gather = slots.clamp(min=0)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-    empty = (slots < 0)[:, None, :, None]
-    length = keys.shape[2]
-    layer_cache.keys = keys.gather(2, gather).masked_fill(empty, 0)
-    layer_cache.values = values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])).masked_fill(empty, 0)
+    slots = index.to(layer_cache.keys.device)
+    length = layer_cache.keys.shape[2]
+    _keep_slots(layer_cache, slots.unsqueeze(1).expand(-1, layer_cache.keys.shape[1], -1))
     return KVMap(layer, slots, length, before, after)
+
+
+def _keep_slots(layer_cache, slots: torch.Tensor) -> None:
+    """Replace the cache layer's keys and values (B, H_kv, L, d) by their entries at ``slots`` (B, H_kv, K); a -1
+    slot is an empty one (zeros, masked in every decode step)."""
+    gather = slots.clamp(min=0).unsqueeze(-1)
+    empty = (slots < 0).unsqueeze(-1)
+    keys, values = layer_cache.keys, layer_cache.values
+    layer_cache.keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[-1])).masked_fill(empty, 0)
+    layer_cache.values = values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])).masked_fill(empty, 0)
 
 
 def _merged(result: KVMerged, index: torch.Tensor, ctx: KVContext, name: str):

@@ -24,6 +24,7 @@ from calibration.models import QWEN_DESCRIBE
 from scripts import summarize
 from tests.conftest import run_runner
 from tests.oracle import patched
+from tests.test_calibration import reply
 
 QUESTIONS = 60
 CHANCE = 100.0 / 4
@@ -60,18 +61,13 @@ def accuracy(model, processor, samples, dropped=None) -> tuple[float, float]:
     whose cache entries ``describe_drop_one_kv`` drops for that sample."""
     right = colour = 0
     for sample in samples:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=[[sample["image"]]], return_tensors="pt")
         token = DROPPED.set(dropped(sample) if dropped else -1)
         try:
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            answer = reply(model, processor, sample)
         finally:
             DROPPED.reset(token)
-        reply = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        right += training.score(reply, sample)
-        colour += reply.startswith(sample["answer_text"].split()[0])
+        right += training.score(answer, sample)
+        colour += answer.startswith(sample["answer_text"].split()[0])
     return 100.0 * right / len(samples), 100.0 * colour / len(samples)
 
 
