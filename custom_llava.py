@@ -28,6 +28,7 @@ original 1-D positions. This file only says what is LLaVA-specific:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -149,6 +150,10 @@ def tile_signals(model, features_args, needs, run):
         raise NotImplementedError(f"vision-encoder signals on {type(tower).__name__} with the {strategy!r} feature "
                                   "strategy are not supported; supported: a tower with a [CLS] token (CLIP) with "
                                   "'default', one without (SigLIP) with 'full' (one feature per patch)")
+    if cls and needs.cls_substitute:
+        # CLS_SIGNAL=substitute: the attention received at the same layers, the [CLS] column dropped, as on an encoder
+        # without a [CLS] (HiPrune's official CLIP signal is that already).
+        needs = dataclasses.replace(needs, cls_heads="received")
     output, rows, keys = (clip_cls_signals if cls else received_signals)(tower, needs, run)
     return output, rows, keys, cls
 
@@ -222,7 +227,8 @@ class LlavaAdapter(DecoderAdapter):
         output, rows, keys, cls = tile_signals(model, features_args, needs, run)
         items = features_args["pixel_values"].shape[0]
         return output, [VisionSignals({layer: r[i] for layer, r in rows.items()},
-                                      None if keys is None else keys[i], cls=cls) for i in range(items)]
+                                      None if keys is None else keys[i], cls=cls,
+                                      substitute=cls and needs.cls_substitute) for i in range(items)]
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -277,7 +283,8 @@ class LlavaNextAdapter(LlavaAdapter):
             span_keys = [v.view(-1, heads, dim) for v in layout(keys.flatten(2))]
         spans = len(next(iter(per_layer.values())))
         return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()},
-                                      None if span_keys is None else span_keys[i], cls=cls) for i in range(spans)]
+                                      None if span_keys is None else span_keys[i], cls=cls,
+                                      substitute=cls and needs.cls_substitute) for i in range(spans)]
 
     def per_span(self, model, modality, features_args, values):
         if modality == "image":

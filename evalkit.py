@@ -121,7 +121,7 @@ def _ratio(value: float) -> str:
 def run_tag(config: PruneConfig) -> str:
     """Readable name of the pruning stages: ``stock``, ``B12-tome_vit-0.5`` (before encoder block 12),
     ``divprune_pre_llm-0.25``, ``L2-fastv_intra_llm-0.5``, ``pdrop_intra_llm-0.25`` (a method that schedules its own
-    layers), or several joined with ``+``."""
+    layers), or several joined with ``+``; ``+cls_substitute`` under ``CLS_SIGNAL=substitute``."""
     if not config.active:
         return "stock"
     parts = [(f"B{s.layer}-" if s.layer is not None else "") + f"{s.method}-{_ratio(s.ratio)}" for s in config.vit]
@@ -132,6 +132,8 @@ def run_tag(config: PruneConfig) -> str:
     if config.kv:
         budget = _ratio(config.kv.fraction) if config.kv.fraction is not None else str(config.kv.count)
         parts.append(f"{config.kv.method}-{budget}")
+    if config.cls_signal == "substitute":  # CLS_SIGNAL: the [CLS] methods read the substitute on a [CLS] encoder
+        parts.append("cls_substitute")
     return "+".join(parts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -238,7 +239,10 @@ class FamilyPatch:
         stage = self.config.pre_llm
         if stage is None:
             return None
-        return methods.registered_methods()[stage.method].vision_needs(self.config.params.get(stage.method, {}))
+        needs = methods.registered_methods()[stage.method].vision_needs(self.config.params.get(stage.method, {}))
+        if needs is not None and self.config.cls_signal == "substitute":
+            needs = dataclasses.replace(needs, cls_substitute=True)
+        return needs
 
     def _wrap_model_forward(self, original, adapter: FamilyAdapter):
         signature = inspect.signature(original)

@@ -20,6 +20,7 @@ from methods import INTRA_LLM, KV, PRE_LLM, VIT, MethodSpec
 TESTED_TRANSFORMERS = "5.23"  # the patches read transformers internals of this release series
 
 VIDEO_SCOPES = ("frame", "video")
+CLS_SIGNALS = ("cls", "substitute")  # CLS_SIGNAL: what a method reading a [CLS] row gets on an encoder that has one
 _NONE_VALUES = {"", "none", "null", "off", "0", "false"}
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True,
                   "": False, "0": False, "false": False, "no": False, "off": False}
@@ -134,6 +135,10 @@ class PruneConfig:
     # every frame of the video in one call (also where the model lays frames out as separate spans).
     image_methods_on_video: str = "frame"
     kv: KVStage | None = None  # the KV-cache stage after the prefill (KV_METHOD, KV_BUDGET)
+    # CLS_SIGNAL: "cls", the [CLS] row where the encoder has a [CLS] (CLIP); "substitute", the attention received there
+    # too, at the same layers, to measure what the substitution costs. Part of describe() only when not the default,
+    # so the run names of every other configuration are unchanged.
+    cls_signal: str = "cls"
     profile: ProfileConfig = ProfileConfig()  # changes no prediction, so it is not part of describe()
     _resolved: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # depth -> config
 
@@ -181,6 +186,8 @@ class PruneConfig:
         """JSON-friendly form, e.g. to namespace and record a run."""
         public = {f.name: getattr(self, f.name) for f in fields(self)
                   if not f.name.startswith("_") and f.name != "profile"}
+        if self.cls_signal == "cls":
+            del public["cls_signal"]
         return json.loads(json.dumps(public, default=lambda v: asdict(v) if isinstance(v, (Stage, KVStage)) else str(v)))
 
     @classmethod
@@ -356,6 +363,12 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
         raise _fail("IMAGE_METHODS_ON_VIDEO", env["IMAGE_METHODS_ON_VIDEO"], "unknown scope",
                     "frame (each frame alone, the default) or video (all frames of a video in one call)")
 
+    cls_text = env.get("CLS_SIGNAL", "").strip().lower() or "cls"
+    if cls_text not in CLS_SIGNALS:
+        raise _fail("CLS_SIGNAL", env["CLS_SIGNAL"], "unknown vision signal",
+                    "cls (the [CLS] row where the encoder has a [CLS], the default) or substitute (the attention each "
+                    "patch receives, as on encoders without one)")
+
     kv = _parse_kv(env, registry)
     used = {s.method for s in vit + ([pre] if pre else []) + intra + ([scheduled] if scheduled else [])}
     used |= {kv.method} if kv else set()
@@ -372,7 +385,7 @@ def _parse(env: Mapping[str, str]) -> PruneConfig:
                     "leaves MustDrop's caches to the KV method)")
     _warn_ignored(env, keep_text, used, registry)
     return PruneConfig(vit=tuple(vit), pre_llm=pre, intra_llm=tuple(intra), params=params, scheduled=scheduled,
-                       image_methods_on_video=scope_text, kv=kv, profile=profile)
+                       image_methods_on_video=scope_text, kv=kv, cls_signal=cls_text, profile=profile)
 
 
 def _parse_kv(env: Mapping[str, str], registry: Mapping[str, MethodSpec]) -> KVStage | None:

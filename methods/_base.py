@@ -71,6 +71,10 @@ class VisionNeeds:
                  "received": instead of the [CLS] row, the attention each patch receives averaged over every query
                  ([CLS] included) and head (``attentions[l].mean(1).mean(1)[:, 1:]``, as HiPrune reads CLIP).
 
+    cls_substitute: set by the runtime under ``CLS_SIGNAL=substitute``: on a [CLS] encoder, the attention each patch
+                 receives (as ``cls_heads="received"``) instead of the [CLS] row, at the same layers, and
+                 ``ctx.vision_has_cls`` False, as on an encoder without a [CLS]. Methods do not set it.
+
     mean_query:  on the Qwen-VL encoders, score each LLM token by the attention of its segment's MEAN query instead
                  of the attention it receives: softmax over the segment's tokens of q_mean . k_token * scale, q_mean
                  the mean of the segment's rotated queries and k_token the mean of the token's rotated patch keys,
@@ -83,6 +87,7 @@ class VisionNeeds:
     cls_layers: tuple[int, int] = (-1, -1)
     cls_heads: str = "mean"
     mean_query: bool = False
+    cls_substitute: bool = False
     # The environment variable that set first_layer (e.g. "VTC_CLS_START_LAYER"), named in the error raised
     # when it leaves no layer of the encoder to score; not part of equality.
     first_layer_var: str | None = field(default=None, compare=False)
@@ -105,11 +110,15 @@ class VisionSignals:
                ``VisionNeeds.cls_layers``, the [CLS] query's attention probabilities to the patches (softmax over
                every key, [CLS] included, then the [CLS] column dropped; reduced over heads as ``cls_heads`` says),
                and ``keys`` are the patches' keys of the last of those layers.
+    substitute: on such an encoder under ``CLS_SIGNAL=substitute``: ``attention`` holds, at the same layers, the
+               attention each patch receives (every query, [CLS] included, and head averaged; the [CLS] column
+               dropped) instead of the [CLS] row.
     """
 
     attention: dict[int, torch.Tensor]
     keys: torch.Tensor | None = None
     cls: bool = False
+    substitute: bool = False
 
 
 class SignalSource:
@@ -291,7 +300,15 @@ class PruneContext:
     @property
     def vision_has_cls(self) -> bool:
         """True when the vision signals are the encoder's true [CLS] row (LLaVA-1.5 / LLaVA-NeXT's CLIP), False when
-        they are the substitute (attention received; Qwen-VL, Gemma 4, SigLIP, InternViT)."""
+        they are the substitute (attention received; Qwen-VL, Gemma 4, SigLIP, InternViT, and CLIP under
+        ``CLS_SIGNAL=substitute``)."""
+        signals = self._need_vision()
+        return signals.cls and not signals.substitute
+
+    @property
+    def vision_encoder_has_cls(self) -> bool:
+        """True when the encoder has a [CLS] token (CLIP), whichever signal the method gets: its layers are then
+        captured as ``VisionNeeds.cls_layers`` says, up to LLaVA's feature layer -2."""
         return self._need_vision().cls
 
     def vision_attention_received(self, layer: int | None = None) -> torch.Tensor:

@@ -104,8 +104,8 @@ def hiprune_layers(ctx: PruneContext) -> tuple[int, int]:
     setting = ctx.params["HIPRUNE_OBJECT_LAYER"]
     if setting == AUTO:
         # The captured range ends at the deep layer: CLIP's layer -2, else the encoder's last layer.
-        depth = deep + 2 if ctx.vision_has_cls else deep + 1
-        setting = max(1, depth * 3 // 8 if ctx.vision_has_cls else depth // 2)
+        depth = deep + 2 if ctx.vision_encoder_has_cls else deep + 1
+        setting = max(1, depth * 3 // 8 if ctx.vision_encoder_has_cls else depth // 2)
     later = [index for index in captured if index >= setting - 1]
     if not later:
         raise RuntimeError(f"HIPRUNE_OBJECT_LAYER={setting}: no captured encoder layer at or after index {setting - 1} "

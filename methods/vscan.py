@@ -126,7 +126,7 @@ def vscan_layers(ctx: PruneContext) -> tuple[int, int]:
     deep = captured[-1]
     setting = ctx.params["VSCAN_LOCAL_LAYER"]
     if setting == AUTO:
-        depth = deep + 2 if ctx.vision_has_cls else deep + 1  # the captured range ends at layer -2 ([CLS]) or -1
+        depth = deep + 2 if ctx.vision_encoder_has_cls else deep + 1  # the captured range ends at layer -2 ([CLS]) or -1
         setting = max(0, depth // 4 - 1)
     later = [index for index in captured if index >= setting]
     if not later:

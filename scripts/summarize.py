@@ -52,7 +52,8 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
 
     The effective ratio is the fraction of the encoder's visual tokens left after the last stage (intra-LLM
     ratios are fractions of the tokens that entered the language model, so they multiply the pre-LLM one); for a
-    KV-cache method alone, its budget as a fraction of each layer's cache entries.
+    KV-cache method alone, its budget as a fraction of each layer's cache entries. A run under
+    ``CLS_SIGNAL=substitute`` is labelled "<method> ([CLS] substitute)".
     """
     vit, pre, intra = pruning.get("vit") or [], pruning.get("pre_llm"), pruning.get("intra_llm") or []
     scheduled = pruning.get("scheduled")  # a method that picks its own layers from the model's depth
@@ -74,7 +75,10 @@ def describe_stages(pruning: dict) -> tuple[str, str, float]:
     if kv:  # after token pruning: the ratio stays the visual tokens'; the budget is in the method's name
         methods.append(f"{kv['method']} ({kv['fraction'] if kv.get('fraction') is not None else kv['count']})")
         stages.append("KV cache")
-    return " + ".join(dict.fromkeys(methods)), " + ".join(stages), ratio
+    label = " + ".join(dict.fromkeys(methods))
+    if pruning.get("cls_signal") == "substitute":  # CLS_SIGNAL=substitute: the [CLS] row replaced by its substitute
+        label += " ([CLS] substitute)"
+    return label, " + ".join(stages), ratio
 
 
 def token_means(run_dir: Path, dataset: str) -> tuple[float, float, int, float]:

@@ -264,3 +264,13 @@ def test_hooks_refuse_a_configuration_whose_schedule_is_not_resolved():
     with pytest.raises(RuntimeError, match="resolved_for"):
         PruningState(config)
     assert PruningState(config.resolved_for(32)).config.intra_llm[0].layer == 8
+
+
+def test_cls_signal_is_validated_and_named_in_the_run_identity_only_when_set():
+    assert PruneConfig.from_env({}).cls_signal == "cls"
+    assert "cls_signal" not in PruneConfig.from_env({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "fastervlm_pre_llm"}).describe()
+    substitute = PruneConfig.from_env({"KEEP_RATIO": "0.5", "PRUNE_METHOD": "fastervlm_pre_llm",
+                                       "CLS_SIGNAL": "Substitute"})
+    assert substitute.describe()["cls_signal"] == "substitute"
+    with pytest.raises(PruneConfigError, match=r"CLS_SIGNAL='row': unknown vision signal; allowed: cls .* or substitute"):
+        PruneConfig.from_env({"CLS_SIGNAL": "row"})

@@ -113,3 +113,50 @@ def test_cls_method_prunes_by_the_cls_row_on_llava():
     image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
     kept = [int(p) - int(image[0]) for p in keep if int(p) in set(image.tolist())]
     assert kept == sorted(row.topk(9).indices.tolist())
+
+
+@pytest.mark.parametrize("heads", ["mean", "single"])
+def test_substitute_signal_on_clip_is_the_attention_received_at_the_same_layers(heads):
+    """``CLS_SIGNAL=substitute`` (``VisionNeeds.cls_substitute``): at the layers the method reads, the all-query mean
+    of the encoder's own eager attention instead of the [CLS] row, whatever the method's head reduction; the spans say
+    so (``substitute``) and keep the encoder's layout (``cls``)."""
+    model = tiny_llava.build_model("llava", attn_implementation="eager")
+    inputs = inputs_for("llava", "two_images")
+    with torch.no_grad():
+        attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    signals = captured_signals(model, inputs, VisionNeeds(keys=True, cls_layers=(1, 2), cls_heads=heads,
+                                                          cls_substitute=True))
+    for i, span in enumerate(signals):
+        assert span.cls and span.substitute and sorted(span.attention) == [1, 2]
+        for layer in (1, 2):
+            expected = attentions[layer][i].mean(dim=0).mean(dim=0)[1:]
+            torch.testing.assert_close(span.attention[layer], expected, rtol=1e-5, atol=1e-7)
+        assert span.keys.shape == (36, 4, 8)
+
+
+def test_cls_signal_substitute_reaches_the_method_through_the_hooks():
+    """Through the patches: a method reading the [CLS] row gets the substitute under ``CLS_SIGNAL=substitute``, and
+    ``ctx.vision_has_cls`` says which it got while ``ctx.vision_encoder_has_cls`` still describes the encoder."""
+    seen = []
+
+    @methods.register_prune("cls_signal_probe_pre_llm", vision=VisionNeeds(cls_layers=(-2, -2)))
+    def cls_signal_probe_pre_llm(ctx):
+        """Test probe."""
+        seen.append((ctx.vision_has_cls, ctx.vision_encoder_has_cls, ctx.vision_attention_received()))
+        return torch.arange(ctx.num_tokens)
+
+    model = tiny_llava.build_model("llava")
+    inputs = inputs_for("llava", "image")
+    try:
+        for signal in ("cls", "substitute"):
+            with oracle.patched(custom_llava, KEEP_RATIO=1.0, PRUNE_METHOD="cls_signal_probe_pre_llm", CLS_SIGNAL=signal):
+                forward_logits(model, inputs)
+    finally:
+        methods._base._REGISTRY.pop("cls_signal_probe_pre_llm")
+    row = captured_signals(model, inputs, VisionNeeds(cls_layers=(-2, -2)))[0].attention[2]
+    received = captured_signals(model, inputs, VisionNeeds(cls_layers=(-2, -2), cls_heads="received"))[0].attention[2]
+    (cls_flag, cls_encoder, cls_scores), (sub_flag, sub_encoder, sub_scores) = seen
+    assert (cls_flag, cls_encoder, sub_flag, sub_encoder) == (True, True, False, True)
+    torch.testing.assert_close(cls_scores, row)
+    torch.testing.assert_close(sub_scores, received)
+    assert not torch.allclose(row, received)
