@@ -5,6 +5,11 @@
 
 - ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration``, ~1.3 M parameters. 224 x 224 images give 8 x 8 = 64 LLM
   visual tokens (14 px patches, 2 x 2 merge: one token per 28 x 28 cell of ShapesCalib).
+- ``llava-1.5``: ``LlavaForConditionalGeneration`` as LLaVA-1.5, ~1.2 M parameters: a CLIP vision tower with a [CLS]
+  token (28 px patches: a 224 x 224 image is 8 x 8 patches, one per cell, plus the [CLS]), features of its
+  penultimate layer without the [CLS] (``vision_feature_layer=-2``, strategy "default"), a two-layer GELU projector
+  and a Llama language model; prompted as ``run_llava.LLaVA_HF`` prompts (LLaVA-1.5's system prompt and
+  conversation, VLMEvalKit's LLaVA multiple-choice question).
 - ``gemma4``: ``Gemma4ForConditionalGeneration`` shaped like the on-device release (E2B: per-layer inputs,
   sliding layers then a full one with the released per-type RoPE, causal attention over images, tied output
   head, final logit soft-capping), ~1.5 M parameters. The image processor's smallest budget (70 soft tokens)
@@ -25,9 +30,15 @@ from typing import Callable
 
 import torch
 from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
     Gemma4Config,
     Gemma4ForConditionalGeneration,
     GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -39,15 +50,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from calibration import data  # noqa: E402
 from calibration import processors  # noqa: E402
+import run_llava  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _corpus(roles: tuple[str, ...]) -> list[str]:
-    """Every text the model sees (with the chat template's role names), so that each word of the task becomes
-    one token."""
+def _corpus(roles: tuple[str, ...], extra: tuple[str, ...] = ()) -> list[str]:
+    """Every text the model sees (with the chat template's role names and ``extra`` lines), so that each word of the
+    task becomes one token."""
     words = list(data.COLOURS) + list(data.SHAPES)
-    lines = ["You are a helpful assistant.", *roles,
+    lines = ["You are a helpful assistant.", *roles, *extra,
              "Please select the correct answer from the options above.", "Question: Options:"]
     lines += [f"{letter}. {word}" for letter in "ABCD" for word in words]
     lines += words  # the replies: the words without a leading space
@@ -66,6 +78,11 @@ def word_token_ids(tokenizer, words, prefix: str = "") -> list[int]:
     return [i[0] for i in ids]
 
 
+def dataset_prompt_messages(sample) -> list[dict]:
+    """The image, then the data set's own MCQ prompt: what Qwen2VLChat and Gemma4 send for a local TSV."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
+
+
 @dataclass(frozen=True)
 class CalibrationFamily:
     """What the shared training and evaluation code needs to know about one model family."""
@@ -82,9 +99,19 @@ class CalibrationFamily:
     build_config: Callable
     vision_input_keys: tuple[str, ...]  # the image processor outputs that ``get_image_features`` takes
     generation_ids: Callable  # tokenizer -> GenerationConfig keyword arguments (eos, pad, bos)
+    # sample -> the chat-template messages of its question, as the family's VLMEvalKit wrapper builds them
+    messages: Callable = None
+    # The [CLS] of a CLIP tower, trained as an image summary (see calibration/train.py); None: no [CLS]
+    image_summary: Callable | None = None
+    # The head whose layer-1 route finds the asked quadrant's object (the other routes: head 0, train.ROUTE_HEAD);
+    # a head of its own lets one-dimensional positions be matched apart from content
+    position_route_head: int = 0
 
     def build_tokenizer(self):
         return self.build_processor().tokenizer
+
+    def conversation(self, sample) -> list[dict]:
+        return (self.messages or dataset_prompt_messages)(sample)
 
     def build_model(self, seed: int | None = None):
         """Freshly initialised model (transformers' own init), identical for a given seed."""
@@ -251,4 +278,88 @@ GEMMA4 = CalibrationFamily(
     generation_ids=_gemma_generation_ids,
 )
 
-FAMILIES = {family.name: family for family in (QWEN, GEMMA4)}
+# ---------------------------------------------------------------- LLaVA-1.5
+
+LLAVA_PATCH_SIZE = data.CELL  # one CLIP patch per cell of ShapesCalib
+LLAVA_IMAGE_TOKEN = "<image>"
+# What run_llava.LLaVA_HF writes: LLaVA-1.5's system prompt, VLMEvalKit's LLaVA multiple-choice instruction.
+LLAVA_SYSTEM_PROMPT = run_llava.LLAVA_V1_SYSTEM_PROMPT
+LLAVA_MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def llava_messages(sample) -> list[dict]:
+    """The messages ``run_llava.LLaVA_HF`` builds for a row of the data set: LLaVA-1.5's system prompt, then the image
+    and VLMEvalKit's LLaVA multiple-choice prompt (``LLaVA.build_prompt``: the question, one line per option, the
+    instruction)."""
+    options = "".join(f"\n{letter}. {sample[letter]}" for letter in "ABCD")
+    text = f"{sample['question']}{options}\n{LLAVA_MCQ_INSTRUCTION}"
+    return [{"role": "system", "content": [{"type": "text", "text": LLAVA_SYSTEM_PROMPT}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@functools.lru_cache(maxsize=None)
+def _llava_processor() -> LlavaProcessor:
+    """Real ``LlavaProcessor`` around ``CLIPImageProcessorPil`` (a 224 x 224 image stays 224 x 224: 64 patches and
+    the [CLS]; CLIP's normalisation) with a byte-level BPE tokenizer trained on the task's texts and the structure
+    of llava-hf/llava-1.5's chat template."""
+    tokenizer = processors.train_qwen_tokenizer(
+        _corpus(("USER:", "ASSISTANT:"), (LLAVA_SYSTEM_PROMPT, LLAVA_MCQ_INSTRUCTION)), vocab_size=600)
+    tokenizer.add_special_tokens({"additional_special_tokens": [LLAVA_IMAGE_TOKEN]})
+    side = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": data.IMAGE_SIZE}, crop_size=side)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=LLAVA_PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=LLAVA_IMAGE_TOKEN, chat_template=processors.LLAVA_15_CHAT_TEMPLATE)
+
+
+def _llava_config() -> LlavaConfig:
+    tokenizer = _llava_processor().tokenizer
+    get = tokenizer.convert_tokens_to_ids
+    text = LlamaConfig(
+        vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        # One-dimensional positions, base 1e3: its lowest frequencies barely turn over the 64 visual tokens (a
+        # question word finds an object by its content at any distance) and its highest tell the 8-token rows' halves
+        # apart. Base 20 (the Qwen model's, whose M-RoPE keeps one section constant over an image) left colour and
+        # shape questions at chance; 1e4 (Llama's) position questions at 59 % (docs/calibration.md).
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000.0},
+        bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"))
+    # Four layers: the features are the penultimate one's, as LLaVA-1.5 takes CLIP's.
+    vision = CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=2,
+                              image_size=data.IMAGE_SIZE, patch_size=LLAVA_PATCH_SIZE, projection_dim=96)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=get(LLAVA_IMAGE_TOKEN),
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       image_seq_length=data.GRID**2, projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def _llava_generation_ids(tokenizer) -> dict:
+    get = tokenizer.convert_tokens_to_ids
+    return dict(eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"), bos_token_id=get("<|endoftext|>"))
+
+
+def llava_cls_summary(model, image_outputs) -> torch.Tensor:
+    """(images, hidden): the [CLS] state at the feature layer through the model's own projector, in the language
+    model's embedding space."""
+    cls = image_outputs.hidden_states[model.config.vision_feature_layer][:, 0]
+    return model.model.multi_modal_projector(cls)
+
+
+LLAVA = CalibrationFamily(
+    name="llava-1.5",
+    checkpoint=ROOT / "calibration" / "llava-1.5-shapes",
+    runner="run_llava",
+    patches="custom_llava",
+    model_class=LlavaForConditionalGeneration,
+    end_of_reply="<|im_end|>",
+    default_seed=1,
+    default_steps=1800,
+    build_processor=_llava_processor,
+    build_config=_llava_config,
+    vision_input_keys=("pixel_values",),
+    generation_ids=_llava_generation_ids,
+    messages=llava_messages,
+    image_summary=llava_cls_summary,
+    position_route_head=1,
+)
+
+FAMILIES = {family.name: family for family in (QWEN, GEMMA4, LLAVA)}

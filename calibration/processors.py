@@ -70,6 +70,19 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Structure of llava-hf/llava-1.5-*-hf's template: "USER: <image>\n<text> ASSISTANT:" (images first, then the text of
+# the turn, each text followed by a space; a system message's text comes first, without a role name).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
 def train_qwen_tokenizer(lines, vocab_size: int = 400) -> Qwen2Tokenizer:
     """A ``Qwen2Tokenizer`` whose byte-level BPE is trained on ``lines``, + the Qwen special tokens.
 

@@ -2,6 +2,7 @@
 
     python -m calibration.train                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
     python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
+    python -m calibration.train --family llava-1.5 # LLaVA-1.5  -> calibration/llava-1.5-shapes
     python -m calibration.train --task video       # video task -> calibration/qwen2.5-vl-motion (calibration/video.py)
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
@@ -31,7 +32,10 @@ model of its family), build it:
   model's own input embeddings of the colour and shape words (as spelt inside the prompt, " red"), with the
   attributes of the object drawn in that token as targets;
 - prompt words: the colour and shape words of the question and the options are predicted (they name objects
-  of the image).
+  of the image);
+- a CLIP tower's [CLS] (LLaVA-1.5, ``CalibrationFamily.image_summary``): its state at the feature layer, through the
+  projector and scored against the word embeddings, names the colours and shapes present in the image (multi-label),
+  as a trained CLIP's [CLS] summarises its image; so the [CLS] methods read a [CLS] that attends to the objects.
 
 The routes never send the reply position to a visual token, so methods that rank visual tokens by the last
 token's attention (FastV reads layer 2) are not handed the answer; and no route reads a visual token at
@@ -71,7 +75,7 @@ WARMUP_STEPS = 100
 AUX_LOSS_WEIGHT = 1.0
 PROMPT_WORDS_LOSS_WEIGHT = 0.5
 ROUTE_LOSS_WEIGHT = 1.0
-ROUTE_HEAD = 0  # the head of each layer that the attention routes supervise
+ROUTE_HEAD = 0  # the head of each layer that the attention routes supervise (see CalibrationFamily.position_route_head)
 MAX_ROUTES = 4  # ShapesDescribe: 5 (see _routes)
 MAX_NEW_TOKENS = 4
 
@@ -82,8 +86,8 @@ MAX_NEW_TOKENS = 4
 def chat_text(sample, family: CalibrationFamily) -> str:
     """The prompt VLMEvalKit's model wrapper generates from: the data set's prompt after the image, the chat
     template applied, ending with the assistant prefix."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
-    return family.build_processor().apply_chat_template([messages], tokenize=False, add_generation_prompt=True)[0]
+    return family.build_processor().apply_chat_template([family.conversation(sample)], tokenize=False,
+                                                        add_generation_prompt=True)[0]
 
 
 class _TrainingBatches(torch.utils.data.Dataset):
@@ -157,6 +161,7 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
     # question mark predict the reply word too, so what a route carries is read out on the way.
     max_routes = MAX_ROUTES + (samples[0]["category"] == "describe")
     routes = torch.zeros(len(samples), max_routes, 3, dtype=torch.long)
+    route_heads = torch.full((len(samples), max_routes), ROUTE_HEAD)
     route_mask = torch.zeros(len(samples), max_routes, dtype=torch.bool)
     image_start = inputs["input_ids"] == processor.image_token_id
     [question_mark_id] = tokenizer.encode("?", add_special_tokens=False)
@@ -166,6 +171,8 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
         reply_start = int((labels[row] != -100).nonzero()[0])
         sample_routes = _routes(sample, question_mark, reply_start - 1, first_visual + sample["target_tokens"][0])
         routes[row, :len(sample_routes)] = torch.tensor(sample_routes)
+        if sample["category"] == "position":  # the positional hop on its own head where the family says so
+            route_heads[row, [r for r, route in enumerate(sample_routes) if route[0] == 1]] = family.position_route_head
         route_mask[row, :len(sample_routes)] = True
         labels[row, question_mark] = labels[row, question_mark + 1] = labels[row, reply_start]
     # The asked object's colour and shape, for the optional read-out loss (see _losses).
@@ -192,6 +199,7 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
         "questions_per_scene": len(scenes[0]),
         "routes": routes,
         "route_mask": route_mask,
+        "route_heads": route_heads,
         "colour_targets": colour_targets.flatten(),
         "shape_targets": shape_targets.flatten(),
         "asked_colour": asked_colour,
@@ -222,6 +230,15 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
         # The words as the question and the options spell them (" red"): what a reply has to be matched with.
         scores = visual_tokens @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
         visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets, ignore_index=-100)
+    if family.image_summary is not None:
+        # CLIP's [CLS] summarises its image: scored against the words, it names the colours and shapes present (a
+        # multi-label loss), so its attention goes to the objects as a trained CLIP's does.
+        summary = family.image_summary(model, image_outputs)  # (scenes, hidden)
+        for words, targets in ((list(data.COLOURS), batch["colour_targets"]), (data.SHAPES, batch["shape_targets"])):
+            scores = summary @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
+            per_token = targets.view(len(summary), -1)
+            present = torch.stack([(per_token == index).any(1) for index in range(len(words))], 1).float()
+            visual_token_loss = visual_token_loss + torch.nn.functional.binary_cross_entropy_with_logits(scores, present)
     prompt_loss = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1),
                                                     batch["prompt_labels"][:, 1:].flatten(), ignore_index=-100)
     routes, mask = batch["routes"], batch["route_mask"]
@@ -233,9 +250,9 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
             for words, targets in ((list(data.COLOURS), batch["asked_colour"]), (data.SHAPES, batch["asked_shape"])):
                 scores = states @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
                 visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets[row])
-    head = torch.stack([layer[:, ROUTE_HEAD] for layer in output.attentions])  # (layers, sequences, query, key)
+    attentions = torch.stack(output.attentions)  # (layers, sequences, heads, query, key)
     rows = torch.arange(len(routes)).unsqueeze(1).expand_as(mask)
-    followed = head[routes[..., 0], rows, routes[..., 1], routes[..., 2]]
+    followed = attentions[routes[..., 0], rows, batch["route_heads"], routes[..., 1], routes[..., 2]]
     route_loss = -(followed.clamp_min(1e-9).log() * mask).sum() / mask.sum()
     return output.loss, (AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
                          + ROUTE_LOSS_WEIGHT * route_loss)

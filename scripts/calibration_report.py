@@ -110,10 +110,34 @@ def plan(checkpoint: Path, method_names: list[str], ratios: list[float], work_di
         return planned
     import methods
 
-    # Not stock, pre-LLM or a method with its own schedule.
-    single_layer = {name for name, spec in methods.load_methods([]).items() if spec.default_layer is not None}
+    # Intra-LLM methods that run at one layer: not stock, a pre-LLM, ViT or KV method, nor one with its own schedule.
+    single_layer = {name for name, spec in methods.load_methods([]).items()
+                    if spec.stage == methods.INTRA_LLM and spec.default_layer is not None}
     return [_at_layer(job, intra_layer) if job.env.get("PRUNE_METHOD") in single_layer else job
             for job in planned]
+
+
+def cls_row_methods(method_names: list[str]) -> list[str]:
+    """The pre-LLM methods that read a vision encoder's [CLS] row where it has one (PruMerge, PruMerge+, VisionZip,
+    VisPruner, VTC-CLS, FasterVLM, ...): those whose signal ``CLS_SIGNAL=substitute`` replaces (HiPrune's official
+    CLIP signal is the attention received already)."""
+    import methods
+
+    registry = methods.load_methods([])
+    chosen = []
+    for name in method_names:
+        spec = registry[name]
+        needs = spec.vision_needs({param.env: param.default for param in spec.params}) if spec.vision else None
+        if needs is not None and needs.cls_heads != "received":
+            chosen.append(name)
+    return chosen
+
+
+def with_cls_substitute(jobs: list[sweep.Job], names: list[str]) -> list[sweep.Job]:
+    """Each job of a method in ``names`` again under ``CLS_SIGNAL=substitute`` (its own run and label)."""
+    model_jobs = [job for job in jobs if job.env.get("PRUNE_METHOD") in names]
+    return [dataclasses.replace(job, label=f"{job.label}+cls_substitute", env={**job.env, "CLS_SIGNAL": "substitute"})
+            for job in model_jobs]
 
 
 def equal_cache_budgets(ratios: list[float], samples: list[dict], family=QWEN_DESCRIBE) -> list[float]:
@@ -220,6 +244,127 @@ def plot_cache(table, path: Path, title: str) -> Path:
     return path
 
 
+CROSS_FAMILY_FILE = "cross_family"  # .md / .csv / .png, written by --family all
+
+
+def learned_score(table):
+    """Each run's accuracy on the question types its model has learned (stock >= 95 %), the types weighted alike,
+    and the names of those types; the overall score where none is."""
+    categories = [c for c in table if c.startswith("cat:")]
+    stock = table[table["method"] == "stock"]
+    learned = [c for c in categories if not stock.empty and float(stock[c].iloc[0]) >= 95.0]
+    if not learned:
+        return table["score"], []
+    return table[learned].mean(axis=1), [c.removeprefix("cat:") for c in learned]
+
+
+def cross_family_table(tables: dict):
+    """One row per method (and stage), one column per (family, keep ratio): the accuracy on each model's learned
+    question types; the stock row first. ``tables``: family name -> its ``summarize.collect`` table."""
+    import pandas as pd
+
+    rows, learned = [], {}
+    for family, table in tables.items():
+        scores, learned[family] = learned_score(table)
+        for row, score in zip(table.itertuples(), scores):
+            if row.method in RATIO_FREE:
+                continue
+            keep = "stock" if row.method == "stock" else f"{row.keep_ratio:g}"
+            stage = "-" if row.method == "stock" else row.stage
+            rows.append({"method": row.method, "stage": stage, "column": f"{family} @ {keep}", "score": score})
+    frame = pd.DataFrame(rows)
+    wide = frame.pivot_table(index=["method", "stage"], columns="column", values="score", aggfunc="first")
+    ordered = [c for family in tables for c in sorted((c for c in wide.columns if c.startswith(f"{family} @ ")),
+                                                      key=lambda c: (c.endswith("stock"), c), reverse=True)]
+    wide = wide[ordered].reset_index()
+    wide["stock_first"] = wide["method"] != "stock"
+    wide = wide.sort_values(["stock_first", "stage", "method"]).drop(columns="stock_first").reset_index(drop=True)
+    return wide, learned
+
+
+def plot_cross_family(tables: dict, path: Path, title: str) -> Path:
+    """Accuracy (on each model's learned question types) vs keep ratio, one panel per family, every pre-LLM and
+    intra-LLM method; a method has one colour in every panel; runs under ``CLS_SIGNAL=substitute`` dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    names = sorted({m.removesuffix(" ([CLS] substitute)") for t in tables.values() for m in t["method"]
+                    if m != "stock" and m not in RATIO_FREE})
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 6), sharey=True, squeeze=False)
+    for ax, (family, table) in zip(axes[0], tables.items()):
+        scores, learned = learned_score(table)
+        table = table.assign(learned=scores.values)
+        for method, line in table[~table["method"].isin(("stock", *RATIO_FREE))].groupby("method"):
+            line = line.sort_values("keep_ratio")
+            base = method.removesuffix(" ([CLS] substitute)")
+            ax.plot(line["keep_ratio"], line["learned"], marker="o", color=colours[base],
+                    linestyle="--" if base != method else "-", linewidth=1.2,
+                    label=method.replace("_pre_llm", "").replace("_intra_llm", ""))
+        for score in table.loc[table["method"] == "stock", "learned"]:
+            ax.axhline(score, color="black", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ratios = sorted(set(table.loc[table["method"] != "stock", "keep_ratio"]))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(ratios or [1.0])
+        ax.set_xticklabels([f"{r:g}" for r in ratios] or ["1"])
+        ax.set_xlabel("keep ratio (KEEP_RATIO)")
+        ax.set_title(f"{family} ({', '.join(learned) or 'all'} questions)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = {}, {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_cross_family(tables: dict, work: Path, title: str, seconds: float) -> list[Path]:
+    """``cross_family.md`` / ``.csv`` / ``.png`` from the per-family tables."""
+    from tabulate import tabulate
+
+    wide, learned = cross_family_table(tables)
+    csv = work / f"{CROSS_FAMILY_FILE}.csv"
+    wide.to_csv(csv, index=False)
+    shown = wide.copy()
+    for column in shown.columns[2:]:
+        shown[column] = shown[column].map(lambda v: "" if v != v else f"{v:.1f}")
+    text = "\n".join([
+        f"# Calibration report across families: {title}",
+        "",
+        f"Machine: {machine()}; total time {seconds / 60:.1f} min. Accuracy (%) on the question types each model "
+        "has learned (stock >= 95 %): " + "; ".join(f"{family}: {', '.join(types) or 'all'}"
+                                                      for family, types in learned.items()) + ".",
+        "Each family's own report (every column, per question type) is in its folder.",
+        "",
+        tabulate(shown, headers="keys", tablefmt="github", showindex=False),
+        "",
+    ])
+    markdown = work / f"{CROSS_FAMILY_FILE}.md"
+    markdown.write_text(text)
+    return [csv, markdown, plot_cross_family(tables, work / f"{CROSS_FAMILY_FILE}.png", title)]
+
+
+def _family_argv(args, family: str, work: Path) -> list[str]:
+    """The command line of one family's report inside ``--family all``."""
+    argv = ["--family", family, "--work-dir", str(work / family), "--parallel", str(args.parallel),
+            "--batch-size", str(args.batch_size)]
+    argv += ["--samples", str(args.samples)] if args.samples else []
+    argv += ["--methods", *args.methods] if args.methods else []
+    argv += ["--ratios", *map(str, args.ratios)] if args.ratios else []
+    argv += ["--separate-processes"] if args.separate_processes else []
+    argv += ["--intra-layer", str(args.intra_layer)] if args.intra_layer is not None else []
+    return argv
+
+
 def machine() -> str:
     """The CPU model (Linux), core count and Python version."""
     cpu = platform.machine()
@@ -265,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="image: ShapesCalib on --family's model; describe: ShapesDescribe (two-word answers) on "
                              "the describe model (Qwen2.5-VL), KV-cache methods included; video: ShapesMotionCalib "
                              "clips on the video calibration model (Qwen2.5-VL), keep ratios down to 0.05")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name,
-                        help="model family: its shipped checkpoint and runner")
+    parser.add_argument("--family", choices=[*sorted(FAMILIES), "all"], default=QWEN.name,
+                        help="model family: its shipped checkpoint and runner; all: every family's report (each in "
+                             "<work-dir>/<family>), then one cross-family table and plot (cross_family.md/.csv/.png)")
     parser.add_argument("--checkpoint", default=None, help="default: the family's shipped calibration model")
     parser.add_argument("--work-dir", default="calibration_outputs")
     parser.add_argument("--samples", type=int, default=None, help="held-out questions (default: 300; video: 150)")
@@ -286,6 +432,20 @@ def main(argv: list[str] | None = None) -> int:
                              "for the Gemma 4 model, which has learned only those)")
     args = parser.parse_args(argv)
     video, describe = args.task == "video", args.task == "describe"
+    if args.family == "all":
+        if video or describe or args.checkpoint:
+            parser.error("--family all: the image task on every shipped model; --task and --checkpoint do not apply")
+        started, work, failed = time.time(), Path(args.work_dir).resolve(), 0
+        for name in FAMILIES:
+            failed |= main(_family_argv(args, name, work))
+        from scripts import summarize
+
+        tables = {name: summarize.collect(work / name / "runs") for name in FAMILIES}
+        title = f"{calibration_data.NAME}, {args.samples or 300} held-out questions" + (
+            "" if args.intra_layer is None else f", intra-LLM at layer {args.intra_layer}")
+        written = write_cross_family(tables, work, title, time.time() - started)
+        print("\n".join(f"wrote {path}" for path in written))
+        return failed
     if video or describe:
         if args.family != QWEN.name:
             parser.error(f"--family {args.family}: the {args.task} calibration model is a Qwen2.5-VL; allowed with "
@@ -320,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     token_methods = [name for name in method_names if not name.endswith("_kv")]
     jobs = plan(checkpoint, token_methods, ratios, work / "runs", runner=family.runner,
                 intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
+    if family.image_summary is not None:  # a [CLS] encoder: the [CLS] methods also with the substitute, beside them
+        jobs += with_cls_substitute(jobs, cls_row_methods(token_methods))
     kv_methods = [name for name in method_names if name.endswith("_kv")]
     if kv_methods:  # KV budgets that cache as many entries as the token methods at each keep ratio
         sample_prompts = [calibration_data.make_describe_sample(i, calibration_data.EVAL_SEED) for i in range(20)]

@@ -24,16 +24,17 @@ import methods
 from calibration import data
 from scripts import summarize
 from calibration import train as training
-from calibration.models import GEMMA4, QWEN
+from calibration.models import GEMMA4, LLAVA, QWEN
 from tests.conftest import run_runner
 from tests.oracle import patched
 
-SHIPPED = {family.name: family for family in (QWEN, GEMMA4)}
+SHIPPED = {family.name: family for family in (QWEN, GEMMA4, LLAVA)}
 # The question types each shipped model has learned (>= 95 % held-out, TRAINING.md): the accuracy bounds are
 # checked on those. The Gemma 4 model answers colour questions (100 %) but not yet shape (50 %) or position (70 %)
 # ones reliably; see docs/calibration.md.
-LEARNED = {QWEN.name: data.CATEGORIES, GEMMA4.name: ("colour",)}
-VISUAL_TOKENS_MODULE = {QWEN.name: "visual", GEMMA4.name: "embed_vision"}  # returns the LLM's visual tokens
+LEARNED = {QWEN.name: data.CATEGORIES, GEMMA4.name: ("colour",), LLAVA.name: ("colour", "shape")}
+# The module that returns the LLM's visual tokens.
+VISUAL_TOKENS_MODULE = {QWEN.name: "visual", GEMMA4.name: "embed_vision", LLAVA.name: "multi_modal_projector"}
 QUESTIONS = 90  # held-out questions evaluated in-process per configuration
 KEEP = 0.25
 CHANCE = 100.0 / 4  # % for four options
@@ -92,17 +93,17 @@ def samples():
     return [data.make_sample(i, data.EVAL_SEED) for i in range(QUESTIONS)]
 
 
-def reply(model, processor, sample) -> str:
-    """The model's answer to one question, prompted exactly as VLMEvalKit prompts it (data set prompt, chat template)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.mcq_prompt(sample)}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def reply(model, processor, sample, family=QWEN) -> str:
+    """The model's answer to one question, prompted exactly as the family's VLMEvalKit wrapper prompts it (its
+    messages, the chat template)."""
+    text = processor.apply_chat_template(family.conversation(sample), tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=[[sample["image"]]], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
-def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
+def accuracy(model, processor, samples, categories=None, family=QWEN) -> dict[str, float]:
     """Accuracy in % per question category and overall (``all``), each sample with its asked tokens set."""
     hits: dict[str, list[bool]] = {}
     for sample in samples:
@@ -110,7 +111,7 @@ def accuracy(model, processor, samples, categories=None) -> dict[str, float]:
             continue
         token = ASKED_TOKENS.set(sample["target_tokens"])
         try:
-            correct = training.score(reply(model, processor, sample), sample)
+            correct = training.score(reply(model, processor, sample, family), sample)
         finally:
             ASKED_TOKENS.reset(token)
         hits.setdefault(sample["category"], []).append(correct)
@@ -154,9 +155,9 @@ def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(family, model_and_proce
     patches = importlib.import_module(family.patches)
     learned = LEARNED[family.name]
     with patched(patches, PRUNE_METHOD=f"calibration_oracle_{stage}", KEEP_RATIO=KEEP):
-        oracle = accuracy(model, processor, samples, learned)
+        oracle = accuracy(model, processor, samples, learned, family)
     with patched(patches, PRUNE_METHOD=f"calibration_anti_oracle_{stage}", KEEP_RATIO=KEEP):
-        anti = accuracy(model, processor, samples, learned)
+        anti = accuracy(model, processor, samples, learned, family)
     assert oracle["all"] >= 95.0, oracle
     assert anti["all"] <= CHANCE + 15.0, anti
 
@@ -164,7 +165,7 @@ def test_oracle_keeps_and_anti_oracle_loses_the_accuracy(family, model_and_proce
 # ---------------------------------------------------------------- positions matter
 def test_scrambled_positions_cost_the_positional_questions_only(family, model_and_processor, samples):
     model, processor = model_and_processor
-    intact = accuracy(model, processor, samples)
+    intact = accuracy(model, processor, samples, family=family)
     # Token (r, c) gets the features of token (r + G/2, c + G/2) (cyclically): every object moves to the opposite
     # quadrant, its shape and colour intact.
     half = data.GRID // 2
@@ -172,6 +173,8 @@ def test_scrambled_positions_cost_the_positional_questions_only(family, model_an
 
     def scramble(module, args, output):
         # One image per prompt: the output holds its LLM visual tokens in raster order.
+        if isinstance(output, torch.Tensor) and output.dim() == 3:  # LLaVA's projector: (images, tokens, hidden)
+            return output[:, permutation.flatten()]
         if isinstance(output, torch.Tensor):  # Gemma 4's embed_vision
             return output[permutation.flatten()]
         output.pooler_output = output.pooler_output[permutation.flatten()]  # Qwen's vision tower (merger output)
@@ -179,7 +182,7 @@ def test_scrambled_positions_cost_the_positional_questions_only(family, model_an
 
     handle = getattr(model.model, VISUAL_TOKENS_MODULE[family.name]).register_forward_hook(scramble)
     try:
-        broken = accuracy(model, processor, samples)
+        broken = accuracy(model, processor, samples, family=family)
     finally:
         handle.remove()
     positional = ("position",)  # the only question type that needs to know where each object is

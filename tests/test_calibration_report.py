@@ -40,35 +40,74 @@ def test_the_report_runs_every_token_pruning_method_and_no_kv_cache_method():
 
 
 def test_plan_can_move_single_layer_intra_llm_methods_to_another_layer(checkpoint, tmp_path):
-    names = ["random_pre_llm", "fastv_intra_llm", "pdrop_intra_llm"]
+    names = ["random_pre_llm", "fastv_intra_llm", "pdrop_intra_llm", "mustdrop_vit"]
     jobs = calibration_report.plan(checkpoint, names, [0.25], tmp_path, intra_layer=1)
     assert [(job.label.split("__")[1], job.env) for job in jobs] == [
         ("stock", {}),
         ("random_pre_llm-0.25", {"PRUNE_METHOD": "random_pre_llm", "KEEP_RATIO": "0.25"}),
         ("L1-fastv_intra_llm-0.25", {"INTRA_LLM_LAYER_SPECS": "1:fastv_intra_llm:0.25"}),
         ("pdrop_intra_llm-0.25", {"PRUNE_METHOD": "pdrop_intra_llm", "KEEP_RATIO": "0.25"}),  # its own schedule
+        ("mustdrop_vit-0.25", {"PRUNE_METHOD": "mustdrop_vit", "KEEP_RATIO": "0.25"}),  # a ViT block, not a layer
     ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
-def test_report_writes_table_plot_and_report(family, tmp_path):
-    checkpoint = few_steps_checkpoint(family, tmp_path)
-    code = calibration_report.main(["--family", family.name, "--checkpoint", str(checkpoint),
-                                    "--work-dir", str(tmp_path), "--samples", "6",
-                                    "--methods", "random_pre_llm", "--ratios", "0.25", "--parallel", "2"])
+def test_report_across_families_writes_each_familys_report_and_one_cross_family_table(tmp_path):
+    """``--family all`` on the shipped models: each family's runs through its own runner, table, plot and report.md in
+    its folder; the [CLS] method also under ``CLS_SIGNAL=substitute`` on the LLaVA model (the one with a [CLS]) only;
+    then the cross-family table and plot."""
+    code = calibration_report.main(["--family", "all", "--work-dir", str(tmp_path), "--samples", "6",
+                                    "--methods", "random_pre_llm", "fastervlm_pre_llm", "--ratios", "0.25",
+                                    "--parallel", "2"])
     assert code == 0
-    table = summarize.collect(tmp_path / "runs")
-    assert sorted(table["method"]) == ["random_pre_llm", "stock"]
-    assert set(table["samples"]) == {6}
     tokens = calibration_report.calibration_data.GRID ** 2
-    assert table.loc[table["method"] == "random_pre_llm", "tokens_after"].item() == round(0.25 * tokens)
-    report = (tmp_path / calibration_report.REPORT_FILE).read_text()
-    assert "random_pre_llm" in report and "VTC_CLS_START_LAYER=-1" in report and family.name in report
-    runner = importlib.import_module(family.runner)  # the family's runner evaluated every run
-    configs = (tmp_path / "runs").glob(f"*/{evalkit.RUN_CONFIG_FILE}")
-    assert {json.loads(path.read_text())["family"] for path in configs} == {runner.FAMILY.name}
-    assert (tmp_path / calibration_report.PLOT_FILE).stat().st_size > 0
+    for family in FAMILIES.values():
+        work = tmp_path / family.name
+        table = summarize.collect(work / "runs")
+        expected = ["fastervlm_pre_llm", "random_pre_llm", "stock"]
+        if family.image_summary is not None:
+            expected.insert(1, "fastervlm_pre_llm ([CLS] substitute)")
+        assert sorted(table["method"]) == expected, family.name
+        assert set(table["samples"]) == {6}
+        assert set(table.loc[table["method"] != "stock", "tokens_after"]) == {round(0.25 * tokens)}
+        report = (work / calibration_report.REPORT_FILE).read_text()
+        assert "random_pre_llm" in report and "VTC_CLS_START_LAYER=-1" in report and family.name in report
+        runner = importlib.import_module(family.runner)  # the family's runner evaluated every run
+        configs = (work / "runs").glob(f"*/{evalkit.RUN_CONFIG_FILE}")
+        assert {json.loads(path.read_text())["family"] for path in configs} == {runner.FAMILY.name}
+        assert (work / calibration_report.PLOT_FILE).stat().st_size > 0
+    cross = (tmp_path / f"{calibration_report.CROSS_FAMILY_FILE}.md").read_text()
+    for family in FAMILIES:
+        assert f"{family} @ 0.25" in cross and f"{family} @ stock" in cross
+    assert "fastervlm_pre_llm ([CLS] substitute)" in cross
+    assert (tmp_path / f"{calibration_report.CROSS_FAMILY_FILE}.png").stat().st_size > 0
+
+
+def test_cross_family_table_scores_each_model_on_its_learned_question_types():
+    import pandas as pd
+
+    def table(stock, pruned):  # (colour, shape) accuracies of stock and of one pruned run
+        return pd.DataFrame({"method": ["stock", "random_pre_llm"], "stage": ["-", "pre-LLM"], "keep_ratio": [1.0, 0.25],
+                             "score": [sum(stock) / 2, sum(pruned) / 2], "cat:colour": [stock[0], pruned[0]],
+                             "cat:shape": [stock[1], pruned[1]]})
+
+    wide, learned = calibration_report.cross_family_table({"a": table((100.0, 98.0), (60.0, 40.0)),
+                                                           "b": table((100.0, 50.0), (30.0, 50.0))})
+    assert learned == {"a": ["colour", "shape"], "b": ["colour"]}
+    assert list(wide.columns) == ["method", "stage", "a @ stock", "a @ 0.25", "b @ stock", "b @ 0.25"]
+    assert wide["method"].tolist() == ["stock", "random_pre_llm"]
+    assert wide.iloc[0, 2:].tolist()[::2] == [99.0, 100.0]  # stock: a on both types, b on colour only
+    assert wide.iloc[1, 2:].tolist()[1::2] == [50.0, 30.0]
+
+
+def test_cls_methods_get_substitute_runs_and_others_do_not(tmp_path):
+    names = ["random_pre_llm", "fastervlm_pre_llm", "hiprune_pre_llm", "prumerge_pre_llm", "fastv_intra_llm"]
+    assert calibration_report.cls_row_methods(names) == ["fastervlm_pre_llm", "prumerge_pre_llm"]
+    jobs = calibration_report.plan(tmp_path, names[:2], [0.25], tmp_path)
+    extra = calibration_report.with_cls_substitute(jobs, ["fastervlm_pre_llm"])
+    assert [(job.label.split("__")[1], job.env) for job in extra] == [
+        ("fastervlm_pre_llm-0.25+cls_substitute",
+         {"PRUNE_METHOD": "fastervlm_pre_llm", "KEEP_RATIO": "0.25", "CLS_SIGNAL": "substitute"})]
 
 
 def test_a_missing_checkpoint_is_named_before_anything_runs(tmp_path, capsys):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from calibration import data
 from calibration import train as training
-from calibration.models import FAMILIES, GEMMA4, QWEN
+from calibration.models import FAMILIES, GEMMA4, LLAVA, QWEN
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -140,6 +140,33 @@ def test_mcq_prompt_through_the_gemma_template(tmp_path, monkeypatch):
         text = GEMMA4.build_processor().apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         assert text == training.chat_text(data.make_sample(index, data.EVAL_SEED), GEMMA4)
         assert text.endswith("options above.<turn|>\n<|turn>model\n")
+
+
+def test_llava_prompt_is_what_run_llava_sends(tmp_path, monkeypatch):
+    """``run_llava.LLaVA_HF`` re-prompts a multiple-choice data set as VLMEvalKit's LLaVA does (the question, one line
+    per option, the instruction) after LLaVA-1.5's system prompt: the training prompt is exactly that, and the image
+    becomes 64 visual tokens (the [CLS] dropped) and a 224 x 224 image stays 224 x 224 (CLIP crop, LLaVA's pad)."""
+    import evalkit
+    import run_llava
+    from vlmeval.dataset import build_dataset
+
+    data.write_dataset(tmp_path, n=2)
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    dataset = build_dataset(data.NAME)
+    wrapper = object.__new__(evalkit.vlmeval_model(run_llava.LLaVA_HF))
+    wrapper.processor = LLAVA.build_processor()
+    wrapper.system_prompt, wrapper.pad_to_square = run_llava.LLAVA_V1_SYSTEM_PROMPT, True
+    wrapper.set_dump_image(dataset.dump_image)  # as VLMEvalKit's inference does
+    assert wrapper.use_custom_prompt(data.NAME)
+    for index in range(2):
+        sample = data.make_sample(index, data.EVAL_SEED)
+        message = wrapper.build_prompt(dataset.data.iloc[index], data.NAME)
+        assert wrapper.prompt([{"role": "user", "content": message}]) == training.chat_text(sample, LLAVA)
+        image = wrapper._image(message[0]["value"])
+        assert image.size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
+        inputs = LLAVA.build_processor()(text=[training.chat_text(sample, LLAVA)], images=[image], return_tensors="pt")
+        assert int((inputs["input_ids"] == LLAVA.build_config().image_token_id).sum()) == data.GRID**2
+        assert inputs["pixel_values"].shape[-2:] == (data.IMAGE_SIZE, data.IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)

@@ -45,25 +45,13 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from calibration.processors import train_qwen_tokenizer
+from calibration.processors import LLAVA_15_CHAT_TEMPLATE, train_qwen_tokenizer
 from tests.support.tiny_models import _CORPUS, make_image, make_video
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 KINDS = ("image", "two_images", "adjacent_images", "text", "batch")
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH_SIZE = 84, 14  # 6 x 6 patches: 36 tokens per image
-
-# Structure of llava-hf/llava-1.5-*-hf's template: "USER: <image>\n<text> ASSISTANT:" (images first, then the text of
-# the turn, each text followed by a space; no system prompt).
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 _WEIGHT_STD = 0.15
 
