@@ -332,11 +332,6 @@ def _llava_config() -> LlavaConfig:
                        image_seq_length=data.GRID**2, projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def _llava_generation_ids(tokenizer) -> dict:
-    get = tokenizer.convert_tokens_to_ids
-    return dict(eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"), bos_token_id=get("<|endoftext|>"))
-
-
 def llava_cls_summary(model, image_outputs) -> torch.Tensor:
     """(images, hidden): the [CLS] state at the feature layer through the model's own projector, in the language
     model's embedding space."""
@@ -356,7 +351,7 @@ LLAVA = CalibrationFamily(
     build_processor=_llava_processor,
     build_config=_llava_config,
     vision_input_keys=("pixel_values",),
-    generation_ids=_llava_generation_ids,
+    generation_ids=_qwen_generation_ids,  # the same tokenizer's special tokens
     messages=llava_messages,
     image_summary=llava_cls_summary,
     position_route_head=1,

@@ -84,8 +84,8 @@ MAX_NEW_TOKENS = 4
 
 
 def chat_text(sample, family: CalibrationFamily) -> str:
-    """The prompt VLMEvalKit's model wrapper generates from: the data set's prompt after the image, the chat
-    template applied, ending with the assistant prefix."""
+    """The prompt VLMEvalKit's model wrapper generates from: the family's messages for the sample (the image, then
+    the data set's or the wrapper's own prompt), the chat template applied, ending with the assistant prefix."""
     return family.build_processor().apply_chat_template([family.conversation(sample)], tokenize=False,
                                                         add_generation_prompt=True)[0]
 
