@@ -27,7 +27,8 @@ clip whole, the image methods frame by frame (``IMAGE_METHODS_ON_VIDEO=frame``, 
 0.05; video sets are generated one question at a time.
 
 Settings fitted to the small model (stated in report.md): VTC-CLS sums the encoder attention of its last
-layer only (``VTC_CLS_START_LAYER=-1``: the encoder has 3 layers, the official start layer 16 assumes 24), and
+layer only (``VTC_CLS_START_LAYER=-1``, on LLaVA's CLIP ``-2``, the feature layer: the encoders have 3-4 layers, the
+official start layer 16 assumes 24), and
 PruMerge/PruMerge+ keep the toolkit's keep count (``PRUMERGE_ADAPTIVE=0``) so that every method is compared at
 the same ratio; on Qwen, ToMe inside the encoder runs without proportional attention (``TOME_PROP_ATTN=0``: Qwen's
 packed vision attention takes no mask). Methods whose count ignores the keep ratio (VTW) run once; methods whose own
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from scripts import sweep  # noqa: E402
 from calibration import data as calibration_data  # noqa: E402
-from calibration.models import FAMILIES, QWEN, QWEN_DESCRIBE  # noqa: E402
+from calibration.models import FAMILIES, LLAVA, QWEN, QWEN_DESCRIBE  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.111)
 VIDEO_RATIOS = (0.5, 0.25, 0.1, 0.05)
@@ -59,8 +60,9 @@ CACHE_PLOT_FILE = "calibration_cache.png"  # --task describe: accuracy vs cached
 REPORT_FILE = "report.md"
 # Hyper-parameters fitted to the calibration model's size (see the module docstring).
 SMALL_MODEL_PARAMS = {"VTC_CLS_START_LAYER": "-1", "PRUMERGE_ADAPTIVE": "0"}
-# Per runner: Qwen's packed vision attention takes no mask, so ToMe in its encoder runs without proportional attention.
-RUNNER_PARAMS = {QWEN.runner: {"TOME_PROP_ATTN": "0"}}
+# Per runner: Qwen's packed vision attention takes no mask, so ToMe in its encoder runs without proportional attention;
+# on CLIP (LLaVA) VTC-CLS sums the [CLS] rows of layers start..-2 (the last layer unused), so its last layer alone is -2.
+RUNNER_PARAMS = {QWEN.runner: {"TOME_PROP_ATTN": "0"}, LLAVA.runner: {"VTC_CLS_START_LAYER": "-2"}}
 RATIO_FREE = ("vtw_intra_llm",)  # the method withdraws every visual token: KEEP_RATIO is ignored
 RUNNER_FLAGS = ["--device", "cpu", "--judge", "exact_matching",
                 "--model-kwargs", json.dumps({"max_new_tokens": 4})]  # an attribute word and <|im_end|>
@@ -345,7 +347,7 @@ def write_cross_family(tables: dict, work: Path, title: str, seconds: float) -> 
                                                       for family, types in learned.items()) + ".",
         "Each family's own report (every column, per question type) is in its folder.",
         "",
-        tabulate(shown, headers="keys", tablefmt="github", showindex=False),
+        tabulate(shown, headers="keys", tablefmt="github", showindex=False, disable_numparse=True),
         "",
     ])
     markdown = work / f"{CROSS_FAMILY_FILE}.md"
