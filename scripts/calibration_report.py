@@ -1,7 +1,7 @@
 """Calibration report: accuracy vs keep ratio of every registered method on the calibration model.
 
-A calibration model (``calibration/qwen2.5-vl-shapes`` or ``calibration/gemma4-shapes``, trained by
-``calibration/train.py``) answers questions about coloured shapes whose answer lives in one known visual
+A calibration model (``calibration/qwen2.5-vl-shapes``, ``calibration/gemma4-shapes`` or ``calibration/llava-1.5-shapes``,
+trained by ``calibration/train.py``) answers questions about coloured shapes whose answer lives in one known visual
 token, so a method that keeps the wrong tokens loses accuracy visibly. This script evaluates it on the held-out
 ``ShapesCalib`` data set (``calibration/data.py``) through the family's real runner and VLMEvalKit's
 exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio
@@ -13,7 +13,13 @@ the machine and the time it took) and ``calibration_accuracy.png`` (one panel pe
     python scripts/calibration_report.py                        # every method, keep 0.5 / 0.25 / 0.111
     python scripts/calibration_report.py --methods fastv_intra_llm divprune_pre_llm --ratios 0.25
     python scripts/calibration_report.py --family gemma4 --work-dir calibration_outputs_gemma4
+    python scripts/calibration_report.py --family all --intra-layer 1 --work-dir calibration_outputs_all
     python scripts/calibration_report.py --task video --work-dir calibration_outputs_video
+
+On a model whose encoder has a [CLS] (the LLaVA-1.5 one) every method that reads the [CLS] row runs a second time
+under ``CLS_SIGNAL=substitute``. ``--family all`` runs the report of every shipped image model, each into
+``<work-dir>/<family>``, then writes ``cross_family.md`` / ``.csv`` / ``.png`` (accuracy on the question types each
+model has learned, per family and keep ratio).
 
 ``--task describe`` evaluates the describe calibration model (``calibration/qwen2.5-vl-describe``) on
 ``ShapesDescribe``, whose answers take two words ("red square"): the second is produced by a decode step that reads
