@@ -143,7 +143,8 @@ def received_signals(tower, needs, run):
 def tile_signals(model, features_args, needs, run):
     """Per encoded image (tile, base view or frame): a CLIP tower's [CLS] rows (strategy "default", the [CLS] dropped
     from the features), else a [CLS]-free tower's substitute (strategy "full", every patch a feature). Returns the
-    call's output, {layer: (items, P)}, (items, P, H, d) keys or None, and whether the rows are [CLS] rows."""
+    call's output, {layer: (items, P)}, (items, P, H, d) keys or None, and the ``VisionSignals`` flags: ``cls`` (the
+    tower has a [CLS]) and ``substitute`` (its rows are the substitute anyway, ``CLS_SIGNAL=substitute``)."""
     tower, strategy = model.vision_tower, _strategy(model, features_args)
     cls = has_cls_token(tower)
     if strategy != ("default" if cls else "full"):
@@ -155,7 +156,7 @@ def tile_signals(model, features_args, needs, run):
         # without a [CLS] (HiPrune's official CLIP signal is that already).
         needs = dataclasses.replace(needs, cls_heads="received")
     output, rows, keys = (clip_cls_signals if cls else received_signals)(tower, needs, run)
-    return output, rows, keys, cls
+    return output, rows, keys, {"cls": cls, "substitute": cls and needs.cls_substitute}
 
 
 class LlavaAdapter(DecoderAdapter):
@@ -224,11 +225,10 @@ class LlavaAdapter(DecoderAdapter):
             raise NotImplementedError(f"vision-encoder signals on {type(tower).__name__} with image_sizes "
                                       "(variable-size images) are not supported; supported: a CLIP tower with the "
                                       "'default' strategy (LLaVA-1.5), a SigLIP tower with the 'full' strategy")
-        output, rows, keys, cls = tile_signals(model, features_args, needs, run)
+        output, rows, keys, flags = tile_signals(model, features_args, needs, run)
         items = features_args["pixel_values"].shape[0]
         return output, [VisionSignals({layer: r[i] for layer, r in rows.items()},
-                                      None if keys is None else keys[i], cls=cls,
-                                      substitute=cls and needs.cls_substitute) for i in range(items)]
+                                      None if keys is None else keys[i], **flags) for i in range(items)]
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -273,7 +273,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return self._image_shapes(model, features_args)
 
     def capture_vision(self, model, modality, features_args, needs, run):
-        output, rows, keys, cls = tile_signals(model, features_args, needs, run)
+        output, rows, keys, flags = tile_signals(model, features_args, needs, run)
         layout = lambda values: self.per_span(model, modality, features_args, values)
         # (items, P) -> one (N,) tensor per span, and (items, P, H, d) -> (N, H, d): the model's layout of features.
         per_layer = {layer: [v[:, 0] for v in layout(r.unsqueeze(-1))] for layer, r in rows.items()}
@@ -283,8 +283,7 @@ class LlavaNextAdapter(LlavaAdapter):
             span_keys = [v.view(-1, heads, dim) for v in layout(keys.flatten(2))]
         spans = len(next(iter(per_layer.values())))
         return output, [VisionSignals({layer: parts[i] for layer, parts in per_layer.items()},
-                                      None if span_keys is None else span_keys[i], cls=cls,
-                                      substitute=cls and needs.cls_substitute) for i in range(spans)]
+                                      None if span_keys is None else span_keys[i], **flags) for i in range(spans)]
 
     def per_span(self, model, modality, features_args, values):
         if modality == "image":

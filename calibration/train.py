@@ -225,17 +225,22 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
                    output_attentions=True, output_hidden_states=readout)
     tokenizer = family.build_tokenizer()
     embeddings = model.get_input_embeddings().weight
+
+    def word_scores(states, words):
+        # Against the words as the question and the options spell them (" red"): what a reply is matched with.
+        return states @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
+
+    per_token_attributes = ((list(data.COLOURS), batch["colour_targets"]), (data.SHAPES, batch["shape_targets"]))
     visual_token_loss = 0.0
-    for words, targets in ((list(data.COLOURS), batch["colour_targets"]), (data.SHAPES, batch["shape_targets"])):
-        # The words as the question and the options spell them (" red"): what a reply has to be matched with.
-        scores = visual_tokens @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
-        visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets, ignore_index=-100)
+    for words, targets in per_token_attributes:
+        visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(
+            word_scores(visual_tokens, words), targets, ignore_index=-100)
     if family.image_summary is not None:
         # CLIP's [CLS] summarises its image: scored against the words, it names the colours and shapes present (a
         # multi-label loss), so its attention goes to the objects as a trained CLIP's does.
         summary = family.image_summary(model, image_outputs)  # (scenes, hidden)
-        for words, targets in ((list(data.COLOURS), batch["colour_targets"]), (data.SHAPES, batch["shape_targets"])):
-            scores = summary @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
+        for words, targets in per_token_attributes:
+            scores = word_scores(summary, words)
             per_token = targets.view(len(summary), -1)
             present = torch.stack([(per_token == index).any(1) for index in range(len(words))], 1).float()
             visual_token_loss = visual_token_loss + torch.nn.functional.binary_cross_entropy_with_logits(scores, present)
@@ -248,8 +253,8 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
             row, slot = at_hop.nonzero(as_tuple=True)
             states = output.hidden_states[hop + 1][row, routes[row, slot, 1]]
             for words, targets in ((list(data.COLOURS), batch["asked_colour"]), (data.SHAPES, batch["asked_shape"])):
-                scores = states @ embeddings[word_token_ids(tokenizer, words, prefix=" ")].T
-                visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(scores, targets[row])
+                visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(
+                    word_scores(states, words), targets[row])
     attentions = torch.stack(output.attentions)  # (layers, sequences, heads, query, key)
     rows = torch.arange(len(routes)).unsqueeze(1).expand_as(mask)
     followed = attentions[routes[..., 0], rows, batch["route_heads"], routes[..., 1], routes[..., 2]]

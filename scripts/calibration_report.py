@@ -143,9 +143,8 @@ def cls_row_methods(method_names: list[str]) -> list[str]:
 
 def with_cls_substitute(jobs: list[sweep.Job], names: list[str]) -> list[sweep.Job]:
     """Each job of a method in ``names`` again under ``CLS_SIGNAL=substitute`` (its own run and label)."""
-    model_jobs = [job for job in jobs if job.env.get("PRUNE_METHOD") in names]
     return [dataclasses.replace(job, label=f"{job.label}+cls_substitute", env={**job.env, "CLS_SIGNAL": "substitute"})
-            for job in model_jobs]
+            for job in jobs if job.env.get("PRUNE_METHOD") in names]
 
 
 def equal_cache_budgets(ratios: list[float], samples: list[dict], family=QWEN_DESCRIBE) -> list[float]:
@@ -323,7 +322,7 @@ def plot_cross_family(tables: dict, path: Path, title: str) -> Path:
         ax.set_title(f"{family} ({', '.join(learned) or 'all'} questions)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%)")
-    handles, labels = {}, {}
+    handles = {}  # one legend entry per label over the panels
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
@@ -359,18 +358,6 @@ def write_cross_family(tables: dict, work: Path, title: str, seconds: float) -> 
     markdown = work / f"{CROSS_FAMILY_FILE}.md"
     markdown.write_text(text)
     return [csv, markdown, plot_cross_family(tables, work / f"{CROSS_FAMILY_FILE}.png", title)]
-
-
-def _family_argv(args, family: str, work: Path) -> list[str]:
-    """The command line of one family's report inside ``--family all``."""
-    argv = ["--family", family, "--work-dir", str(work / family), "--parallel", str(args.parallel),
-            "--batch-size", str(args.batch_size)]
-    argv += ["--samples", str(args.samples)] if args.samples else []
-    argv += ["--methods", *args.methods] if args.methods else []
-    argv += ["--ratios", *map(str, args.ratios)] if args.ratios else []
-    argv += ["--separate-processes"] if args.separate_processes else []
-    argv += ["--intra-layer", str(args.intra_layer)] if args.intra_layer is not None else []
-    return argv
 
 
 def machine() -> str:
@@ -439,13 +426,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="plot the accuracy on this question type instead of the overall accuracy (e.g. colour "
                              "for the Gemma 4 model, which has learned only those)")
     args = parser.parse_args(argv)
-    video, describe = args.task == "video", args.task == "describe"
     if args.family == "all":
-        if video or describe or args.checkpoint:
+        if args.task != "image" or args.checkpoint:
             parser.error("--family all: the image task on every shipped model; --task and --checkpoint do not apply")
         started, work, failed = time.time(), Path(args.work_dir).resolve(), 0
-        for name in FAMILIES:
-            failed |= main(_family_argv(args, name, work))
+        for name in FAMILIES:  # each family's report with the same flags, into <work-dir>/<family>
+            failed |= report(argparse.Namespace(**{**vars(args), "family": name, "work_dir": str(work / name)}), parser)
         from scripts import summarize
 
         tables = {name: summarize.collect(work / name / "runs") for name in FAMILIES}
@@ -454,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         written = write_cross_family(tables, work, title, time.time() - started)
         print("\n".join(f"wrote {path}" for path in written))
         return failed
+    return report(args, parser)
+
+
+def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """One model's report from the parsed command line (``parser`` reports bad combinations)."""
+    video, describe = args.task == "video", args.task == "describe"
     if video or describe:
         if args.family != QWEN.name:
             parser.error(f"--family {args.family}: the {args.task} calibration model is a Qwen2.5-VL; allowed with "
