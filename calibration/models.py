@@ -15,6 +15,11 @@
   head, final logit soft-capping), ~1.5 M parameters. The image processor's smallest budget (70 soft tokens)
   resizes a 224 x 224 image to 384 x 384, i.e. 24 x 24 patches of 16 px pooled 3 x 3 into the same 8 x 8 soft
   tokens in raster order: one per 28 x 28 cell, so ``target_tokens`` holds for both families.
+- ``internvl3``: ``InternVLForConditionalGeneration`` as InternVL3-1B..14B, ~1.2 M parameters: an InternViT-like tower
+  with a [CLS] (14 px patches: a 224 x 224 tile is 16 x 16 patches plus the [CLS]), features of its last layer
+  without the [CLS], pixel-shuffled 2 x 2 (8 x 8 = 64 LLM tokens in raster order, one per cell), the LayerNorm-MLP
+  projector and a Qwen2 language model; prompted as ``run_internvl.InternVL_HF`` prompts (the template's default
+  system turn, VLMEvalKit's InternVLChat multiple-choice question).
 
 Every word of the task is a single token in both tokenizers (trained offline on the task's texts).
 """
@@ -35,6 +40,11 @@ from transformers import (
     Gemma4Config,
     Gemma4ForConditionalGeneration,
     GenerationConfig,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -101,8 +111,15 @@ class CalibrationFamily:
     generation_ids: Callable  # tokenizer -> GenerationConfig keyword arguments (eos, pad, bos)
     # sample -> the chat-template messages of its question, as the family's VLMEvalKit wrapper builds them
     messages: Callable = None
-    # The [CLS] of a CLIP tower, trained as an image summary (see calibration/train.py); None: no [CLS]
+    # The [CLS] of a CLIP or InternViT tower, trained as an image summary (see calibration/train.py); None: no [CLS]
     image_summary: Callable | None = None
+    # Whether the family's patches hand the [CLS] methods that [CLS] row (LLaVA's CLIP) rather than the substitute
+    # (InternVL drops its [CLS] unread, custom_internvl): the calibration report then runs them with both
+    reads_cls_row: bool = False
+    # (model, image outputs) -> (summary, parameters): the same [CLS] summary at the tower's last layer, which the
+    # language model never reads when the features come from an earlier layer; its loss trains those parameters
+    # alone, so the rest of the model trains exactly as without it (see ``train.optimise``). None: no such layer
+    last_layer_summary: Callable | None = None
     # The head whose layer-1 route finds the asked quadrant's object (the other routes: head 0, train.ROUTE_HEAD);
     # a head of its own lets one-dimensional positions be matched apart from content
     position_route_head: int = 0
@@ -339,6 +356,14 @@ def llava_cls_summary(model, image_outputs) -> torch.Tensor:
     return model.model.multi_modal_projector(cls)
 
 
+def llava_last_layer_cls_summary(model, image_outputs) -> tuple[torch.Tensor, list[torch.nn.Parameter]]:
+    """The [CLS] after CLIP's last layer (PruMerge reads that layer's [CLS] attention) through the projector, and
+    that layer's parameters: the only ones its loss trains."""
+    last_layer = model.model.vision_tower.encoder.layers[-1]
+    summary = model.model.multi_modal_projector(image_outputs.last_hidden_state[:, 0])
+    return summary, list(last_layer.parameters())
+
+
 LLAVA = CalibrationFamily(
     name="llava-1.5",
     checkpoint=ROOT / "calibration" / "llava-1.5-shapes",
@@ -354,7 +379,104 @@ LLAVA = CalibrationFamily(
     generation_ids=_qwen_generation_ids,  # the same tokenizer's special tokens
     messages=llava_messages,
     image_summary=llava_cls_summary,
+    reads_cls_row=True,
+    last_layer_summary=llava_last_layer_cls_summary,
     position_route_head=1,
 )
 
-FAMILIES = {family.name: family for family in (QWEN, GEMMA4, LLAVA)}
+# ---------------------------------------------------------------- InternVL3
+
+INTERNVL_PATCH_SIZE = 14  # InternViT's
+INTERNVL_DOWNSAMPLE_RATIO = 0.5  # the pixel shuffle: 2 x 2 patches (28 x 28 px, one cell) per LLM token
+# VLMEvalKit's multiple-choice instruction for InternVLChat (utils.build_multi_choice_prompt; LLaVA's words too).
+INTERNVL_MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+_IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # InternVL3's, as released
+
+
+def internvl_messages(sample) -> list[dict]:
+    """The messages ``run_internvl.InternVL_HF`` builds for a row of the data set: no system turn (the template writes
+    its default one), the image, then ``InternVLChat.build_prompt``'s multiple-choice prompt (the question, one line
+    per option, the instruction); ``reorganize_prompt``'s newline after ``<image>`` is the template's."""
+    options = "".join(f"\n{letter}. {sample[letter]}" for letter in "ABCD")
+    text = f"{sample['question']}{options}\n{INTERNVL_MCQ_INSTRUCTION}"
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+@functools.lru_cache(maxsize=None)
+def _internvl_processor() -> InternVLProcessor:
+    """Real ``InternVLProcessor`` around ``GotOcr2ImageProcessorPil`` with 224 px tiles (the released tiling, up to 12
+    tiles and a thumbnail: a 224 x 224 image is one tile, no thumbnail, for any ``max_patches``), InternVL3's
+    normalisation, 64 ``<IMG_CONTEXT>`` per tile, a byte-level BPE tokenizer trained on the task's texts with
+    InternVL's named tokens, and the structure of InternVL3-*-hf's chat template."""
+    tokenizer = processors.train_qwen_tokenizer(
+        _corpus(("system", "user", "assistant"), (processors.INTERNVL3_SYSTEM_PROMPT, INTERNVL_MCQ_INSTRUCTION)),
+        vocab_size=600)
+    named = processors.INTERNVL_NAMED_TOKENS
+    tokenizer.add_special_tokens({"extra_special_tokens": list(named.values())}, replace_extra_special_tokens=False)
+    # As from_pretrained registers the released tokenizer_config's named tokens (tokenizer.context_image_token_id,
+    # ...); save_pretrained writes them back under their names.
+    tokenizer._set_model_specific_special_tokens(named)
+    tile = {"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(size=tile, crop_to_patches=True, min_patches=1, max_patches=12,
+                                                 **_IMAGENET),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=tile, **_IMAGENET),
+        image_seq_length=data.GRID**2,
+        chat_template=processors.INTERNVL3_CHAT_TEMPLATE,
+    )
+
+
+def _internvl_config() -> InternVLConfig:
+    tokenizer = _internvl_processor().tokenizer
+    get = tokenizer.convert_tokens_to_ids
+    # A Qwen2 language model (InternVL3-1B..14B's); one-dimensional RoPE of base 1e3, for the reasons of LLaVA's.
+    text = dict(
+        model_type="qwen2", vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000.0}, tie_word_embeddings=False,
+        bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"))
+    # InternViT-300M-like (InternVL3-1B..14B: a [CLS], q/k/v biases, layer scale, no final norm), 16 x 16 patches of
+    # 14 px per 224 px tile; the features are its last layer's without the [CLS], pixel-shuffled 2 x 2 to 8 x 8.
+    vision = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=2,
+                  attention_bias=True, image_size=data.IMAGE_SIZE, patch_size=INTERNVL_PATCH_SIZE)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
+                          image_seq_length=data.GRID**2, downsample_ratio=INTERNVL_DOWNSAMPLE_RATIO,
+                          vision_feature_layer=-1, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def internvl_cls_summary(model, image_outputs) -> torch.Tensor:
+    """(images, hidden): InternViT's [CLS] at the feature layer through the model's own projector, in the language
+    model's embedding space.
+
+    The projector reads pixel-shuffled features: the 2 x 2 patch states of a cell side by side (4 x 96 channels). The
+    [CLS] goes in as such a group of four identical [CLS] states, so the projector's layer norm sees the statistics of
+    one state (those of a real group whose four patches agree) and every channel block weighs in; zeros in three
+    blocks would shift the layer norm's mean and variance away from any group the projector is trained on."""
+    layer = model.config.vision_feature_layer
+    states = image_outputs.last_hidden_state if layer == -1 else image_outputs.hidden_states[layer]
+    group = round(1 / model.config.downsample_ratio) ** 2
+    return model.model.multi_modal_projector(states[:, 0].repeat(1, group))
+
+
+INTERNVL = CalibrationFamily(
+    name="internvl3",
+    checkpoint=ROOT / "calibration" / "internvl3-shapes",
+    runner="run_internvl",
+    patches="custom_internvl",
+    model_class=InternVLForConditionalGeneration,
+    end_of_reply="<|im_end|>",
+    default_seed=1,
+    default_steps=1800,
+    build_processor=_internvl_processor,
+    build_config=_internvl_config,
+    vision_input_keys=("pixel_values",),
+    generation_ids=_qwen_generation_ids,  # the same tokenizer's special tokens
+    messages=internvl_messages,
+    image_summary=internvl_cls_summary,
+    last_layer_summary=None,  # the features are the last layer's: the summary above trains it
+    position_route_head=1,  # one-dimensional positions, as LLaVA's
+)
+
+FAMILIES = {family.name: family for family in (QWEN, GEMMA4, LLAVA, INTERNVL)}

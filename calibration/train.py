@@ -3,6 +3,7 @@
     python -m calibration.train                    # Qwen2.5-VL -> calibration/qwen2.5-vl-shapes
     python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
     python -m calibration.train --family llava-1.5 # LLaVA-1.5  -> calibration/llava-1.5-shapes
+    python -m calibration.train --family internvl3 # InternVL3  -> calibration/internvl3-shapes
     python -m calibration.train --task video       # video task -> calibration/qwen2.5-vl-motion (calibration/video.py)
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
@@ -36,6 +37,9 @@ model of its family), build it:
 - a CLIP tower's [CLS] (LLaVA-1.5, ``CalibrationFamily.image_summary``): its state at the feature layer, through the
   projector and scored against the word embeddings, names the colours and shapes present in the image (multi-label),
   as a trained CLIP's [CLS] summarises its image; so the [CLS] methods read a [CLS] that attends to the objects.
+  The same loss on the [CLS] after the tower's last layer (``last_layer_summary``; the LLM reads the penultimate
+  one, PruMerge the last) trains that layer alone: through the whole model it cost the feature layer's summary
+  and the shape questions, and without it the layer stayed at its initialisation, its [CLS] row uniform.
 
 The routes never send the reply position to a visual token, so methods that rank visual tokens by the last
 token's attention (FastV reads layer 2) are not handed the answer; and no route reads a visual token at
@@ -67,7 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from calibration import data  # noqa: E402
-from calibration.models import FAMILIES, QWEN, QWEN_DESCRIBE, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
+from calibration.models import QWEN, QWEN_DESCRIBE, ROOT, FAMILIES, CalibrationFamily, word_token_ids  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
@@ -210,17 +214,21 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
 # ---------------------------------------------------------------- training
 
 
-def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> tuple:
     """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
     and attention-route losses, and with ``readout`` the read-out loss: the asked object's colour and shape
     decoded (against the word embeddings) from the state of each route's query position after its layer 1 and 2
-    hops, so that each hop carries every attribute rather than the one most questions ask. Needs eager attention
-    (the route loss reads attention weights)."""
+    hops, so that each hop carries every attribute rather than the one most questions ask; then, for a family with
+    a ``last_layer_summary``, that summary's (loss, parameters). Needs eager attention (the route loss reads
+    attention weights)."""
     image_outputs = family.image_features(model, batch["vision_inputs"])
-    visual_tokens = torch.cat(image_outputs.pooler_output)  # (scenes * 64, hidden), scene by scene
+    # Each image's (64, hidden) visual tokens: a sequence of them (Qwen2.5-VL, Gemma 4, LLaVA) or one stacked tensor
+    # (InternVL, whose forward takes only that).
+    per_scene = image_outputs.pooler_output
+    visual_tokens = torch.cat(tuple(per_scene))  # (scenes * 64, hidden), scene by scene
     # Every question of a scene reuses that scene's features: one vision pass per image.
-    image_outputs.pooler_output = tuple(
-        features for features in image_outputs.pooler_output for _ in range(batch["questions_per_scene"]))
+    repeated = tuple(features for features in per_scene for _ in range(batch["questions_per_scene"]))
+    image_outputs.pooler_output = torch.stack(repeated) if torch.is_tensor(per_scene) else repeated
     output = model(**batch["model_inputs"], labels=batch["labels"], mm_encoder_outputs={"image": image_outputs},
                    output_attentions=True, output_hidden_states=readout)
     tokenizer = family.build_tokenizer()
@@ -235,15 +243,23 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
     for words, targets in per_token_attributes:
         visual_token_loss = visual_token_loss + torch.nn.functional.cross_entropy(
             word_scores(visual_tokens, words), targets, ignore_index=-100)
+
+    def summary_loss(summary):  # (scenes, hidden) -> multi-label loss on the colours and shapes present
+        loss = 0.0
+        for words, targets in per_token_attributes:
+            per_token = targets.view(len(summary), -1)
+            present = torch.stack([(per_token == index).any(1) for index in range(len(words))], 1).float()
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(word_scores(summary, words), present)
+        return loss
+
     if family.image_summary is not None:
         # CLIP's [CLS] summarises its image: scored against the words, it names the colours and shapes present (a
         # multi-label loss), so its attention goes to the objects as a trained CLIP's does.
-        summary = family.image_summary(model, image_outputs)  # (scenes, hidden)
-        for words, targets in per_token_attributes:
-            scores = word_scores(summary, words)
-            per_token = targets.view(len(summary), -1)
-            present = torch.stack([(per_token == index).any(1) for index in range(len(words))], 1).float()
-            visual_token_loss = visual_token_loss + torch.nn.functional.binary_cross_entropy_with_logits(scores, present)
+        visual_token_loss = visual_token_loss + summary_loss(family.image_summary(model, image_outputs))
+    isolated = []  # (loss, the only parameters it trains): see ``optimise``
+    if family.last_layer_summary is not None:
+        summary, parameters = family.last_layer_summary(model, image_outputs)
+        isolated.append((AUX_LOSS_WEIGHT * summary_loss(summary), parameters))
     prompt_loss = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1),
                                                     batch["prompt_labels"][:, 1:].flatten(), ignore_index=-100)
     routes, mask = batch["routes"], batch["route_mask"]
@@ -259,8 +275,8 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
     rows = torch.arange(len(routes)).unsqueeze(1).expand_as(mask)
     followed = attentions[routes[..., 0], rows, batch["route_heads"], routes[..., 1], routes[..., 2]]
     route_loss = -(followed.clamp_min(1e-9).log() * mask).sum() / mask.sum()
-    return output.loss, (AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
-                         + ROUTE_LOSS_WEIGHT * route_loss)
+    return (output.loss, AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
+            + ROUTE_LOSS_WEIGHT * route_loss, *isolated)
 
 
 def _learning_rate(step: int, steps: int) -> float:
@@ -292,7 +308,8 @@ def train(family: CalibrationFamily, steps: int, seed: int, batch_size: int = DE
 def optimise(model, batches: torch.utils.data.Dataset, steps: int, losses, workers: int = 1, log_every: int = 50,
              log=print):
     """The training loop of every calibration task: ``batches[step]`` is the whole batch of a step, ``losses(batch)``
-    its (reply loss, side losses). AdamW, warm-up and cosine decay, gradient clipping, eager attention (the route
+    its (reply loss, side losses, then any (loss, parameters) pairs: a loss that trains only those parameters,
+    which the first two must not reach, with a gradient clip of its own, so the rest trains as without it). AdamW, warm-up and cosine decay, gradient clipping, eager attention (the route
     losses read attention weights), one thread (bit-reproducibility needs a fixed thread count; one is as fast as
     two here). Returns the model in eval mode, with sdpa attention."""
     torch.set_num_threads(1)
@@ -307,10 +324,16 @@ def optimise(model, batches: torch.utils.data.Dataset, steps: int, losses, worke
     for step, batch in enumerate(loader):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        lm_loss, side_loss = losses(batch)
+        lm_loss, side_loss, *isolated = losses(batch)
         optimiser.zero_grad()
         (lm_loss + side_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for loss, parameters in isolated:  # parameters the losses above do not reach: their gradients and clipping
+            for parameter, gradient in zip(parameters, torch.autograd.grad(loss, parameters)):
+                if parameter.grad is not None:
+                    raise RuntimeError("an isolated loss's parameter also has a gradient from the main losses")
+                parameter.grad = gradient
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
         running.append((lm_loss.item(), side_loss.item()))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):

@@ -480,7 +480,7 @@ def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     token_methods = [name for name in method_names if not name.endswith("_kv")]
     jobs = plan(checkpoint, token_methods, ratios, work / "runs", runner=family.runner,
                 intra_layer=args.intra_layer, batch_size=batch_size, dataset=dataset)
-    if family.image_summary is not None:  # a [CLS] encoder: the [CLS] methods also with the substitute, beside them
+    if family.reads_cls_row:  # the [CLS] methods read a true [CLS] row: also with the substitute, beside them
         jobs += with_cls_substitute(jobs, cls_row_methods(token_methods))
     kv_methods = [name for name in method_names if name.endswith("_kv")]
     if kv_methods:  # KV budgets that cache as many entries as the token methods at each keep ratio

@@ -65,7 +65,7 @@ def test_report_across_families_writes_each_familys_report_and_one_cross_family_
         work = tmp_path / family.name
         table = summarize.collect(work / "runs")
         expected = ["fastervlm_pre_llm", "random_pre_llm", "stock"]
-        if family.image_summary is not None:
+        if family.reads_cls_row:
             expected.insert(1, "fastervlm_pre_llm ([CLS] substitute)")
         assert sorted(table["method"]) == expected, family.name
         assert set(table["samples"]) == {6}

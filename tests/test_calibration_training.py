@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from calibration import data
 from calibration import train as training
-from calibration.models import FAMILIES, GEMMA4, LLAVA, QWEN
+from calibration.models import FAMILIES, GEMMA4, INTERNVL, LLAVA, QWEN
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -169,6 +171,52 @@ def test_llava_prompt_is_what_run_llava_sends(tmp_path, monkeypatch):
         assert inputs["pixel_values"].shape[-2:] == (data.IMAGE_SIZE, data.IMAGE_SIZE)
 
 
+def test_internvl_prompt_is_what_run_internvl_sends(tmp_path, monkeypatch):
+    """``run_internvl.InternVL_HF`` re-prompts a multiple-choice data set as VLMEvalKit's InternVLChat does (the image,
+    then the question, one line per option, the instruction) in the template's default system turn: the training
+    prompt is exactly that, and what the wrapper hands to ``generate`` (its own tiling, ``max_num`` 6 here) is the
+    training processor's output: one 224 x 224 tile, no thumbnail, 64 visual tokens."""
+    import evalkit
+    import run_internvl
+    from vlmeval.dataset import build_dataset
+
+    data.write_dataset(tmp_path, n=2)
+    monkeypatch.setenv("LMUData", str(tmp_path))
+    dataset = build_dataset(data.NAME)
+    processor = INTERNVL.build_processor()
+    sent = []
+
+    class Model:  # stands in for the checkpoint: records what the wrapper generates from
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def generate(self, **inputs):
+            sent.append(inputs)
+            return inputs["input_ids"]
+
+    wrapper = object.__new__(evalkit.vlmeval_model(run_internvl.InternVL_HF))
+    wrapper.processor, wrapper.model = processor, Model()
+    # What InternVL_HF.__init__ sets, defaults kept.
+    wrapper._use_custom_prompt, wrapper.use_mpo_prompt, wrapper.use_cot = True, False, False
+    wrapper.use_postprocess, wrapper.cot_prompt, wrapper.screen_parse, wrapper.fixed_max_num = False, None, True, None
+    wrapper.kwargs = {"do_sample": False, "max_new_tokens": 4}
+    wrapper.set_dump_image(dataset.dump_image)  # as VLMEvalKit's inference does
+    assert wrapper.use_custom_prompt(data.NAME)
+    for index in range(2):
+        sample = data.make_sample(index, data.EVAL_SEED)
+        message = wrapper.build_prompt(dataset.data.iloc[index], data.NAME)
+        content, _ = wrapper.user_content(message, data.NAME)
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        assert text == training.chat_text(sample, INTERNVL)
+        wrapper.generate_inner(message, data.NAME)
+        assert wrapper.tiles_per_image(1) == 6
+        expected = processor(text=[training.chat_text(sample, INTERNVL)], images=[sample["image"]], return_tensors="pt")
+        assert torch.equal(sent[-1]["input_ids"], expected["input_ids"])
+        assert sent[-1]["pixel_values"].shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+        assert torch.equal(sent[-1]["pixel_values"], expected["pixel_values"])
+        assert int((expected["input_ids"] == INTERNVL.build_config().image_token_id).sum()) == data.GRID**2
+
+
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
 def test_words_are_single_tokens(family):
     words = list(data.COLOURS) + list(data.SHAPES)
@@ -188,6 +236,23 @@ def test_training_is_reproducible(family):
     assert checksum(2) != first
     with_readout = checksum(1, readout=True)  # the read-out loss changes the gradients, reproducibly
     assert with_readout != first and checksum(1, readout=True) == with_readout
+
+
+def test_last_layer_summary_trains_that_layer_alone():
+    """LLaVA's last CLIP layer feeds no loss but its [CLS] summary, which trains it and nothing else: every other
+    weight is bit-identical to training without that loss, and without it the layer keeps its initialisation."""
+    def trained(family):
+        return training.train(family, steps=3, seed=1, batch_size=2, log_every=0, workers=0).state_dict()
+
+    last_layer = "model.vision_tower.encoder.layers.3."
+    assert LLAVA.build_config().vision_config.num_hidden_layers == 4
+    with_summary = trained(LLAVA)
+    without = trained(dataclasses.replace(LLAVA, last_layer_summary=None))
+    initial = LLAVA.build_model(1).state_dict()
+    changed = {name for name in with_summary if not torch.equal(with_summary[name], without[name])}
+    assert changed and all(name.startswith(last_layer) for name in changed)
+    assert len(changed) == len([name for name in initial if name.startswith(last_layer)])
+    assert all(torch.equal(without[name], initial[name]) for name in changed)
 
 
 # ---------------------------------------------------------------- ShapesDescribe (two-word answers)

@@ -32,14 +32,12 @@ from transformers import (
     InternVLVideoProcessor,
 )
 
-from calibration.processors import SPECIAL_TOKENS, train_qwen_tokenizer
+from calibration.processors import INTERNVL_NAMED_TOKENS, SPECIAL_TOKENS, train_qwen_tokenizer
 from tests.support.tiny_models import make_image, make_video
 
 KINDS = ("image", "two_images", "video", "text", "batch")
 
-# The released tokenizer_config's named tokens (the processor reads them by these names).
-NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-                "video_token": "<video>"}
+NAMED_TOKENS = INTERNVL_NAMED_TOKENS  # the released tokenizer_config's (the processor reads them by these names)
 
 _CORPUS = """\
 You are InternVL, a multimodal large language model. system user assistant
