@@ -21,7 +21,10 @@
   projector and a Qwen2 language model; prompted as ``run_internvl.InternVL_HF`` prompts (the template's default
   system turn, VLMEvalKit's InternVLChat multiple-choice question).
 
-Every word of the task is a single token in both tokenizers (trained offline on the task's texts).
+Variant: ``qwen2.5-vl-graded`` (``VARIANTS``), the Qwen2.5-VL model with six decoder layers and its attention routes
+one layer later, so that it reads the image into the text at layer 2 (graded intra-LLM curves; docs/calibration.md).
+
+Every word of the task is a single token in every tokenizer (trained offline on the task's texts).
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ class CalibrationFamily:
     # The head whose layer-1 route finds the asked quadrant's object (the other routes: head 0, train.ROUTE_HEAD);
     # a head of its own lets one-dimensional positions be matched apart from content
     position_route_head: int = 0
+    # The decoder layers of the attention routes (train._routes): gather (a quadrant's two words), read (the question
+    # word attends to the asked object's visual token), carry (the question mark to that word), reply
+    route_layers: tuple[int, int, int, int] = (0, 1, 2, 3)
 
     def build_tokenizer(self):
         return self.build_processor().tokenizer
@@ -161,14 +167,14 @@ def _qwen_processor() -> Qwen2_5_VLProcessor:
     )
 
 
-def _qwen_config() -> Qwen2_5_VLConfig:
+def _qwen_config(text_layers: int = 4) -> Qwen2_5_VLConfig:
     tokenizer = _qwen_processor().tokenizer
     get = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=-(-len(tokenizer) // 8) * 8,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=4,
+        num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -216,6 +222,14 @@ QWEN = CalibrationFamily(
 # answer word is produced by a decode step reading the image through the KV cache (calibration/train.py).
 QWEN_DESCRIBE = dataclasses.replace(QWEN, name="qwen2.5-vl-describe",
                                     checkpoint=ROOT / "calibration" / "qwen2.5-vl-describe")
+
+
+# The same, six decoder layers, its routes one layer later (calibration/train.py): the image is read into the text at
+# layer 2, so that intra-LLM methods at their default layer (2) still decide what the model sees and their accuracy
+# against keep ratio is graded rather than stock at every ratio (docs/calibration.md).
+QWEN_GRADED = dataclasses.replace(QWEN, name="qwen2.5-vl-graded", checkpoint=ROOT / "calibration" / "qwen2.5-vl-graded",
+                                  build_config=functools.partial(_qwen_config, text_layers=6),
+                                  route_layers=(1, 2, 3, 5), default_steps=1200)
 
 
 # ---------------------------------------------------------------- Gemma 4
@@ -480,3 +494,6 @@ INTERNVL = CalibrationFamily(
 )
 
 FAMILIES = {family.name: family for family in (QWEN, GEMMA4, LLAVA, INTERNVL)}
+# Image-task models beside the families' own, and all of them by name (trained, reported and probed by that name)
+VARIANTS = {QWEN_GRADED.name: QWEN_GRADED}
+IMAGE_MODELS = {**FAMILIES, **VARIANTS}

@@ -90,24 +90,28 @@ INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img
 INTERNVL3_SYSTEM_PROMPT = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言"
                            "模型。")
 
-# Structure of OpenGVLab/InternVL3-*-hf's template: that system turn unless the messages bring one, Qwen2.5-style
-# <|im_start|> turns, "<IMG_CONTEXT>\n" per image and "<video>\n" per video item (InternVLProcessor expands each into
-# its <img>...</img> blocks), generation prompt "<|im_start|>assistant\n".
-INTERNVL3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\n" + INTERNVL3_SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif content['type'] == 'video' %}<video>\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def internvl3_chat_template(system_prompt: str) -> str:
+    """Structure of OpenGVLab/InternVL3-*-hf's template: a system turn with ``system_prompt`` unless the messages bring
+    one, Qwen2.5-style <|im_start|> turns, "<IMG_CONTEXT>\\n" per image and "<video>\\n" per video item
+    (InternVLProcessor expands each into its <img>...</img> blocks), generation prompt "<|im_start|>assistant\\n"."""
+    return (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "<|im_start|>system\n" + system_prompt + "<|im_end|>\n"
+        "{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
+        "{% elif content['type'] == 'video' %}<video>\n"
+        "{% elif content['type'] == 'text' %}{{ content['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+INTERNVL3_CHAT_TEMPLATE = internvl3_chat_template(INTERNVL3_SYSTEM_PROMPT)
 
 
 def train_qwen_tokenizer(lines, vocab_size: int = 400) -> Qwen2Tokenizer:

@@ -4,6 +4,7 @@
     python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
     python -m calibration.train --family llava-1.5 # LLaVA-1.5  -> calibration/llava-1.5-shapes
     python -m calibration.train --family internvl3 # InternVL3  -> calibration/internvl3-shapes
+    python -m calibration.train --family qwen2.5-vl-graded  # six layers, image read at layer 2 -> calibration/qwen2.5-vl-graded
     python -m calibration.train --task video       # video task -> calibration/qwen2.5-vl-motion (calibration/video.py)
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
@@ -71,7 +72,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from calibration import data  # noqa: E402
-from calibration.models import QWEN, QWEN_DESCRIBE, ROOT, FAMILIES, CalibrationFamily, word_token_ids  # noqa: E402
+from calibration.models import IMAGE_MODELS, QWEN, QWEN_DESCRIBE, ROOT, CalibrationFamily, word_token_ids  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 8  # images per step; each gives one sequence per category
 LEARNING_RATE = 2e-3
@@ -109,24 +110,28 @@ class _TrainingBatches(torch.utils.data.Dataset):
         return collate(scenes, self.family)
 
 
-def _routes(sample, question_mark: int, reply: int, target: int) -> list[tuple[int, int, int]]:
+def _routes(sample, question_mark: int, reply: int, target: int,
+            layers: tuple[int, int, int, int] = (0, 1, 2, 3)) -> list[tuple[int, int, int]]:
     """The attention links ``(layer, query position, key position)`` that head ``ROUTE_HEAD`` of ``layer`` is
     trained to follow for one question: find the asked object, then carry its attribute to the reply.
 
     Every question ends with the word that names the asked object ("... the square?", "... red?", "... top
-    left?"). At layer 1 that word attends to the object's visual token (a quadrant's second word has gathered
-    the first one at layer 0), at layer 2 the question mark attends to that word, and at layer 3 the reply
-    position attends to the question mark, which is equally far from it in every category (every option word
-    is one token). Visual tokens are read from layer 1 on, so an intra-LLM stage at layer 1 still decides
-    what the model sees; the reply position is never routed to a visual token."""
+    left?"). With the default ``layers`` (``CalibrationFamily.route_layers``: gather, read, carry, reply): at layer 1
+    that word attends to the object's visual token (a quadrant's second word has gathered the first one at layer 0),
+    at layer 2 the question mark attends to that word, and at layer 3 the reply position attends to the question
+    mark, which is equally far from it in every category (every option word is one token). Visual tokens are read
+    from layer 1 on, so an intra-LLM stage at layer 1 still decides what the model sees; the reply position is never
+    routed to a visual token."""
+    gather, read, carry, to_reply = layers
     key_word = question_mark - 1
-    routes = [(1, key_word, target), (2, question_mark, key_word), (3, reply, question_mark)]
+    routes = [(read, key_word, target), (carry, question_mark, key_word), (to_reply, reply, question_mark)]
     if sample["category"] in ("position", "describe"):
-        routes.insert(0, (0, key_word, key_word - 1))  # "left" gathers "top"
+        routes.insert(0, (gather, key_word, key_word - 1))  # "left" gathers "top"
     if sample["category"] == "describe":
         # The reply's first word (the colour, an input of the first decode step) finds the object's visual token by
-        # its content at layer 1 and reads its shape there: the second word needs the image through the KV cache.
-        routes.append((1, reply + 1, target))
+        # its content at the read layer and reads its shape there: the second word needs the image through the KV
+        # cache.
+        routes.append((read, reply + 1, target))
     return routes
 
 
@@ -173,10 +178,13 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
         first_visual = int(image_start[row].nonzero()[0])
         question_mark = first_visual + int((inputs["input_ids"][row, first_visual:] == question_mark_id).nonzero()[0])
         reply_start = int((labels[row] != -100).nonzero()[0])
-        sample_routes = _routes(sample, question_mark, reply_start - 1, first_visual + sample["target_tokens"][0])
+        sample_routes = _routes(sample, question_mark, reply_start - 1, first_visual + sample["target_tokens"][0],
+                                family.route_layers)
         routes[row, :len(sample_routes)] = torch.tensor(sample_routes)
         if sample["category"] == "position":  # the positional hop on its own head where the family says so
-            route_heads[row, [r for r, route in enumerate(sample_routes) if route[0] == 1]] = family.position_route_head
+            read = family.route_layers[1]
+            route_heads[row, [r for r, route in enumerate(sample_routes) if route[0] == read]] = \
+                family.position_route_head
         route_mask[row, :len(sample_routes)] = True
         labels[row, question_mark] = labels[row, question_mark + 1] = labels[row, reply_start]
     # The asked object's colour and shape, for the optional read-out loss (see _losses).
@@ -264,7 +272,7 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
                                                     batch["prompt_labels"][:, 1:].flatten(), ignore_index=-100)
     routes, mask = batch["routes"], batch["route_mask"]
     if readout:
-        for hop in (1, 2):  # hidden_states[hop + 1]: after decoder layer ``hop``
+        for hop in family.route_layers[1:3]:  # the read and carry hops; hidden_states[hop + 1]: after that layer
             at_hop = (routes[..., 0] == hop) & mask
             row, slot = at_hop.nonzero(as_tuple=True)
             states = output.hidden_states[hop + 1][row, routes[row, slot, 1]]
@@ -446,7 +454,8 @@ def main() -> None:
                         help="image: ShapesCalib (--family); describe: ShapesDescribe (two-word answers, Qwen2.5-VL: "
                              "calibration/qwen2.5-vl-describe); video: ShapesMotionCalib, Qwen2.5-VL "
                              "(calibration/video.py)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default=QWEN.name, help="model family to train")
+    parser.add_argument("--family", choices=sorted(IMAGE_MODELS), default=QWEN.name,
+                        help="model family (or variant) to train")
     parser.add_argument("--out", default=None, help="checkpoint folder to write (default: the shipped one's)")
     parser.add_argument("--steps", type=int, default=None, help="default: those of the shipped checkpoint")
     parser.add_argument("--seed", type=int, default=None, help="default: the seed of the shipped checkpoint")
@@ -463,7 +472,7 @@ def main() -> None:
         video.main(args)
         return
     describe = args.task == "describe"
-    family = QWEN_DESCRIBE if describe else FAMILIES[args.family]
+    family = QWEN_DESCRIBE if describe else IMAGE_MODELS[args.family]
     seed = family.default_seed if args.seed is None else args.seed
     steps = family.default_steps if args.steps is None else args.steps
     out = Path(args.out or family.checkpoint.relative_to(ROOT))  # relative: TRAINING.md records the command

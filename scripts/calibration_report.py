@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from scripts import sweep  # noqa: E402
 from calibration import data as calibration_data  # noqa: E402
-from calibration.models import FAMILIES, LLAVA, QWEN, QWEN_DESCRIBE  # noqa: E402
+from calibration.models import FAMILIES, IMAGE_MODELS, LLAVA, QWEN, QWEN_DESCRIBE  # noqa: E402
 
 RATIOS = (0.5, 0.25, 0.111)
 VIDEO_RATIOS = (0.5, 0.25, 0.1, 0.05)
@@ -405,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="image: ShapesCalib on --family's model; describe: ShapesDescribe (two-word answers) on "
                              "the describe model (Qwen2.5-VL), KV-cache methods included; video: ShapesMotionCalib "
                              "clips on the video calibration model (Qwen2.5-VL), keep ratios down to 0.05")
-    parser.add_argument("--family", choices=[*sorted(FAMILIES), "all"], default=QWEN.name,
-                        help="model family: its shipped checkpoint and runner; all: every family's report (each in "
-                             "<work-dir>/<family>), then one cross-family table and plot (cross_family.md/.csv/.png)")
+    parser.add_argument("--family", choices=[*sorted(IMAGE_MODELS), "all"], default=QWEN.name,
+                        help="model family (or variant, e.g. qwen2.5-vl-graded): its shipped checkpoint and runner; "
+                             "all: every family's report (each in <work-dir>/<family>), then one cross-family table "
+                             "and plot (cross_family.md/.csv/.png)")
     parser.add_argument("--checkpoint", default=None, help="default: the family's shipped calibration model")
     parser.add_argument("--work-dir", default="calibration_outputs")
     parser.add_argument("--samples", type=int, default=None, help="held-out questions (default: 300; video: 150)")
@@ -453,7 +454,7 @@ def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         args.plot_category = None
     if video:
         from calibration import video as video_task
-    family = QWEN_DESCRIBE if describe else FAMILIES[args.family]
+    family = QWEN_DESCRIBE if describe else IMAGE_MODELS[args.family]
     default_checkpoint = video_task.CHECKPOINT if video else family.checkpoint
     checkpoint = Path(args.checkpoint or default_checkpoint).resolve()
     if not (checkpoint / "config.json").is_file():

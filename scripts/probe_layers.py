@@ -8,7 +8,7 @@ the answer word (a colour or a shape). Accuracy per layer and question type says
 in the text's states: an intra-LLM method pruning before that layer can still change the answer, one pruning after
 it cannot (the visual tokens are no longer read).
 
-    python scripts/probe_layers.py                      # both shipped models; about a minute on 2 CPU cores
+    python scripts/probe_layers.py                      # every shipped image model; about a minute each on 2 cores
     python scripts/probe_layers.py --out docs/calibration_probe.md
 
 Prints a table per model (and writes it to ``--out`` with the machine and date).
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from calibration import data  # noqa: E402
-from calibration.models import FAMILIES  # noqa: E402
+from calibration.models import IMAGE_MODELS  # noqa: E402
 from calibration.train import chat_text  # noqa: E402
 
 TRAIN_SEED, TEST_SEED = 1_000, data.EVAL_SEED  # the held-out questions are the calibration evaluation's
@@ -78,7 +78,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 100, 
 
 
 def probe_model(name: str, train: int, test: int) -> dict:
-    family = FAMILIES[name]
+    family = IMAGE_MODELS[name]
     model = family.model_class.from_pretrained(family.checkpoint).eval()
     samples = {"train": [data.make_sample(i, TRAIN_SEED) for i in range(train)],
                "test": [data.make_sample(i, TEST_SEED) for i in range(test)]}
@@ -114,7 +114,7 @@ def table(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--models", nargs="+", default=list(IMAGE_MODELS), choices=list(IMAGE_MODELS))
     parser.add_argument("--train", type=int, default=600, help="questions the probe is fitted on")
     parser.add_argument("--test", type=int, default=300, help="held-out questions it is scored on")
     parser.add_argument("--out", help="write the tables (Markdown) here")

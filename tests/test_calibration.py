@@ -24,7 +24,7 @@ import methods
 from calibration import data
 from scripts import summarize
 from calibration import train as training
-from calibration.models import GEMMA4, INTERNVL, LLAVA, QWEN
+from calibration.models import GEMMA4, INTERNVL, LLAVA, QWEN, QWEN_GRADED
 from tests.conftest import run_runner
 from tests.oracle import patched
 
@@ -223,3 +223,48 @@ def test_llava_cls_attends_to_the_objects(layer, heads):
         row = signals.attention[model.config.vision_config.num_hidden_layers + layer]
         shares.append(float(row[[o["row"] * data.GRID + o["col"] for o in sample["objects"]]].sum() / row.sum()))
     assert sum(shares) / len(shares) >= 0.9, shares
+
+
+# ---------------------------------------------------------------- the graded variant: the image is read at layer 2
+@pytest.fixture(scope="module")
+def graded_model_and_processor():
+    from transformers import AutoProcessor
+
+    model = QWEN_GRADED.model_class.from_pretrained(QWEN_GRADED.checkpoint).eval()
+    return model, AutoProcessor.from_pretrained(QWEN_GRADED.checkpoint)
+
+
+def test_graded_variant_is_the_recorded_training_output(graded_model_and_processor):
+    model, _ = graded_model_and_processor
+    record = (QWEN_GRADED.checkpoint / training.RECORD_FILE).read_text()
+    assert training.weights_checksum(model) == re.search(r"weights checksum: `([0-9a-f]{64})`", record).group(1)
+    assert model.config.text_config.num_hidden_layers == 6
+
+
+@pytest.mark.slow
+def test_graded_variant_scores_at_least_95_percent_through_vlmevalkit(tmp_path, lmudata_env):
+    data.write_dataset(lmudata_env, n=VLMEVALKIT_QUESTIONS)
+    argv = ["--model", str(QWEN_GRADED.checkpoint), "--data", data.NAME, "--work-dir", str(tmp_path), "--device",
+            "cpu", "--judge", "exact_matching", "--model-kwargs", '{"max_new_tokens": 4}']
+    assert run_runner(argv, {}, runner=QWEN_GRADED.runner) == 0
+    row = summarize.collect(tmp_path).iloc[0]
+    assert (row["method"], row["samples"]) == ("stock", VLMEVALKIT_QUESTIONS) and row["score"] >= 95.0
+
+
+def test_graded_variant_still_reads_the_image_at_layer_2(graded_model_and_processor, samples):
+    """Dropping the asked object's tokens before layer 2 (FastV's default) costs the graded variant its answers, and
+    keeping them keeps the answers: intra-LLM methods at their default layer still decide what it sees. The Qwen
+    model has read the image into the text by then: there the same drop leaves its answers."""
+    import custom_qwenvl
+    from transformers import AutoProcessor
+
+    qwen = QWEN.model_class.from_pretrained(QWEN.checkpoint).eval()
+    with patched(custom_qwenvl, INTRA_LLM_LAYER_SPECS=f"2:calibration_anti_oracle_intra_llm:{KEEP}"):
+        assert accuracy(qwen, AutoProcessor.from_pretrained(QWEN.checkpoint), samples)["all"] >= 90.0
+    model, processor = graded_model_and_processor
+    with patched(custom_qwenvl, INTRA_LLM_LAYER_SPECS=f"2:calibration_oracle_intra_llm:{KEEP}"):
+        oracle = accuracy(model, processor, samples, family=QWEN_GRADED)
+    with patched(custom_qwenvl, INTRA_LLM_LAYER_SPECS=f"2:calibration_anti_oracle_intra_llm:{KEEP}"):
+        anti = accuracy(model, processor, samples, family=QWEN_GRADED)
+    assert oracle["all"] >= 95.0, oracle
+    assert anti["all"] <= CHANCE + 15.0, anti

@@ -14,7 +14,7 @@ from PIL import Image
 
 from calibration import data
 from calibration import train as training
-from calibration.models import FAMILIES, GEMMA4, INTERNVL, LLAVA, QWEN
+from calibration.models import FAMILIES, GEMMA4, IMAGE_MODELS, INTERNVL, LLAVA, QWEN
 
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -225,7 +225,7 @@ def test_words_are_single_tokens(family):
     assert len(set(training.word_token_ids(tokenizer, words, prefix=" "))) == len(words)  # inside the prompt
 
 
-@pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES)
+@pytest.mark.parametrize("family", IMAGE_MODELS.values(), ids=IMAGE_MODELS)
 def test_training_is_reproducible(family):
     def checksum(seed, readout=False):
         model = training.train(family, steps=3, seed=seed, batch_size=2, log_every=0, workers=0, readout=readout)

@@ -32,7 +32,7 @@ from transformers import (
     InternVLVideoProcessor,
 )
 
-from calibration.processors import INTERNVL_NAMED_TOKENS, SPECIAL_TOKENS, train_qwen_tokenizer
+from calibration.processors import INTERNVL_NAMED_TOKENS, SPECIAL_TOKENS, internvl3_chat_template, train_qwen_tokenizer
 from tests.support.tiny_models import make_image, make_video
 
 KINDS = ("image", "two_images", "video", "text", "batch")
@@ -48,24 +48,9 @@ Frame1: Frame2: Frame3: Frame4: 0 1 2 3 4 5 6 7 8 9
 The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
 """
 
-# Structure of the released InternVL3-*-hf chat template: a default system turn (the released one is a longer
-# Chinese text), Qwen2.5-style <|im_start|> turns, "<IMG_CONTEXT>\n" per image and "<video>\n" per video item (the
-# processor expands each into its <img>...</img> blocks), generation prompt "<|im_start|>assistant\n".
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\nYou are InternVL, a multimodal large language model.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif content['type'] == 'video' %}<video>\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# The released InternVL3-*-hf chat template's structure, with a short English system message (the released one is a
+# longer Chinese text)
+CHAT_TEMPLATE = internvl3_chat_template("You are InternVL, a multimodal large language model.")
 
 TILE, PATCH, RATIO = 56, 14, 0.5
 TOKENS_PER_TILE = int(TILE // PATCH * RATIO) ** 2
