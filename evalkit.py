@@ -31,8 +31,8 @@ Two ways to spend less time waiting, both with the predictions of the plain path
   switching the configuration in between.
 
 Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
-pruning), ``hash`` covers everything that decides predictions (model source, pruning configuration with
-hyper-parameters, wrapper keyword overrides, dtype, ``--trust-remote-code``, the transformers release, and the code
+pruning), ``hash`` covers everything that decides predictions (model source and a local checkpoint's files, pruning
+configuration with hyper-parameters, wrapper keyword overrides, dtype, ``--trust-remote-code``, the transformers release, and the code
 of the methods used and of the hook machinery, see :func:`run_identity`), so VLMEvalKit's silent reuse of
 predictions in a run directory only ever happens between identical configurations and code.
 
@@ -193,17 +193,41 @@ def machinery_code(family: Family) -> dict[str, str]:
     return {_display_path(file): _syntax_digest(file) for file in sorted(files)}
 
 
+_FINGERPRINT_WHOLE = 2**20  # files up to this size are hashed whole; larger ones by their size and both ends
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """Digest of a local checkpoint folder's files (its top level, documentation ``*.md`` left out): each name, size and
+    content, or for a file over 1 MiB its first and last MiB. Weights retrained into the same folder change it (a
+    retrain changes every tensor), so their runs get new names instead of the old predictions; it reads at most 2 MiB
+    of a many-GB weight shard."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".md" and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= 2 * _FINGERPRINT_WHOLE:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(_FINGERPRINT_WHOLE))
+                f.seek(-_FINGERPRINT_WHOLE, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, Any], dtype: str,
                  family: Family | None = None, trust_remote_code: bool = False) -> dict:
-    """Everything that decides a run's predictions (device and attention kernels aside): the model, the pruning
-    configuration, the wrapper's keyword arguments, the dtype, whether a checkpoint's own code may run, the
-    transformers release, and the code of the methods used and of the hook machinery (see :func:`method_code`,
-    :func:`machinery_code`)."""
+    """Everything that decides a run's predictions (device and attention kernels aside): the model (and for a local
+    checkpoint folder, its files: :func:`checkpoint_fingerprint`), the pruning configuration, the wrapper's keyword
+    arguments, the dtype, whether a checkpoint's own code may run, the transformers release, and the code of the
+    methods used and of the hook machinery (see :func:`method_code`, :func:`machinery_code`)."""
     import transformers
 
     identity = {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
                 "dtype": dtype, "trust_remote_code": trust_remote_code, "transformers": transformers.__version__,
                 "method_code": method_code(config)}
+    if source and Path(source).is_dir():
+        identity["checkpoint_files"] = checkpoint_fingerprint(Path(source))
     if family is not None:
         identity["machinery_code"] = machinery_code(family)
     return identity

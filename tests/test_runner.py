@@ -371,6 +371,34 @@ def test_a_method_edit_gives_a_new_run_name(tmp_path):
         methods._loaded_paths.discard(path.resolve())
 
 
+def test_weights_retrained_into_the_same_folder_give_a_new_run_name(tmp_path):
+    """A local checkpoint's files are part of the identity: new weights in the same folder do not reuse the old run's
+    predictions, while its documentation (TRAINING.md, README.md) and a copy of the same files elsewhere do not
+    change the fingerprint. Large files are read at both ends (a retrain changes every tensor)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    weights = bytearray(range(256)) * (3 * 2**20 // 256)  # 3 MiB: read at both ends
+    (folder / "model.safetensors").write_bytes(weights)
+    source, cfg = str(folder.resolve()), config()
+    name = name_of(cfg, source=source)
+    fingerprint = evalkit.checkpoint_fingerprint(folder)
+    (folder / "TRAINING.md").write_text("how it was trained")
+    assert name_of(cfg, source=source) == name
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert evalkit.checkpoint_fingerprint(copy) == fingerprint
+    weights[-1] ^= 1  # the last byte of the last tensor
+    (folder / "model.safetensors").write_bytes(weights)
+    retrained = name_of(cfg, source=source)
+    assert retrained != name
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl", "vocab_size": 9}')
+    assert name_of(cfg, source=source) not in (name, retrained)
+    assert "checkpoint_files" not in evalkit.run_identity("vlmeval:M", cfg, {}, "auto")  # a registered name
+
+
 def test_the_identity_follows_imported_method_code_and_the_machinery():
     identity = evalkit.run_identity("vlmeval:M", config(PRUNE_METHOD="prumerge_plus_pre_llm", KEEP_RATIO=0.5), {},
                                     "auto", run_qwenvl.FAMILY)
