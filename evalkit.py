@@ -32,8 +32,8 @@ Two ways to spend less time waiting, both with the predictions of the plain path
 
 Every run is written to ``WORK_DIR/<model>__<tag>__<hash>/``: ``tag`` names the stages (``stock`` without
 pruning), ``hash`` covers everything that decides predictions (model source and a local checkpoint's files, pruning
-configuration with hyper-parameters, wrapper keyword overrides, dtype, ``--trust-remote-code``, the transformers release, and the code
-of the methods used and of the hook machinery, see :func:`run_identity`), so VLMEvalKit's silent reuse of
+configuration with hyper-parameters, wrapper keyword overrides, dtype, ``--trust-remote-code``, the transformers
+release, and the code of the methods used and of the hook machinery, see :func:`run_identity`), so VLMEvalKit's silent reuse of
 predictions in a run directory only ever happens between identical configurations and code.
 
 A run never reports success without its predictions: an unusable ``--device`` or attention implementation and an

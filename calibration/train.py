@@ -4,7 +4,7 @@
     python -m calibration.train --family gemma4    # Gemma 4    -> calibration/gemma4-shapes
     python -m calibration.train --family llava-1.5 # LLaVA-1.5  -> calibration/llava-1.5-shapes
     python -m calibration.train --family internvl3 # InternVL3  -> calibration/internvl3-shapes
-    python -m calibration.train --family qwen2.5-vl-graded  # six layers, image read at layer 2 -> calibration/qwen2.5-vl-graded
+    python -m calibration.train --family qwen2.5-vl-graded  # six layers -> calibration/qwen2.5-vl-graded
     python -m calibration.train --task video       # video task -> calibration/qwen2.5-vl-motion (calibration/video.py)
 
 A random tiny checkpoint shows that pruning hooks are exact, not whether a method keeps the *right* visual
@@ -111,12 +111,12 @@ class _TrainingBatches(torch.utils.data.Dataset):
 
 
 def _routes(sample, question_mark: int, reply: int, target: int,
-            layers: tuple[int, int, int, int] = (0, 1, 2, 3)) -> list[tuple[int, int, int]]:
+            layers: tuple[int, int, int, int]) -> list[tuple[int, int, int]]:
     """The attention links ``(layer, query position, key position)`` that head ``ROUTE_HEAD`` of ``layer`` is
     trained to follow for one question: find the asked object, then carry its attribute to the reply.
 
     Every question ends with the word that names the asked object ("... the square?", "... red?", "... top
-    left?"). With the default ``layers`` (``CalibrationFamily.route_layers``: gather, read, carry, reply): at layer 1
+    left?"). With the default ``layers`` (``CalibrationFamily.route_layers``: gather, read, carry, reply) at layer 1
     that word attends to the object's visual token (a quadrant's second word has gathered the first one at layer 0),
     at layer 2 the question mark attends to that word, and at layer 3 the reply position attends to the question
     mark, which is equally far from it in every category (every option word is one token). Visual tokens are read
@@ -317,9 +317,10 @@ def optimise(model, batches: torch.utils.data.Dataset, steps: int, losses, worke
              log=print):
     """The training loop of every calibration task: ``batches[step]`` is the whole batch of a step, ``losses(batch)``
     its (reply loss, side losses, then any (loss, parameters) pairs: a loss that trains only those parameters,
-    which the first two must not reach, with a gradient clip of its own, so the rest trains as without it). AdamW, warm-up and cosine decay, gradient clipping, eager attention (the route
-    losses read attention weights), one thread (bit-reproducibility needs a fixed thread count; one is as fast as
-    two here). Returns the model in eval mode, with sdpa attention."""
+    which the first two must not reach, with a gradient clip of its own, so the rest trains as without it). AdamW,
+    warm-up and cosine decay, gradient clipping, eager attention (the route losses read attention weights), one
+    thread (bit-reproducibility needs a fixed thread count; one is as fast as two here). Returns the
+    model in eval mode, with sdpa attention."""
     torch.set_num_threads(1)
     model.train()
     model.set_attn_implementation("eager")

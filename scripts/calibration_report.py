@@ -1,9 +1,10 @@
 """Calibration report: accuracy vs keep ratio of every registered method on the calibration model.
 
-A calibration model (``calibration/qwen2.5-vl-shapes``, ``calibration/gemma4-shapes`` or ``calibration/llava-1.5-shapes``,
-trained by ``calibration/train.py``) answers questions about coloured shapes whose answer lives in one known visual
-token, so a method that keeps the wrong tokens loses accuracy visibly. This script evaluates it on the held-out
-``ShapesCalib`` data set (``calibration/data.py``) through the family's real runner and VLMEvalKit's
+A calibration model (``calibration/<family>-shapes`` of each family of ``calibration.models.FAMILIES``, or a variant
+such as ``calibration/qwen2.5-vl-graded``; trained by ``calibration/train.py``) answers questions about coloured
+shapes whose answer lives in one known visual token, so a method that keeps the wrong tokens loses accuracy
+visibly. This script evaluates it on the held-out ``ShapesCalib`` data set (``calibration/data.py``) through the
+family's real runner and VLMEvalKit's
 exact-matching judge: stock, then every registered method (pre-LLM and intra-LLM, random included) at each keep ratio
 (by default the configurations share runner processes that load the model once, ``scripts/sweep.py --in-process``,
 and generate 8 questions per call, ``--batch-size``: the predictions of one process per configuration and one
@@ -16,10 +17,10 @@ the machine and the time it took) and ``calibration_accuracy.png`` (one panel pe
     python scripts/calibration_report.py --family all --intra-layer 1 --work-dir calibration_outputs_all
     python scripts/calibration_report.py --task video --work-dir calibration_outputs_video
 
-On a model whose encoder has a [CLS] (the LLaVA-1.5 one) every method that reads the [CLS] row runs a second time
-under ``CLS_SIGNAL=substitute``. ``--family all`` runs the report of every shipped image model, each into
-``<work-dir>/<family>``, then writes ``cross_family.md`` / ``.csv`` / ``.png`` (accuracy on the question types each
-model has learned, per family and keep ratio).
+On a model whose patches give the [CLS] methods a true [CLS] row (the LLaVA-1.5 one, ``reads_cls_row``) every method
+that reads that row runs a second time under ``CLS_SIGNAL=substitute``. ``--family all`` runs the report of every
+family's model (variants left out), each into ``<work-dir>/<family>``, then writes ``cross_family.md`` / ``.csv`` /
+``.png`` (accuracy on the question types each model has learned, per family and keep ratio).
 
 ``--task describe`` evaluates the describe calibration model (``calibration/qwen2.5-vl-describe``) on
 ``ShapesDescribe``, whose answers take two words ("red square"): the second is produced by a decode step that reads
