@@ -275,10 +275,12 @@ def train_gemma_tokenizer(lines, vocab_size: int = 400) -> GemmaTokenizer:
     )
 
 
-def make_processor(tokenizer: GemmaTokenizer) -> Gemma4Processor:
+def make_processor(tokenizer: GemmaTokenizer, patch_size: int = GEMMA_PATCH_SIZE,
+                   pooling_kernel_size: int = GEMMA_POOLING_KERNEL_SIZE) -> Gemma4Processor:
     """``Gemma4Processor`` around ``tokenizer`` with the smallest soft-token budget and
-    the instruct chat template."""
-    vision = dict(patch_size=GEMMA_PATCH_SIZE, max_soft_tokens=GEMMA_MAX_SOFT_TOKENS, pooling_kernel_size=GEMMA_POOLING_KERNEL_SIZE)
+    the instruct chat template; patches of ``patch_size`` px pooled ``pooling_kernel_size``
+    squared per soft token (the model's vision config must say the same)."""
+    vision = dict(patch_size=patch_size, max_soft_tokens=GEMMA_MAX_SOFT_TOKENS, pooling_kernel_size=pooling_kernel_size)
     # The audio feature extractor is unused here, but Gemma4Processor requires all four
     # parts. Pixels stay in [0, 1] (no normalisation, as released): the patch embedder
     # rescales them itself.

@@ -40,7 +40,10 @@ model of its family), build it:
   as a trained CLIP's [CLS] summarises its image; so the [CLS] methods read a [CLS] that attends to the objects.
   The same loss on the [CLS] after the tower's last layer (``last_layer_summary``; the LLM reads the penultimate
   one, PruMerge the last) trains that layer alone: through the whole model it cost the feature layer's summary
-  and the shape questions, and without it the layer stayed at its initialisation, its [CLS] row uniform.
+  and the shape questions, and without it the layer stayed at its initialisation, its [CLS] row uniform;
+- the read-out loss (``--readout-loss``; on by default where the family says so, ``readout_loss``: Gemma 4): the
+  asked object's colour and shape decoded from the state of each route's query position after the read and carry
+  hops, so that each hop carries every attribute rather than the one most questions ask.
 
 The routes never send the reply position to a visual token, so methods that rank visual tokens by the last
 token's attention (FastV reads layer 2) are not handed the answer; and no route reads a visual token at
@@ -51,7 +54,8 @@ Image size: 224 x 224 (8 x 8 = 64 LLM visual tokens in both families), so that k
 took 2.3 s, 1.3 s of it in the language model, whose sequences are ~130 tokens of which only 64 are visual; 168 x
 168 (36 tokens) would therefore save well under half of the time. 224 is kept with batches of 8 images (~0.5 s a
 step); what held training back was the language model's retrieval of the asked object, not the image size.
-Gemma 4's step takes about twice as long (~1 s alone): its vision tower sees 576 patches of 16 px per image.
+Gemma 4's step takes about twice as long (~1 s with another training on the second core): its vision tower (4
+layers) sees 256 patches of 24 px per image, and it trains with the read-out loss (``CalibrationFamily.readout_loss``).
 
 Reproducibility: data come from ``(seed, index)`` streams (one DataLoader worker builds the batch of each step
 from the step number alone) and training runs on one thread (``torch.set_num_threads(1)``); the same seed, steps
@@ -463,7 +467,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--readout-loss", action="store_true",
                         help="image task: also decode the asked object's colour and shape from the route hops' states "
-                             "after layers 1 and 2 (the video task always does)")
+                             "after layers 1 and 2 (on by default for Gemma 4; the video task always does)")
     parser.add_argument("--eval-questions", type=int, default=data.DEFAULT_EVAL_SIZE,
                         help="held-out questions of EVAL_SEED to score at the end")
     args = parser.parse_args()
@@ -478,7 +482,8 @@ def main() -> None:
     steps = family.default_steps if args.steps is None else args.steps
     out = Path(args.out or family.checkpoint.relative_to(ROOT))  # relative: TRAINING.md records the command
     start = time.perf_counter()
-    model = train(family, steps, seed, args.batch_size, readout=args.readout_loss, describe=describe)
+    readout = args.readout_loss or family.readout_loss
+    model = train(family, steps, seed, args.batch_size, readout=readout, describe=describe)
     train_seconds = time.perf_counter() - start
     save(model, out, family)
     make = data.make_describe_sample if describe else data.make_sample
@@ -490,7 +495,7 @@ def main() -> None:
     checksum = weights_checksum(model)
     print(f"weights checksum {checksum}")
     write_training_record(out, family, steps=steps, seed=seed, batch_size=args.batch_size,
-                          seconds=train_seconds, checksum=checksum, accuracy=accuracy, readout=args.readout_loss,
+                          seconds=train_seconds, checksum=checksum, accuracy=accuracy, readout=readout,
                           describe=describe)
     print(f"saved to {out} (with {RECORD_FILE})")
 

@@ -106,9 +106,9 @@ def test_qwen_processor_keeps_the_image_size():
 
 @pytest.mark.parametrize("index", range(10))
 def test_gemma_soft_token_of_each_cell_is_its_raster_index(index):
-    """Gemma 4 resizes the 224 x 224 image to 384 x 384 (24 x 24 patches of 16 px) and pools 3 x 3 patches per
-    soft token, in raster order (``custom_gemma4.pooler_bins``, checked against the real pooler in the Gemma
-    tests): every patch that shows part of an object is pooled into that object's ``row * GRID + col`` token,
+    """Gemma 4 resizes the 224 x 224 image to 384 x 384 (16 x 16 patches of 24 px in the calibration model) and
+    pools 2 x 2 patches per soft token, in raster order (``custom_gemma4.pooler_bins``, checked against the real
+    pooler in the Gemma tests): every patch that shows part of an object is pooled into that object's ``row * GRID + col`` token,
     so ``target_tokens`` holds for Gemma 4 too."""
     import custom_gemma4
 
@@ -117,7 +117,7 @@ def test_gemma_soft_token_of_each_cell_is_its_raster_index(index):
     assert inputs["num_soft_tokens_per_image"].tolist() == [data.GRID**2]
     bins, kept = custom_gemma4.pooler_bins(inputs["image_position_ids"], data.GRID**2)
     assert kept.all()
-    pixels = inputs["pixel_values"][0]  # (patches, 16 * 16 * 3) in [0, 1]
+    pixels = inputs["pixel_values"][0]  # (patches, 24 * 24 * 3) in [0, 1]
     background = pixels[bins[0] >= 0].mode(dim=0).values  # patches of pure background are the commonest
     # Resizing blurs an object's edge by a pixel or two: its pixels are those clearly off the background.
     drawn = ((pixels - background).abs() > 0.1).any(dim=-1) & (bins[0] >= 0)
