@@ -248,7 +248,7 @@ CALIBRATION_GEMMA_POOLING_KERNEL_SIZE = 2
 # RoPE base of the sliding layers: 1,000 (the release: 10,000). Gemma's positions are one-dimensional, so "top left"
 # vs "top right" is a difference of 4 positions among ~120; the released base turns its slow frequencies too
 # little over that distance for the position questions (as LLaVA's Llama, which uses the same fix).
-GEMMA_SLIDING_ROPE_THETA = 1_000.0
+CALIBRATION_GEMMA_SLIDING_ROPE_THETA = 1_000.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +262,7 @@ def _gemma_processor():
 
 def _gemma_rope_parameters() -> dict:
     rope = processors.released_rope_parameters()
-    rope["sliding_attention"]["rope_theta"] = GEMMA_SLIDING_ROPE_THETA
+    rope["sliding_attention"]["rope_theta"] = CALIBRATION_GEMMA_SLIDING_ROPE_THETA
     return rope
 
 

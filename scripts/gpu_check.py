@@ -49,8 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import custom_gemma4  # noqa: E402
 import custom_llava  # noqa: E402
 import custom_qwenvl  # noqa: E402
-from calibration.models import (  # noqa: E402
-    CALIBRATION_GEMMA_PATCH_SIZE, CALIBRATION_GEMMA_POOLING_KERNEL_SIZE, GEMMA4, gemma_config)
+from calibration.models import GEMMA4, gemma_config  # noqa: E402
 from scripts import bench_pruning as bench  # noqa: E402
 from scripts import bench_throughput  # noqa: E402
 from utils import PruneConfig  # noqa: E402
@@ -113,9 +112,9 @@ def gemma_inputs(model, size: dict, device) -> dict:
 
     processor = copy.deepcopy(GEMMA4.build_processor())
     budget = min((b for b in (70, 140, 280, 560, 1120) if b >= size["tokens"] // 2), default=1120)
-    processor.image_processor.max_soft_tokens = budget
-    # pixels per soft token side, times the tokens per side
-    side = CALIBRATION_GEMMA_PATCH_SIZE * CALIBRATION_GEMMA_POOLING_KERNEL_SIZE * int(np.sqrt(budget))
+    images = processor.image_processor
+    images.max_soft_tokens = budget
+    side = images.patch_size * images.pooling_kernel_size * int(np.sqrt(budget))  # px per soft token x tokens per side
     pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     message = [{"role": "user", "content": [{"type": "text", "text": "Describe the picture."},
                                             {"type": "image", "image": Image.fromarray(pixels)},

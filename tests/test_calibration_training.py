@@ -108,8 +108,8 @@ def test_qwen_processor_keeps_the_image_size():
 def test_gemma_soft_token_of_each_cell_is_its_raster_index(index):
     """Gemma 4 resizes the 224 x 224 image to 384 x 384 (16 x 16 patches of 24 px in the calibration model) and
     pools 2 x 2 patches per soft token, in raster order (``custom_gemma4.pooler_bins``, checked against the real
-    pooler in the Gemma tests): every patch that shows part of an object is pooled into that object's ``row * GRID + col`` token,
-    so ``target_tokens`` holds for Gemma 4 too."""
+    pooler in the Gemma tests): every patch that shows part of an object is pooled into that object's
+    ``row * GRID + col`` token, so ``target_tokens`` holds for Gemma 4 too."""
     import custom_gemma4
 
     sample = data.make_sample(index, data.EVAL_SEED)
