@@ -5,7 +5,7 @@
 
 - ``qwen2.5-vl``: ``Qwen2_5_VLForConditionalGeneration``, ~1.3 M parameters. 224 x 224 images give 8 x 8 = 64 LLM
   visual tokens (14 px patches, 2 x 2 merge: one token per 28 x 28 cell of ShapesCalib).
-- ``llava-1.5``: ``LlavaForConditionalGeneration`` as LLaVA-1.5, ~1.2 M parameters: a CLIP vision tower with a [CLS]
+- ``llava-1.5``: ``LlavaForConditionalGeneration`` as LLaVA-1.5, ~1.5 M parameters: a CLIP vision tower with a [CLS]
   token (28 px patches: a 224 x 224 image is 8 x 8 patches, one per cell, plus the [CLS]), features of its
   penultimate layer without the [CLS] (``vision_feature_layer=-2``, strategy "default"), a two-layer GELU projector
   and a Llama language model; prompted as ``run_llava.LLaVA_HF`` prompts (LLaVA-1.5's system prompt and
@@ -124,6 +124,9 @@ class CalibrationFamily:
     # language model never reads when the features come from an earlier layer; its loss trains those parameters
     # alone, so the rest of the model trains exactly as without it (see ``train.optimise``). None: no such layer
     last_layer_summary: Callable | None = None
+    # The tower layer whose [CLS] attention row (heads averaged) the [CLS] methods read when the features come from it
+    # (LLaVA's -2): the training sends that row to the objects (train._losses). None: no such loss
+    cls_row_layer: int | None = None
     # The head whose layer-1 route finds the asked quadrant's object (the other routes: head 0, train.ROUTE_HEAD);
     # a head of its own lets one-dimensional positions be matched apart from content
     position_route_head: int = 0
@@ -149,9 +152,10 @@ class CalibrationFamily:
         return model
 
     def image_features(self, model, vision_inputs: dict):
-        """The vision tower's outputs (``pooler_output``: the LLM input embedding of each image's visual tokens)."""
+        """The vision tower's outputs (``pooler_output``: the LLM input embedding of each image's visual tokens; with
+        a ``cls_row_layer``, ``attentions``: the tower's attention weights, per layer)."""
         return model.model.get_image_features(**{key: vision_inputs[key] for key in self.vision_input_keys},
-                                              return_dict=True)
+                                              return_dict=True, output_attentions=self.cls_row_layer is not None)
 
 
 # ---------------------------------------------------------------- Qwen2.5-VL
@@ -376,11 +380,17 @@ def _llava_config() -> LlavaConfig:
     text = LlamaConfig(
         vocab_size=-(-len(tokenizer) // 8) * 8, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        # One-dimensional positions, base 1e3: its lowest frequencies barely turn over the 64 visual tokens (a
+        # Heads of 64 (twice hidden / heads): 32 rotary frequencies instead of 16. One-dimensional positions must
+        # tell an object's quadrant from its raster index, and the column half (period 8) needs a frequency near
+        # 2 pi / 8 that 16 frequencies of a usable base lack: a least-squares read-out of the quadrant from the
+        # cosines and sines of 16 misplaces some of the 64 positions at every base tried, one of 32 places them all;
+        # position questions went from 91 % to 100 % (docs/calibration.md).
+        head_dim=64,
+        # One-dimensional positions, base 500: its lowest frequencies barely turn over the 64 visual tokens (a
         # question word finds an object by its content at any distance) and its highest tell the 8-token rows' halves
         # apart. Base 20 (the Qwen model's, whose M-RoPE keeps one section constant over an image) left colour and
         # shape questions at chance; 1e4 (Llama's) position questions at 59 % (docs/calibration.md).
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
         bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"))
     # Four layers: the features are the penultimate one's, as LLaVA-1.5 takes CLIP's.
     vision = CLIPVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=2,
@@ -422,6 +432,7 @@ LLAVA = CalibrationFamily(
     image_summary=llava_cls_summary,
     reads_cls_row=True,
     last_layer_summary=llava_last_layer_cls_summary,
+    cls_row_layer=-2,
     position_route_head=1,
 )
 

@@ -37,7 +37,9 @@ model of its family), build it:
   of the image);
 - a CLIP tower's [CLS] (LLaVA-1.5, ``CalibrationFamily.image_summary``): its state at the feature layer, through the
   projector and scored against the word embeddings, names the colours and shapes present in the image (multi-label),
-  as a trained CLIP's [CLS] summarises its image; so the [CLS] methods read a [CLS] that attends to the objects.
+  as a trained CLIP's [CLS] summarises its image; and the [CLS] attention row the [CLS] methods read there (heads
+  averaged; ``cls_row_layer``) goes to the objects (``cls_row_loss``), as a trained CLIP's goes to what its image
+  shows, so those methods read a [CLS] that finds the objects.
   The same loss on the [CLS] after the tower's last layer (``last_layer_summary``; the LLM reads the penultimate
   one, PruMerge the last) trains that layer alone: through the whole model it cost the feature layer's summary
   and the shape questions, and without it the layer stayed at its initialisation, its [CLS] row uniform;
@@ -226,9 +228,20 @@ def collate(scenes: list[list[dict]], family: CalibrationFamily) -> dict:
 # ---------------------------------------------------------------- training
 
 
+def cls_row_loss(attentions: torch.Tensor, object_targets: torch.Tensor) -> torch.Tensor:
+    """``-log`` of the share of each image's [CLS] attention row (heads averaged) on its object patches, averaged
+    over the images. ``attentions``: one tower layer's weights (images, heads, 1 + patches, 1 + patches), the
+    [CLS] first; ``object_targets``: (images * patches,), -100 where a patch shows only background. The [CLS]
+    methods read that row: it goes to the objects, as a trained CLIP's goes to what its image shows (the summary
+    loss alone left up to a quarter of it on the background once the language model's heads were widened)."""
+    row = attentions[:, :, 0, 1:].mean(1)  # (images, patches)
+    objects = (object_targets.view(len(row), -1) != -100).float()
+    return -(row * objects).sum(1).clamp_min(1e-9).log().mean()
+
+
 def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> tuple:
     """Language-model loss (reply, question word, question mark); weighted sum of the visual-token, prompt-word
-    and attention-route losses, and with ``readout`` the read-out loss: the asked object's colour and shape
+    and attention-route losses (a family's [CLS] row loss weighted as a route), and with ``readout`` the read-out loss: the asked object's colour and shape
     decoded (against the word embeddings) from the state of each route's query position after its layer 1 and 2
     hops, so that each hop carries every attribute rather than the one most questions ask; then, for a family with
     a ``last_layer_summary``, that summary's (loss, parameters). Needs eager attention (the route loss reads
@@ -268,6 +281,9 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
         # CLIP's [CLS] summarises its image: scored against the words, it names the colours and shapes present (a
         # multi-label loss), so its attention goes to the objects as a trained CLIP's does.
         visual_token_loss = visual_token_loss + summary_loss(family.image_summary(model, image_outputs))
+    cls_row = 0.0
+    if family.cls_row_layer is not None:
+        cls_row = cls_row_loss(image_outputs.attentions[family.cls_row_layer], batch["colour_targets"])
     isolated = []  # (loss, the only parameters it trains): see ``optimise``
     if family.last_layer_summary is not None:
         summary, parameters = family.last_layer_summary(model, image_outputs)
@@ -288,7 +304,7 @@ def _losses(model, batch, family: CalibrationFamily, readout: bool = False) -> t
     followed = attentions[routes[..., 0], rows, batch["route_heads"], routes[..., 1], routes[..., 2]]
     route_loss = -(followed.clamp_min(1e-9).log() * mask).sum() / mask.sum()
     return (output.loss, AUX_LOSS_WEIGHT * visual_token_loss + PROMPT_WORDS_LOSS_WEIGHT * prompt_loss
-            + ROUTE_LOSS_WEIGHT * route_loss, *isolated)
+            + ROUTE_LOSS_WEIGHT * (route_loss + cls_row), *isolated)
 
 
 def _learning_rate(step: int, steps: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -253,6 +254,22 @@ def test_last_layer_summary_trains_that_layer_alone():
     assert changed and all(name.startswith(last_layer) for name in changed)
     assert len(changed) == len([name for name in initial if name.startswith(last_layer)])
     assert all(torch.equal(without[name], initial[name]) for name in changed)
+
+
+def test_cls_row_loss_is_minus_log_the_rows_share_on_the_objects():
+    """Hand-made rows over 64 patches with objects at patches 3 and 40: one image's row uniform (share 2/64), the
+    other's heads on one object each (share 1, loss 0); a row on the [CLS] itself puts nothing on the objects."""
+    patches = 64
+    targets = torch.full((2, patches), -100)
+    targets[:, [3, 40]] = 1
+    attentions = torch.zeros(2, 2, 1 + patches, 1 + patches)
+    attentions[0, :, 0, 1:] = 1 / patches
+    attentions[1, 0, 0, 1 + 3] = attentions[1, 1, 0, 1 + 40] = 1.0
+    loss = training.cls_row_loss(attentions, targets.flatten())
+    assert torch.isclose(loss, torch.tensor(math.log(patches / 2) / 2))
+    attentions[1] = 0
+    attentions[1, :, 0, 0] = 1.0  # the [CLS] on itself
+    assert training.cls_row_loss(attentions, targets.flatten()) > 10
 
 
 # ---------------------------------------------------------------- ShapesDescribe (two-word answers)
