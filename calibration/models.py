@@ -382,8 +382,8 @@ def _llava_config() -> LlavaConfig:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         # Heads of 64 (twice hidden / heads): 32 rotary frequencies instead of 16. One-dimensional positions must
         # tell an object's quadrant from its raster index, and the column half (period 8) needs a frequency near
-        # 2 pi / 8 that 16 frequencies of a usable base lack: a least-squares read-out of the quadrant from the
-        # cosines and sines of 16 misplaces some of the 64 positions at every base tried, one of 32 places them all;
+        # 2 pi / 8 that 16 frequencies of a base slow enough for content matching lack: a least-squares read-out of
+        # the quadrant from their cosines and sines misplaces some of the 64 positions, one from 32 places them all;
         # position questions went from 91 % to 100 % (docs/calibration.md).
         head_dim=64,
         # One-dimensional positions, base 500: its lowest frequencies barely turn over the 64 visual tokens (a
