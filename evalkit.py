@@ -324,12 +324,16 @@ def _gloo_for_nccl():
 
 
 @contextlib.contextmanager
-def _without_env(name: str):
-    """``os.environ`` without ``name`` for the duration of a block."""
+def _temporarily_env(name: str, value: str | None):
+    """``os.environ[name]`` set to ``value`` (absent where None) for the duration of a block, then as it was: for
+    the settings VLMEvalKit itself reads from the environment."""
     saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
+        os.environ.pop(name, None)
         if saved is not None:
             os.environ[name] = saved
 
@@ -723,7 +727,7 @@ def infer_data_batched(model, model_name, work_dir, dataset, out_file, verbose=F
     if isinstance(model, str):
         vllm_names = ("Llama-4", "Qwen2-VL", "Qwen2.5-VL")  # VLMEvalKit passes use_vllm to these (refused here)
         kwargs = {"use_vllm": use_vllm} if any(name in model_name for name in vllm_names) else {}
-        with _without_env("WORLD_SIZE"):  # as VLMEvalKit: no tensor parallelism under torchrun
+        with _temporarily_env("WORLD_SIZE", None):  # as VLMEvalKit: no tensor parallelism under torchrun
             model = supported_VLM[model_name](**kwargs)
     if not isinstance(model, PrunedModel):
         return original(model=model, model_name=model_name, work_dir=work_dir, dataset=dataset, out_file=out_file,
@@ -1146,7 +1150,7 @@ def _run(family: Family, options, rest: list[str], runs: list[tuple[tuple[str | 
     # Slow; under torchrun, importing run.py splits CUDA_VISIBLE_DEVICES (or nvidia-smi's GPUs) between the local
     # processes and asserts there are at least as many GPUs as processes. A --device cpu run uses no GPU: hiding
     # LOCAL_WORLD_SIZE while it is imported skips that split (RANK / WORLD_SIZE, read separately, still apply).
-    with _without_env("LOCAL_WORLD_SIZE") if options.device == "cpu" else contextlib.nullcontext():
+    with _temporarily_env("LOCAL_WORLD_SIZE", None) if options.device == "cpu" else contextlib.nullcontext():
         import vlmeval.run as vlmeval_run
     from vlmeval.config import supported_VLM
 

@@ -132,12 +132,8 @@ def batch_part(device: str, samples: int, batch_sizes, rounds: int, new_tokens, 
 
     lmudata = work / "LMUData"
     calibration_data.write_dataset(lmudata, samples)
-    saved = os.environ.get("LMUData")
-    os.environ["LMUData"] = str(lmudata)  # VLMEvalKit reads its data sets from there
-    try:
+    with evalkit._temporarily_env("LMUData", str(lmudata)):  # VLMEvalKit reads its data sets from there
         dataset = build_dataset(calibration_data.NAME)
-    finally:
-        os.environ.pop("LMUData") if saved is None else os.environ.update(LMUData=saved)
     results = []
     for checkpoint in (QWEN.checkpoint, mid_size_checkpoint(work / "qwen2.5-vl-mid-size-random", mid_size)):
         log_dir = work / f"tokens-{checkpoint.name}"

@@ -195,7 +195,8 @@ def test_llava_cls_attends_to_the_objects(layer, heads):
     """The LLaVA model's [CLS] is trained as an image summary (and its row to the objects) at the feature layer, where
     VisionZip, VisPruner and FasterVLM read it (heads averaged), and as a summary at the last layer, where PruMerge
     reads it (one full-width head): there its attention row goes to the object tokens (2-4 of 64), so the [CLS]
-    methods are measured on a [CLS] that means something (docs/calibration.md: 99.98 % and 99.99 % of the row on 100 images; 4.4 % for a uniform row)."""
+    methods are measured on a [CLS] that means something (docs/calibration.md: 99.98 % and 99.99 % of the row on 100
+    images; 4.4 % for a uniform row)."""
     import custom_llava
     from transformers import AutoProcessor
 

@@ -88,6 +88,19 @@ def test_replace_option_rewrites_every_spelling():
     assert evalkit._replace_option(argv, "--model", ["x"]) == ["--data", "D", "--verbose", "--model", "x"]
 
 
+@pytest.mark.parametrize("before", [None, "old"])
+@pytest.mark.parametrize("inside", [None, "new"])
+def test_a_vlmeval_environment_setting_is_restored_after_its_block(monkeypatch, before, inside):
+    name = "PRUNING_TEST_SETTING"
+    monkeypatch.delenv(name, raising=False)
+    if before is not None:
+        monkeypatch.setenv(name, before)
+    with pytest.raises(RuntimeError), evalkit._temporarily_env(name, inside):
+        assert os.environ.get(name) == inside
+        raise RuntimeError  # restored on the way out of a failing block too
+    assert os.environ.get(name) == before
+
+
 def test_models_resolve_to_their_vlmeval_wrapper(tmp_path):
     from vlmeval.config import supported_VLM
     from vlmeval.vlm import Qwen2VLChat, Qwen3VLChat
