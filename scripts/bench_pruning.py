@@ -194,8 +194,10 @@ class Bench:
             self.model.generate(**inputs, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
                                 do_sample=False)
 
-    def profile(self, configs: dict[str, dict | None], inputs: dict, progress: str) -> dict[str, list[dict]]:
-        """``warmup + repeats`` generate calls per configuration, round-robin; the samples after the warm-up."""
+    def profile(self, configs: dict[str, dict | None], inputs: dict, progress: str,
+                after_round=None) -> dict[str, list[dict]]:
+        """``warmup + repeats`` generate calls per configuration, round-robin; the samples after the warm-up.
+        ``after_round(samples)``, if given, is called after every measured round (to save what is measured)."""
         samples: dict[str, list[dict]] = {label: [] for label in configs}
         for round_ in range(self.warmup + self.repeats):
             for i, (label, env) in enumerate(configs.items()):
@@ -205,6 +207,8 @@ class Bench:
                 (record,) = self.profiler.take(label)
                 if not record["warmup"]:
                     samples[label].append(record)
+            if after_round is not None and round_ >= self.warmup:
+                after_round(samples)
         print(file=sys.stderr)
         return samples
 
@@ -674,15 +678,18 @@ def matched_keep(budget: float, prompt: int, visual: int, num_layers: int, first
     tokens per layer on average (the text stays), or None when no ratio in (0, 1] reaches it."""
     text = prompt - visual
     later = num_layers - first_layer
+    if later <= 0:  # no layer after the pruning one: nothing to match
+        return None
     per_later_layer = (budget * prompt * num_layers - first_layer * prompt) / later
     ratio = (per_later_layer - text) / visual
     return ratio if 0 < ratio <= 1 else None
 
 
 def kv_part(bench: Bench, tokens: int, new_tokens: int, budgets: list[float], names: list[str],
-            memory_budget: float, device) -> dict:
+            memory_budget: float, device, checkpoint=None) -> dict:
     """Decode time per token and peak memory at a long prompt and generation: stock, every KV method at every
-    budget, and token pruning (pre-LLM and intra-LLM at layer 2) at the same mean cached tokens per layer."""
+    budget, and token pruning (pre-LLM and intra-LLM at layer 2) at the same mean cached tokens per layer.
+    ``checkpoint(part)``, if given, receives the part measured so far after every round (``rounds_done``)."""
     inputs = make_inputs(bench.model, tokens, device)
     prompt = inputs["input_ids"].shape[1]
     layers = bench.model.config.get_text_config().num_hidden_layers
@@ -693,9 +700,26 @@ def kv_part(bench: Bench, tokens: int, new_tokens: int, budgets: list[float], na
             keep = matched_keep(budget, prompt, tokens, layers, first)
             if keep is not None:
                 configs[f"{method} @{budget:g}"] = method_env(method, round(keep, 4))
+
+    def part(samples: dict, peaks: dict) -> dict:
+        stock_step = median(samples["stock"], "decode_ms_per_token")
+        rows = []
+        for label in configs:
+            step = median(samples[label], "decode_ms_per_token")
+            selection = median(samples[label], "pruning_ms")
+            rows.append({"config": label, "cached_tokens": median(samples[label], "cached_tokens_per_layer"),
+                         "kv_cache_mib": median(samples[label], "kv_cache_bytes") / 2 ** 20,
+                         "ttft_ms": median(samples[label], "ttft_ms"), "decode_ms_per_token": step,
+                         "step_vs_stock": step / stock_step, "selection_ms": selection,
+                         "selection_per_step_percent": 100 * selection / (new_tokens - 1) / step,
+                         "peak_increase_mib": peaks[label] / 2 ** 20 if label in peaks else None})
+        return {"tokens": tokens, "prompt_tokens": prompt, "new_tokens": new_tokens, "budgets": budgets,
+                "memory_budget": memory_budget, "rounds_done": len(samples["stock"]), "rows": rows}
+
+    after_round = None if checkpoint is None else (lambda samples: checkpoint(part(samples, {})))
     saved, bench.new_tokens = bench.new_tokens, new_tokens
     try:
-        samples = bench.profile(configs, inputs, f"KV cache, prompt {prompt}, {new_tokens} new tokens")
+        samples = bench.profile(configs, inputs, f"KV cache, prompt {prompt}, {new_tokens} new tokens", after_round)
         memory_labels = ["stock"] + [label for label in configs if label.endswith(f"{memory_budget:g}")]
         peaks = {}
         for label in memory_labels:
@@ -704,19 +728,7 @@ def kv_part(bench: Bench, tokens: int, new_tokens: int, budgets: list[float], na
         print(file=sys.stderr)
     finally:
         bench.new_tokens = saved
-    stock_step = median(samples["stock"], "decode_ms_per_token")
-    rows = []
-    for label in configs:
-        step = median(samples[label], "decode_ms_per_token")
-        selection = median(samples[label], "pruning_ms")
-        rows.append({"config": label, "cached_tokens": median(samples[label], "cached_tokens_per_layer"),
-                     "kv_cache_mib": median(samples[label], "kv_cache_bytes") / 2 ** 20,
-                     "ttft_ms": median(samples[label], "ttft_ms"), "decode_ms_per_token": step,
-                     "step_vs_stock": step / stock_step, "selection_ms": selection,
-                     "selection_per_step_percent": 100 * selection / (new_tokens - 1) / step,
-                     "peak_increase_mib": peaks[label] / 2 ** 20 if label in peaks else None})
-    return {"tokens": tokens, "prompt_tokens": prompt, "new_tokens": new_tokens, "budgets": budgets,
-            "memory_budget": memory_budget, "rows": rows}
+    return part(samples, peaks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1021,6 +1033,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "kv_heads": args.kv_heads, "intermediate": args.intermediate, "dtype": args.dtype},
                "machine": machine(device, torch.get_num_threads()), "warmup": args.warmup, "repeats": args.repeats,
                "parts": parts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part: str) -> None:  # after every part: a run stopped part-way keeps the parts it finished
+        results["seconds"] = time.time() - started
+        out.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\n  [{results['seconds']:.0f} s] {part} done, saved to {out}", file=sys.stderr, flush=True)
+
     video_names = [name for name in names if registry[name].video]
     kv_names = [name for name in names if registry[name].stage == KV]
     if {"speedup", "overhead", "memory", "video", "kv"} & set(parts):
@@ -1030,28 +1050,39 @@ def main(argv: list[str] | None = None) -> dict:
         try:  # every generate call installs its own configuration; none may outlive the benchmark
             if "speedup" in parts:
                 results["speedup"] = speedup_part(bench, args.speedup_tokens, args.ratios, device)
+                save("speedup")
             if "overhead" in parts and llm_names:
                 results["overhead"] = overhead_part(bench, args.sizes, llm_names, device)
+                save("overhead")
             if "memory" in parts:
                 results["memory"] = memory_part(bench, args.memory_tokens,
                                                 [n for n in ATTENTION_SCORED if n in methods.registered_methods()],
                                                 device)
+                save("memory")
             if "video" in parts:
                 results["video"] = video_part(bench, video_names, args.video_frames, args.video_side,
                                               args.video_ratios, device)
+                save("video")
             if "kv" in parts and kv_names:
+                def kv_checkpoint(part: dict) -> None:
+                    results["kv"] = part
+                    save(f"kv round {part['rounds_done']}")
+
                 results["kv"] = kv_part(bench, args.kv_tokens, args.kv_new_tokens, args.kv_budgets, kv_names,
-                                        args.kv_memory_budget, device)
+                                        args.kv_memory_budget, device, kv_checkpoint)
+                save("kv")
         finally:
             custom_qwenvl.remove_patches()
         del model, bench
     if "divprune" in parts:
         results["divprune"] = divprune_part(args.divprune_tokens, args.hidden, args.divprune_keeps,
                                             args.divprune_sizes, args.repeats, device)
+        save("divprune")
     if "compare" in parts:
         print("  DivPrune vs UniPruneBench's implementation", file=sys.stderr, flush=True)
         results["divprune_vs_uniprunebench"] = divprune_versus_uniprunebench(
             args.divprune_tokens, args.compare_hidden, round(KEEP * args.divprune_tokens), device)
+        save("divprune_vs_uniprunebench")
     if "encoder" in parts:
         llava = build_llava(args.vit_depth, args.vit_hidden, args.vit_heads, args.vit_intermediate, args.vit_image,
                             args.vit_patch, device, getattr(torch, args.dtype))
@@ -1069,13 +1100,12 @@ def main(argv: list[str] | None = None) -> dict:
             results["vit_methods"] = vit_methods_part(llava, vit_names, block, args.vit_keep,
                                                       max(args.vit_repeats, 3), one["stock_ms"], device)
         del llava
+        save("encoder")
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     results["seconds"] = time.time() - started
     results["targets"] = [{"target": t, "passed": p, "detail": d} for t, p, d in targets(results, args.check_size)]
     text = report(results, args.check_size)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out}")
     return results

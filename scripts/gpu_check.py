@@ -24,7 +24,8 @@ architecture, ``calibration/models.py``, widened). For every attention implement
    time stock vs ToMe / random at that block, next to the FLOPs ideal (``bench_pruning.encoder_part``). FlashAttention-2
    is not checked: the ViT stage refuses it (it needs an additive attention mask).
 
-Prints PASS/FAIL lines (exit 1 if any fails) and writes one JSON (``--out``). Installs nothing.
+Part 5, the longest, runs last. Prints PASS/FAIL lines (exit 1 if any fails) and writes one JSON (``--out``), updated
+after every part so that a run stopped part-way keeps what it measured. Installs nothing.
 
     python scripts/gpu_check.py                  # on a GPU machine: a few minutes
     python scripts/gpu_check.py --dry-run        # structure only, tiny models on the CPU (the tests run this)
@@ -311,14 +312,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: the structure only")
     parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--throughput-samples", type=int, default=None,
+                        help=f"questions of part 5 (default {THROUGHPUT['full']['samples']}; fewer: a shorter run)")
+    parser.add_argument("--throughput-rounds", type=int, default=None,
+                        help=f"timed rounds of part 5, best kept (default {THROUGHPUT['full']['rounds']})")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else args.device)
     size = SIZES["dry-run" if args.dry_run else "full"]
     dtype = torch.bfloat16
     intra_layer = 2
+    throughput = dict(THROUGHPUT["dry-run" if args.dry_run else "full"])
+    throughput["samples"] = args.throughput_samples or throughput["samples"]
+    throughput["rounds"] = args.throughput_rounds or throughput["rounds"]
     started = time.time()
     results = {"machine": bench.machine(device, torch.get_num_threads()), "dtype": str(dtype), "sizes": size,
-               "dry_run": args.dry_run, "attention": attention_implementations(device), "checks": [], "timings": {}}
+               "dry_run": args.dry_run, "attention": attention_implementations(device), "checks": [], "timings": {},
+               "throughput_settings": {key: throughput[key] for key in ("samples", "batch_sizes", "rounds",
+                                                                        "new_tokens")}}
+    out = Path(args.out)
+
+    def save(part: str) -> None:  # after every part: a run stopped part-way keeps what it measured
+        results["seconds"] = time.time() - started
+        out.write_text(json.dumps(results, indent=2, default=str))
+        print(f"[{results['seconds']:.0f} s] {part} done", file=sys.stderr, flush=True)
+
     for family, (_, build, make_inputs) in FAMILIES.items():
         pruned_runs = {}
         for attn in results["attention"]:
@@ -332,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["timings"] = timings(model, size, device, intra_layer)
             del model
         results["checks"] += [{"family": family, **check} for check in across_kernels(family, pruned_runs)]
-    throughput = THROUGHPUT["dry-run" if args.dry_run else "full"]
+        save(family)
+    vit_checks, results["vit_stage"] = vit_stage(VIT["dry-run" if args.dry_run else "full"], device, dtype)
+    results["checks"] += [{"family": "llava-1.5", "attention": "sdpa", **check} for check in vit_checks]
+    save("the ViT stage")
     with tempfile.TemporaryDirectory() as work:
         results["throughput"] = bench_throughput.batch_part(
             str(device), throughput["samples"], throughput["batch_sizes"], throughput["rounds"],
@@ -342,9 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             results["checks"] += [{"family": "qwen2.5-vl", "check": f"calibration model, {row['config']}, "
                                    f"{part['new_tokens']} new tokens: batched answers = one at a time",
                                    "passed": all(row["same_answers"].values())} for row in part["rows"]]
-    vit_checks, results["vit_stage"] = vit_stage(VIT["dry-run" if args.dry_run else "full"], device, dtype)
-    results["checks"] += [{"family": "llava-1.5", "attention": "sdpa", **check} for check in vit_checks]
-    results["seconds"] = time.time() - started
+    save("evaluation throughput")
 
     for check in results["checks"]:
         where = f"{check['family']}" + (f" [{check['attention']}]" if "attention" in check else "")
@@ -364,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     print(bench.table(["batch", "config", "encoder ms", "speed-up", "FLOPs ideal", "of ideal"],
                       [[batch, row["config"], f"{row['ms']:.2f}", f"{row['speedup']:.2f}", f"{row['ideal']:.2f}",
                         f"{row['of_ideal']:.2f}"] for batch, part in vit["batches"].items() for row in part["rows"]]))
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out} ({results['seconds']:.0f} s)")
     return 0 if all(check["passed"] for check in results["checks"]) else 1
 

@@ -50,3 +50,21 @@ def test_dry_run_checks_and_reports_everything(tmp_path, capsys):
     rows = {row["config"]: row for row in vit["batches"]["1"]["rows"]}
     assert rows["stock"]["flops_ratio"] == 1.0 and rows["tome_vit"]["flops_ratio"] < 1.0
     assert "ViT stage, LLaVA-1.5-shaped CLIP" in printed
+
+
+def test_a_run_stopped_in_the_throughput_part_keeps_the_parts_before_it(tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):  # part 5, the longest and the last, is cut off
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check.bench_throughput, "batch_part", stopped)
+    out = tmp_path / "gpu_check.json"
+    try:
+        gpu_check.main(["--dry-run", "--out", str(out), "--throughput-samples", "3", "--throughput-rounds", "1"])
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the throughput part was not reached")
+    results = json.loads(out.read_text())
+    assert results["timings"]["rows"] and results["vit_stage"]["batches"] and "throughput" not in results
+    assert all(c["passed"] for c in results["checks"]) and len(results["checks"]) == 8
+    assert results["throughput_settings"]["samples"] == 3 and results["throughput_settings"]["rounds"] == 1

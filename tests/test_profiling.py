@@ -336,3 +336,23 @@ def test_benchmark_kv_part_compares_kv_methods_and_token_pruning_at_equal_cache(
     assert [t["target"].split(" (")[0] for t in results["targets"]] == [
         "a KV method's decode step at budget 0.25 costs <= 0.6x the stock step",
         "a KV method's selection adds <= 5 % to a decode step"]
+
+
+def test_benchmark_saves_each_measured_round_so_a_stopped_run_keeps_it(tmp_path, monkeypatch):
+    from scripts import bench_pruning
+
+    def stopped(*args, **kwargs):  # the run is stopped after the timed rounds, before the memory pass
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_pruning.Bench, "peak_memory", stopped)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_pruning.main(["--only", "kv", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+                            "--intermediate", "128", "--methods", "streamingllm_kv", "--kv-tokens", "64",
+                            "--kv-new-tokens", "3", "--kv-budgets", "0.5", "--warmup", "0", "--repeats", "2",
+                            "--out", str(out)])
+    kv = json.loads(out.read_text())["kv"]
+    assert kv["rounds_done"] == 2
+    # 2 decoder layers: FastV before layer 2 leaves no layer to shrink, so no intra-LLM row to match
+    assert [row["config"] for row in kv["rows"]] == ["stock", "streamingllm_kv 0.5", "uniform_pre_llm @0.5"]
+    assert all(row["peak_increase_mib"] is None for row in kv["rows"])  # the memory pass did not run
