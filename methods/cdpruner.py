@@ -54,15 +54,18 @@ def dpp_greedy_map(kernel: torch.Tensor, keep: int) -> torch.Tensor:
     n = kernel.shape[0]
     rows = torch.zeros(keep, n, dtype=kernel.dtype, device=kernel.device)  # incremental Cholesky factors
     gains = kernel.diagonal().clone()
-    chosen = torch.empty(keep, dtype=torch.long)
+    chosen = torch.empty(keep, dtype=torch.long, device=kernel.device)
+    # Every step stays on the device (no Python int, no branch on a tensor): see divprune.max_min_greedy. A pick
+    # whose gain is not positive leaves its factor row at zero and the gains unchanged, as a skipped update would.
     for i in range(keep):
-        j = int(torch.argmax(gains))
-        chosen[i] = j
-        if gains[j] > 0:
-            e = (kernel[j] - rows[:i, j] @ rows[:i]) / gains[j].sqrt()
-            rows[i] = e
-            gains -= e.square()
-        gains[j] = -float("inf")
+        j = torch.argmax(gains, dim=0, keepdim=True)
+        chosen[i:i + 1] = j
+        gain = gains.index_select(0, j)
+        residual = kernel.index_select(0, j)[0] - rows[:i].index_select(1, j)[:, 0] @ rows[:i]
+        e = torch.where(gain > 0, residual / gain.clamp(min=0).sqrt(), torch.zeros_like(residual))
+        rows[i] = e
+        gains -= e.square()
+        gains.index_fill_(0, j, -float("inf"))
     return chosen
 
 

@@ -33,15 +33,18 @@ def divprune_select(features: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def max_min_greedy(distance: torch.Tensor, first: int, keep: int) -> torch.Tensor:
-    """From ``first``, repeatedly the token farthest from the chosen set (a running minimum: O(K N))."""
-    chosen = torch.empty(keep, dtype=torch.long)
+    """From ``first``, repeatedly the token farthest from the chosen set (a running minimum: O(K N)). Every step
+    stays on ``distance``'s device (one-element index tensors, no Python int): on a GPU the loop queues its
+    kernels without waiting for each pick to reach the host."""
+    chosen = torch.empty(keep, dtype=torch.long, device=distance.device)
     chosen[0] = first
-    min_to_chosen = distance[chosen[0]].clone()
-    min_to_chosen[chosen[0]] = float("-inf")
+    min_to_chosen = distance[first].clone()
+    min_to_chosen[first] = float("-inf")  # never re-picked, even where float error leaves a self-distance above 0
     for i in range(1, keep):
-        chosen[i] = torch.argmax(min_to_chosen)
-        min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
-        min_to_chosen[chosen[i]] = float("-inf")
+        pick = torch.argmax(min_to_chosen, dim=0, keepdim=True)
+        chosen[i:i + 1] = pick
+        min_to_chosen = torch.minimum(min_to_chosen, distance.index_select(0, pick)[0])
+        min_to_chosen.index_fill_(0, pick, float("-inf"))
     return chosen
 
 

@@ -27,20 +27,23 @@ def divprune_hybrid_select(features: torch.Tensor, keep: int, alpha: float) -> t
     features = features.float()
     norms = features.norm(dim=1)
     spread = norms.max() - norms.min()
-    importance = (norms - norms.min()) / spread if spread > 0 else torch.ones_like(norms)
+    importance = torch.where(spread > 0, (norms - norms.min()) / spread, torch.ones_like(norms))
     distance = cosine_distance(features)
-    chosen = torch.empty(keep, dtype=torch.long)
+    # Every step stays on the device (no Python int, no branch on a tensor): see divprune.max_min_greedy.
+    chosen = torch.empty(keep, dtype=torch.long, device=features.device)
     taken = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-    chosen[0] = int(torch.argmax(importance))
-    taken[chosen[0]] = True
-    min_to_chosen = distance[chosen[0]].clone()
+    pick = torch.argmax(importance, dim=0, keepdim=True)
+    chosen[0:1] = pick
+    taken.index_fill_(0, pick, True)
+    min_to_chosen = distance.index_select(0, pick)[0].clone()
     for i in range(1, keep):
         top = min_to_chosen.max()
-        diversity = min_to_chosen / top if top > 0 else min_to_chosen
+        diversity = torch.where(top > 0, min_to_chosen / top, min_to_chosen)
         score = (alpha * importance + (1.0 - alpha) * diversity).masked_fill(taken, -1.0)
-        chosen[i] = int(torch.argmax(score))
-        taken[chosen[i]] = True
-        min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
+        pick = torch.argmax(score, dim=0, keepdim=True)
+        chosen[i:i + 1] = pick
+        taken.index_fill_(0, pick, True)
+        min_to_chosen = torch.minimum(min_to_chosen, distance.index_select(0, pick)[0])
     return chosen
 
 

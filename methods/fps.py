@@ -14,22 +14,13 @@ Pre-LLM and feature-based: no attention is read, so it runs with any attention i
 import torch
 
 from methods._base import PruneContext, register_prune
-from methods.divprune import cosine_distance
+from methods.divprune import cosine_distance, max_min_greedy
 
 
 def fps_select(features: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of ``keep`` tokens in selection order."""
     features = features.float()
-    distance = cosine_distance(features)
-    chosen = torch.empty(keep, dtype=torch.long)
-    chosen[0] = int(torch.argmax(features.norm(dim=1)))
-    min_to_chosen = distance[chosen[0]].clone()
-    min_to_chosen[chosen[0]] = -1.0  # never re-picked, even where float error leaves a self-distance above 0
-    for i in range(1, keep):
-        chosen[i] = int(torch.argmax(min_to_chosen))
-        min_to_chosen = torch.minimum(min_to_chosen, distance[chosen[i]])
-        min_to_chosen[chosen[i]] = -1.0
-    return chosen
+    return max_min_greedy(cosine_distance(features), int(torch.argmax(features.norm(dim=1))), keep)
 
 
 @register_prune("fps_pre_llm")
