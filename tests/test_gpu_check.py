@@ -68,3 +68,15 @@ def test_a_run_stopped_in_the_throughput_part_keeps_the_parts_before_it(tmp_path
     assert results["timings"]["rows"] and results["vit_stage"]["batches"] and "throughput" not in results
     assert all(c["passed"] for c in results["checks"]) and len(results["checks"]) == 8
     assert results["throughput_settings"]["samples"] == 3 and results["throughput_settings"]["rounds"] == 1
+
+
+def test_the_7b_size_builds_7b_class_decoders_on_the_device_in_bf16():
+    # Built on the meta device (no memory, no time): the shapes and dtype a GPU run gets with --size 7b.
+    import torch
+
+    for build in (gpu_check.qwen_model, gpu_check.gemma_model):
+        model = build(gpu_check.SIZES["7b"], "sdpa", torch.device("meta"), torch.bfloat16)
+        layers = model.model.language_model.layers
+        assert len(layers) == 28 and 6.4e9 < sum(p.numel() for p in layers.parameters()) < 6.9e9
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert {p.device.type for p in model.parameters()} == {"meta"}
