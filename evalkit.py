@@ -216,11 +216,13 @@ def checkpoint_fingerprint(folder: Path) -> str:
 
 
 def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, Any], dtype: str,
-                 family: Family | None = None, trust_remote_code: bool = False) -> dict:
-    """Everything that decides a run's predictions (device and attention kernels aside): the model (and for a local
-    checkpoint folder, its files: :func:`checkpoint_fingerprint`), the pruning configuration, the wrapper's keyword
-    arguments, the dtype, whether a checkpoint's own code may run, the transformers release, and the code of the
-    methods used and of the hook machinery (see :func:`method_code`, :func:`machinery_code`)."""
+                 family: Family | None = None, trust_remote_code: bool = False, files: Path | None = None) -> dict:
+    """Everything that decides a run's predictions (device and attention kernels aside): the model (and its files:
+    :func:`checkpoint_fingerprint` of a local checkpoint folder, or of ``files``, the folder that holds a registered
+    or ``--config`` model's files, e.g. its snapshot in the Hugging Face cache, :func:`local_config_dir`), the
+    pruning configuration, the wrapper's keyword arguments, the dtype, whether a checkpoint's own code may run, the
+    transformers release, and the code of the methods used and of the hook machinery (see :func:`method_code`,
+    :func:`machinery_code`)."""
     import transformers
 
     identity = {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
@@ -228,6 +230,8 @@ def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, 
                 "method_code": method_code(config)}
     if source and Path(source).is_dir():
         identity["checkpoint_files"] = checkpoint_fingerprint(Path(source))
+    elif files is not None:  # a new revision of a Hub model in the cache must not reuse the old one's predictions
+        identity["checkpoint_files"] = checkpoint_fingerprint(files)
     if family is not None:
         identity["machinery_code"] = machinery_code(family)
     return identity
@@ -1223,7 +1227,7 @@ def _evaluate(session: _Session, config: PruneConfig, env: Mapping[str, str]) ->
     names = {}
     for key, entry in session.entries.items():
         identity = run_identity(entry.source, config, session.wrapper_overrides, load.dtype, family,
-                                load.trust_remote_code)
+                                load.trust_remote_code, local_config_dir(entry))
         name = run_name(entry.base, config, identity)
         run_dir = work_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -412,6 +412,38 @@ def test_weights_retrained_into_the_same_folder_give_a_new_run_name(tmp_path):
     assert "checkpoint_files" not in evalkit.run_identity("vlmeval:M", cfg, {}, "auto")  # a registered name
 
 
+def test_a_new_revision_of_a_cached_hub_model_gives_a_new_run_name(tmp_path, monkeypatch):
+    """A registered name (or a --config model) whose files are in the Hugging Face cache is fingerprinted by the
+    snapshot the cache points at: a new revision downloaded there does not reuse the old revision's predictions."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--vlm"
+
+    def download(commit: str, weights: bytes) -> None:  # the cache's layout: refs/main names the snapshot
+        folder = repo / "snapshots" / commit
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+        (folder / "model.safetensors").write_bytes(weights)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    entry = evalkit.ModelEntry("vlm", "vlmeval:vlm", object, {"model_path": "org/vlm"})
+    cfg = config()
+
+    def name() -> str:
+        identity = evalkit.run_identity(entry.source, cfg, {}, "auto", files=evalkit.local_config_dir(entry))
+        return evalkit.run_name("vlm", cfg, identity)
+
+    not_cached = name()
+    download("a" * 40, b"first weights")
+    assert evalkit.local_config_dir(entry) == repo / "snapshots" / ("a" * 40)
+    first = name()
+    assert name() == first and first != not_cached
+    download("b" * 40, b"second weights")
+    assert name() not in (first, not_cached)
+
+
 def test_the_identity_follows_imported_method_code_and_the_machinery():
     identity = evalkit.run_identity("vlmeval:M", config(PRUNE_METHOD="prumerge_plus_pre_llm", KEEP_RATIO=0.5), {},
                                     "auto", run_qwenvl.FAMILY)
