@@ -228,10 +228,10 @@ def run_identity(source: str, config: PruneConfig, wrapper_kwargs: Mapping[str, 
     identity = {"model_source": source, "pruning": config.describe(), "wrapper_kwargs": dict(wrapper_kwargs),
                 "dtype": dtype, "trust_remote_code": trust_remote_code, "transformers": transformers.__version__,
                 "method_code": method_code(config)}
-    if source and Path(source).is_dir():
-        identity["checkpoint_files"] = checkpoint_fingerprint(Path(source))
-    elif files is not None:  # a new revision of a Hub model in the cache must not reuse the old one's predictions
-        identity["checkpoint_files"] = checkpoint_fingerprint(files)
+    # ``files`` too: a new revision of a Hub model in the cache must not reuse the old one's predictions
+    folder = Path(source) if source and Path(source).is_dir() else files
+    if folder is not None:
+        identity["checkpoint_files"] = checkpoint_fingerprint(folder)
     if family is not None:
         identity["machinery_code"] = machinery_code(family)
     return identity

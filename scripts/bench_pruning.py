@@ -125,14 +125,25 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int, intermediat
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token_id"],
                               video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
                               vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=False)
+    return random_model(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, device, dtype,
+                        init_on_device)
+
+
+def random_model(model_class, config, attn_implementation: str, device, dtype, init_on_device: bool = False):
+    """``model_class`` with transformers' default initialisation, seed 0, in eval mode: drawn in float32 on the CPU
+    and moved, or with ``init_on_device`` drawn on ``device`` in ``dtype`` (other weights, in seconds for a 7B)."""
     torch.manual_seed(0)
     if init_on_device:
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation,
-                                                                    dtype=dtype)
-        return model.eval()
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    return model.to(device, dtype).eval()
+            return model_class._from_config(config, attn_implementation=attn_implementation, dtype=dtype).eval()
+    return model_class._from_config(config, attn_implementation=attn_implementation).to(device, dtype).eval()
+
+
+def save_so_far(results: dict, out: Path, started: float, part: str) -> None:
+    """Write ``results`` to ``out`` after ``part``: a run stopped later keeps the parts it finished."""
+    results["seconds"] = time.time() - started
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\n  [{results['seconds']:.0f} s] {part} done, saved to {out}", file=sys.stderr, flush=True)
 
 
 def make_inputs(model, tokens: int, device) -> dict:
@@ -449,9 +460,7 @@ def build_llava(depth: int, hidden: int, heads: int, intermediate: int, image: i
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=(image // patch) ** 2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    return model.to(device, dtype).eval()
+    return random_model(LlavaForConditionalGeneration, config, attn_implementation, device, dtype)
 
 
 def encoder_flops(lengths: list[int], hidden: int, intermediate: int) -> float:
@@ -1042,10 +1051,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save(part: str) -> None:  # after every part: a run stopped part-way keeps the parts it finished
-        results["seconds"] = time.time() - started
-        out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"\n  [{results['seconds']:.0f} s] {part} done, saved to {out}", file=sys.stderr, flush=True)
+    def save(part: str) -> None:
+        save_so_far(results, out, started, part)
 
     video_names = [name for name in names if registry[name].video]
     kv_names = [name for name in names if registry[name].stage == KV]

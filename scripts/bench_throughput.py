@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "batch" not in args.skip:
             results["batch"] = batch_part(args.device, args.samples, sorted(args.batch_sizes), args.rounds,
                                           args.new_tokens, work / "batch")
-            out.write_text(json.dumps(results, indent=2, default=str))  # so far, in case the machine stops us
+            bench_pruning.save_so_far(results, out, started, "batch sizes")
         if "sweep" not in args.skip:
             results["sweep"] = sweep_part(args.device, args.sweep_samples, work / "sweep")
     finally:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -107,10 +106,7 @@ def gemma_model(size: dict, attn: str, device, dtype):
         num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"], head_dim=head_dim,
         global_head_dim=2 * head_dim, max_position_embeddings=8 * size["tokens"],
         sliding_window=max(32, size["tokens"] // 4))  # shorter than the prompt: the window matters
-    torch.manual_seed(0)
-    with torch.device(device):  # drawn where it runs, in its dtype: a 7B-sized model in seconds
-        model = Gemma4ForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
-    return model.eval()
+    return bench.random_model(Gemma4ForConditionalGeneration, config, attn, device, dtype, init_on_device=True)
 
 
 def gemma_inputs(model, size: dict, device) -> dict:
@@ -341,10 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "new_tokens")}}
     out = Path(args.out)
 
-    def save(part: str) -> None:  # after every part: a run stopped part-way keeps what it measured
-        results["seconds"] = time.time() - started
-        out.write_text(json.dumps(results, indent=2, default=str))
-        print(f"[{results['seconds']:.0f} s] {part} done", file=sys.stderr, flush=True)
+    def save(part: str) -> None:
+        bench.save_so_far(results, out, started, part)
 
     for family, (_, build, make_inputs) in FAMILIES.items():
         pruned_runs = {}
